@@ -1,0 +1,138 @@
+"""Attention functions that gate inactive latent slots (SPEC §5.3, D3).
+
+Registered with transformers as ``latent_eager``, ``latent_sdpa`` and, when ``flash_attn`` is
+importable, ``latent_flash_attention_2``. They read two keyword arguments that the latent model
+passes down through ``forward(**kwargs)``:
+
+- ``latent_kv_mask``: ``[B, S_kv]`` bool, True = keep; covers every key (cache included).
+- ``latent_null_scale``: float. K and V at False positions are multiplied by it; when it is 0 the
+  positions are also removed from the keys (their score column is masked), so an inactive slot has
+  exactly no effect on any other position. When it is > 0 they are only softly suppressed.
+
+Without ``latent_kv_mask`` each function is exactly its stock counterpart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+LATENT_ATTENTION = {"eager": "latent_eager", "sdpa": "latent_sdpa", "flash_attention_2": "latent_flash_attention_2"}
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _keep_mask(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """``[B, 1, q, kv]`` bool, True = may attend. Builds the causal mask when transformers skipped it."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+        keep = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+        keep = keep[None, None].expand(batch, 1, q_len, kv_len)
+        if attention_mask is not None:  # a [B, kv] padding mask (flash-attention's form)
+            keep = keep & attention_mask[:, None, None, :kv_len].bool()
+        return keep
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :kv_len]
+    return attention_mask[..., :kv_len] == 0  # additive float mask: 0 = attend
+
+
+def gate_kv(
+    key: torch.Tensor, value: torch.Tensor, latent_kv_mask: torch.Tensor, null_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale K/V ``[B, H, S, D]`` by ``null_scale`` where ``latent_kv_mask`` ``[B, S]`` is False."""
+    scale = torch.where(latent_kv_mask, 1.0, null_scale).to(key.dtype)[:, None, :, None]
+    return key * scale, value * scale
+
+
+def _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask, null_scale):
+    kv_len = key.shape[-2]
+    kv_mask = latent_kv_mask[:, :kv_len].to(key.device)
+    key, value = gate_kv(key, value, kv_mask, null_scale)
+    keep = _keep_mask(attention_mask, query.shape[-2], kv_len, query.shape[0], query.device)
+    if null_scale == 0.0:
+        keep = keep & kv_mask[:, None, None, :]
+    # A row with no key at all (a padding query) would give NaN; let it see everything instead.
+    # Its output is never read: padding is masked as a key and carries no label.
+    keep = keep | ~keep.any(-1, keepdim=True)
+    return key, value, keep
+
+
+def latent_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
+    latent_null_scale=0.0, **kwargs,
+):
+    if latent_kv_mask is None or not getattr(module, "is_causal", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    key, value, keep = _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask,
+                                     latent_null_scale)
+    groups = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(
+        query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=keep,
+        dropout_p=dropout if module.training else 0.0, scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def latent_eager_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
+    latent_null_scale=0.0, **kwargs,
+):
+    if latent_kv_mask is not None and getattr(module, "is_causal", False):
+        key, value, keep = _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask,
+                                         latent_null_scale)
+    else:
+        keep = _keep_mask(attention_mask, query.shape[-2], key.shape[-2], query.shape[0], query.device)
+        if not getattr(module, "is_causal", True) and attention_mask is None:
+            keep = torch.ones_like(keep)
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def latent_flash_attention_2(
+    module, query, key, value, attention_mask, latent_kv_mask=None, latent_null_scale=0.0, **kwargs
+):
+    """Flash-attention 2 when every key is kept; otherwise the exact sdpa path.
+
+    Flash kernels take no per-key mask, so a step with inactive latents runs the masked sdpa
+    path (exact, a little slower); stage A and masks that keep everything stay on flash.
+    """
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    if latent_kv_mask is None or not getattr(module, "is_causal", False):
+        return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return latent_sdpa_attention(module, query, key, value, None if attention_mask is None else attention_mask,
+                                 latent_kv_mask=latent_kv_mask, latent_null_scale=latent_null_scale, **kwargs)
+
+
+def register_latent_attention() -> None:
+    """Register the gated functions and their mask builders (idempotent)."""
+    AttentionInterface.register("latent_sdpa", latent_sdpa_attention)
+    AttentionInterface.register("latent_eager", latent_eager_attention)
+    AttentionMaskInterface.register("latent_sdpa", sdpa_mask)
+    AttentionMaskInterface.register("latent_eager", sdpa_mask)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register("latent_flash_attention_2", latent_flash_attention_2)
+    AttentionMaskInterface.register("latent_flash_attention_2", flash_attention_mask)
+
+
+register_latent_attention()

@@ -1,0 +1,515 @@
+"""``LatentQwen2_5_VLForConditionalGeneration``: Qwen2.5-VL that thinks in latent visual tokens.
+
+Two passes (SPEC §4–§6):
+
+- **pass 1** (``latent_mode=True``) fills the latent slots: every slot's input embedding is the
+  model's own last hidden state at the previous position. All samples advance together, one
+  column per model call, over a KV cache (D8). In stage C a stop head decides after each slot
+  whether the segment stops; the unused tail of the segment is gated out (``latent_kv_mask``).
+- **pass 2** (``latent_mode=False``) is a normal forward (or ``generate()``) with the active
+  latent vectors patched in at their slots and ``latent_kv_mask`` applied in every attention layer.
+
+Gradient (D5): pass 1 runs with autograd and without gradient checkpointing, so CE and alignment
+gradients reach the weights through the latent vectors (and, through the chain of steps, through
+every earlier latent). ``latent_detach_step_inputs=True`` cuts the chain between steps (each
+latent then carries gradient only from its own last step): cheaper, never the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import LatentSettings
+from . import attention as _attention  # noqa: F401  (registers the gated attention functions)
+from .layout import LatentInputError, Layout, build_layout
+from .losses import alignment_loss, expected_length, pool_visual_tokens, stop_labels, stop_loss
+
+
+def _register_checkpoint_mapping(class_name: str) -> None:
+    """Let the subclass load stock checkpoints: transformers looks key renamings up by class name."""
+    from transformers import conversion_mapping as cm
+
+    parent = cm.get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration")
+    if parent is not None and cm.get_checkpoint_conversion_mapping(class_name) is None:
+        cm.register_checkpoint_conversion_mapping(class_name, parent)
+
+
+@dataclass
+class LatentCausalLMOutput(CausalLMOutputWithPast):
+    """The causal-LM output plus the latent fields of SPEC §4.1."""
+
+    latent_kv_mask: torch.BoolTensor | None = None
+    latent_stop_probs: list[list[list[float]]] | None = None
+    latent_used_lens: list[list[int]] | None = None
+
+
+@dataclass
+class LatentPassOutput:
+    """What pass 1 returns.
+
+    - ``ce_patch_pos`` ``[P, 2]`` long: (batch row, column) of every *active* latent slot, ordered by
+      row, then column. ``ce_patch_vec`` ``[P, H]``: the input embedding placed at that slot.
+    - ``latent_kv_mask`` ``[B, S]`` bool, True = keep; False only at inactive latent slots.
+    - ``latent_used_lens`` ``[B][M]`` and ``latent_stop_probs`` ``[B][M][used_len]`` (stage C; empty
+      lists in stage A) as Python lists, for logs.
+    - ``used_lens`` ``[B, M_max]`` long tensor (0 where a sample has fewer segments);
+      ``stop_logits`` / ``stop_step_active`` ``[B, S]`` (stage C): the stop head's logit after each
+      latent slot, and whether that step was taken (a decision the model actually made).
+    - ``position_ids`` ``[3, B, S]``: the M-RoPE positions used (D2), for pass 2 and generation.
+    """
+
+    ce_patch_pos: torch.LongTensor | None = None
+    ce_patch_vec: torch.FloatTensor | None = None
+    latent_kv_mask: torch.BoolTensor | None = None
+    latent_used_lens: list[list[int]] | None = None
+    latent_stop_probs: list[list[list[float]]] | None = None
+    used_lens: torch.LongTensor | None = None
+    stop_logits: torch.FloatTensor | None = None
+    stop_step_active: torch.BoolTensor | None = None
+    position_ids: torch.LongTensor | None = None
+    num_model_calls: int = 0
+
+
+@dataclass
+class LatentLossOutput:
+    """The training unit's result: the total loss, each part (for logging) and latent statistics."""
+
+    loss: torch.FloatTensor | None = None
+    ce: torch.FloatTensor | None = None
+    align: torch.FloatTensor | None = None
+    stop: torch.FloatTensor | None = None
+    cost: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    latent: LatentPassOutput | None = None
+
+
+@contextlib.contextmanager
+def _no_gradient_checkpointing(module: nn.Module):
+    """Turn layer-level gradient checkpointing off inside the block (pass 1 needs its KV cache)."""
+    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
+
+
+class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with latent visual thoughts. A transformers ``PreTrainedModel`` subclass.
+
+    Adds ``latent_stop_head`` (``Linear(hidden, 1)``), the latent config fields (SPEC §1) and the two
+    passes. Use an attention implementation from :data:`latentvl.model.attention.LATENT_ATTENTION`
+    (``set_latent_attention``) so that ``latent_kv_mask`` reaches every text attention layer.
+    """
+
+    def __init__(self, config):
+        LatentSettings.from_config(config).apply_to(config)
+        super().__init__(config)
+        self.latent_stop_head = nn.Linear(config.text_config.hidden_size, 1, bias=True)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is getattr(self, "latent_stop_head", None):
+            # Small weights and a negative bias: a fresh head says "continue" (p ~ 0.05) everywhere.
+            nn.init.normal_(module.weight, std=1e-3)
+            nn.init.constant_(module.bias, -3.0)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def latent_settings(self) -> LatentSettings:
+        return LatentSettings.from_config(self.config)
+
+    def set_latent_attention(self, kind: str = "latent_sdpa") -> None:
+        """Choose the text attention ("latent_sdpa", "latent_eager", ...); the vision tower keeps sdpa."""
+        if not kind.startswith("latent_"):
+            kind = "latent_" + kind
+        self.set_attn_implementation({"text_config": kind, "vision_config": "sdpa"})
+
+    def compute_position_ids(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        mm_token_type_ids: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+    ) -> torch.LongTensor:
+        """``[3, B, S]`` M-RoPE positions over the full-budget sequence (D2); padding gets 0.
+
+        Latent slots are text tokens here, active or not: positions never depend on halting.
+        """
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).int()
+        positions, deltas = self.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
+        )
+        return positions
+
+    def embed_inputs(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
+    ) -> torch.FloatTensor:
+        """Token embeddings with the question images' visual features placed at their image tokens."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            feats = self.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+            feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+            mask = (input_ids == self.config.image_token_id)[..., None]
+            if int(mask.sum()) != feats.shape[0]:
+                raise LatentInputError(
+                    f"{int(mask.sum())} image tokens in input_ids but {feats.shape[0]} visual features"
+                )
+            embeds = embeds.masked_scatter(mask, feats)
+        return embeds
+
+    def _gating_kwargs(self, latent_kv_mask: torch.Tensor | None) -> dict[str, Any]:
+        if latent_kv_mask is None:
+            return {}
+        return {"latent_kv_mask": latent_kv_mask, "latent_null_scale": float(self.config.latent_null_scale)}
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        latent_mode: bool = False,
+        latent_segments: list[list[tuple[int, int, int]]] | None = None,
+        latent_budgets: list[list[int]] | None = None,
+        ce_patch_pos: torch.LongTensor | None = None,
+        ce_patch_vec: torch.FloatTensor | None = None,
+        latent_kv_mask: torch.BoolTensor | None = None,
+        latent_threshold: float | None = None,
+        **kwargs,
+    ):
+        """Pass 1 when ``latent_mode=True`` (returns :class:`LatentPassOutput`), else pass 2.
+
+        Pass 2 patches ``ce_patch_vec`` at ``ce_patch_pos`` (only on a call that starts from an empty
+        cache, i.e. the prefill of ``generate()``) and applies ``latent_kv_mask`` ``[B, S_kv]`` in every
+        text attention layer. Without ``position_ids`` on an empty cache, positions are computed over
+        the full-budget sequence (D2).
+        """
+        if latent_mode:
+            if input_ids is None:
+                raise LatentInputError("latent_mode=True needs input_ids (they locate the latent segments)")
+            embeds = inputs_embeds if inputs_embeds is not None else self.embed_inputs(
+                input_ids, pixel_values, image_grid_thw)
+            if position_ids is None:
+                position_ids = self.compute_position_ids(input_ids, attention_mask, mm_token_type_ids,
+                                                         image_grid_thw)
+            return self.latent_pass(input_ids, attention_mask, embeds, position_ids, latent_segments,
+                                    latent_budgets, threshold=latent_threshold)
+
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if ce_patch_pos is not None and past_len == 0:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+                pixel_values = None
+            inputs_embeds = inputs_embeds.index_put(
+                (ce_patch_pos[:, 0], ce_patch_pos[:, 1]), ce_patch_vec.to(inputs_embeds.dtype))
+        if position_ids is None and past_len == 0 and input_ids is not None:
+            position_ids = self.compute_position_ids(input_ids, attention_mask, mm_token_type_ids,
+                                                     image_grid_thw)
+        out = super().forward(
+            input_ids=input_ids if inputs_embeds is None or pixel_values is not None else None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            logits_to_keep=logits_to_keep,
+            **self._gating_kwargs(latent_kv_mask),
+            **kwargs,
+        )
+        return LatentCausalLMOutput(
+            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions, latent_kv_mask=latent_kv_mask,
+        )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                            num_new_tokens=1):
+        """Grow ``latent_kv_mask`` with the generated tokens (always kept)."""
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
+        mask = model_kwargs.get("latent_kv_mask")
+        if mask is not None:
+            model_kwargs["latent_kv_mask"] = torch.cat(
+                [mask, mask.new_ones(mask.shape[0], num_new_tokens)], dim=-1)
+        return model_kwargs
+
+    # ------------------------------------------------------------------ pass 1
+    def latent_pass(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.FloatTensor,
+        position_ids: torch.LongTensor,
+        latent_segments: list[list[tuple[int, int, int]]] | None,
+        latent_budgets: list[list[int]] | None,
+        threshold: float | None = None,
+        sample_ids: list[str] | None = None,
+    ) -> LatentPassOutput:
+        """Fill the latent slots of a batch (SPEC §5.4, D8). See :class:`LatentPassOutput`.
+
+        All samples advance together: each sample is shifted right so that its first latent slot
+        falls on the same column, one prefix call covers everything before it, then one model call
+        per column until the longest latent region ends. Text between segments is fed as known
+        tokens. The number of calls depends only on the batch's layout (and, in a distributed run,
+        is the maximum over ranks), never on where samples halt; no host synchronisation happens
+        inside the loop.
+        """
+        settings = self.latent_settings
+        stage = settings.latent_mode_stage
+        thr = settings.latent_stop_threshold if threshold is None else float(threshold)
+        if not 0.0 <= thr <= 1.0:
+            raise LatentInputError(f"latent stop threshold {thr} must be in [0, 1]")
+        B, S = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        layout = build_layout(input_ids, latent_segments, latent_budgets, settings.latent_token_id, stage,
+                              sample_ids=sample_ids)
+        steps = layout.num_steps
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([steps, layout.prefix_len], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            steps = int(t[0])
+        M = layout.max_segments
+        kv_mask_out = torch.ones(B, S, dtype=torch.bool, device=device)
+        empty_lists = [[] for _ in range(B)]
+        if steps == 0 and not any(layout.real_rows):
+            return LatentPassOutput(
+                ce_patch_pos=torch.zeros(0, 2, dtype=torch.long, device=device),
+                ce_patch_vec=inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]),
+                latent_kv_mask=kv_mask_out, latent_used_lens=empty_lists, latent_stop_probs=empty_lists,
+                used_lens=torch.zeros(B, M, dtype=torch.long, device=device), position_ids=position_ids,
+            )
+
+        # Shifted frame: row r holds sample layout.rows[r], moved right by layout.shifts[r].
+        P = layout.prefix_len
+        W = P + steps
+        rows = torch.tensor(layout.rows, device=device)
+        shifts = torch.tensor(layout.shifts, device=device)
+        orig = torch.arange(W, device=device)[None, :] - shifts[:, None]  # [R, W]
+        inside = (orig >= 0) & (orig < S)
+        orig_c = orig.clamp(0, S - 1)
+        emb = inputs_embeds[rows[:, None], orig_c]  # [R, W, H]
+        pos = position_ids[:, rows[:, None], orig_c]  # [3, R, W]
+        att = (inside & attention_mask[rows[:, None], orig_c].bool()).long()  # [R, W]
+        # per-step layout tensors, [R, steps]
+        lat = torch.as_tensor(layout.is_latent(steps), device=device)
+        slot_k = torch.as_tensor(layout.slot_index(steps), device=device)
+        seg_i = torch.as_tensor(layout.segment_index(steps), device=device)
+        seg_last = torch.as_tensor(layout.is_last_slot(steps), device=device)
+        seg_first = slot_k == 0
+
+        lm = self.model.language_model
+        cache = DynamicCache(config=self.config.text_config)
+        stage_c = stage == "C"
+        gate_cols = [torch.ones(len(layout.rows), P, dtype=torch.bool, device=device)]
+        calls = 0
+        with _no_gradient_checkpointing(self):
+            out = lm(inputs_embeds=emb[:, :P], attention_mask=att[:, :P], position_ids=pos[:, :, :P],
+                     past_key_values=cache, use_cache=True)
+            calls += 1
+            h_prev = out.last_hidden_state[:, -1]
+            halted = torch.zeros(len(layout.rows), dtype=torch.bool, device=device)
+            vecs, active_steps, stop_logits, done_lens = [], [], [], []
+            for j in range(steps):
+                c = P + j
+                is_lat = lat[:, j]
+                step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
+                x = torch.where(is_lat[:, None], step_in, emb[:, c])
+                if stage_c:
+                    halted = halted & ~seg_first[:, j]
+                    active = is_lat & ~halted
+                    gate_cols.append((~is_lat | active)[:, None])
+                    gating = self._gating_kwargs(torch.cat(gate_cols, dim=1))
+                else:
+                    active = is_lat
+                    gating = {}
+                out = lm(inputs_embeds=x[:, None], attention_mask=att[:, : c + 1], position_ids=pos[:, :, c : c + 1],
+                         past_key_values=cache, use_cache=True, **gating)
+                calls += 1
+                h = out.last_hidden_state[:, 0]
+                vecs.append(x)
+                active_steps.append(active)
+                if stage_c:
+                    logit = self.latent_stop_head(h).squeeze(-1).float()
+                    fire = active & (torch.sigmoid(logit) >= thr)
+                    done = active & (fire | seg_last[:, j])
+                    done_lens.append(torch.where(done, slot_k[:, j] + 1, 0))
+                    stop_logits.append(logit)
+                    halted = halted | fire
+                h_prev = h
+
+        if steps == 0:  # a rank with no latents in a distributed run: nothing to return but its calls
+            vec = inputs_embeds.new_zeros(len(layout.rows), 0, inputs_embeds.shape[-1])
+            act = torch.zeros(len(layout.rows), 0, dtype=torch.bool, device=device)
+        else:
+            vec = torch.stack(vecs, dim=1)  # [R, steps, H]
+            act = torch.stack(active_steps, dim=1)  # [R, steps]
+        real = torch.as_tensor(layout.real_row_mask(), device=device)[:, None]
+        act = act & real
+        r_idx, j_idx = act.nonzero(as_tuple=True)  # the one host sync of the pass
+        cols = P + j_idx - shifts[r_idx]
+        ce_patch_pos = torch.stack([rows[r_idx], cols], dim=1)
+        ce_patch_vec = vec[r_idx, j_idx]
+
+        lat_real = lat & real
+        inactive = lat_real & ~act
+        ir, ij = inactive.nonzero(as_tuple=True)
+        kv_mask_out[rows[ir], P + ij - shifts[ir]] = False
+
+        used = torch.zeros(B, max(M, 1), dtype=torch.long, device=device)
+        logits_full = stop_active_full = None
+        if stage_c and steps > 0:
+            lens = torch.stack(done_lens, dim=1)  # [R, steps]
+            per_seg = torch.zeros(len(layout.rows), max(M, 1), dtype=torch.long, device=device)
+            per_seg.scatter_reduce_(1, seg_i.clamp_min(0), torch.where(lat, lens, 0), reduce="amax")
+            used[rows] = per_seg
+            lg = torch.stack(stop_logits, dim=1)
+            logits_full = torch.zeros(B, S, dtype=lg.dtype, device=device)
+            stop_active_full = torch.zeros(B, S, dtype=torch.bool, device=device)
+            lr, lj = lat_real.nonzero(as_tuple=True)
+            logits_full = logits_full.index_put((rows[lr], P + lj - shifts[lr]), lg[lr, lj])
+            stop_active_full[rows[r_idx], cols] = True
+        else:
+            for b, budgets in enumerate(layout.budgets):
+                if budgets:
+                    used[b, : len(budgets)] = torch.tensor(budgets, device=device)
+        used = used[:, :M]
+
+        used_lists = [u[: len(bud)] for u, bud in zip(used.tolist(), layout.budgets)]
+        probs_lists: list[list[list[float]]] = empty_lists
+        if stage_c and logits_full is not None:
+            probs = torch.sigmoid(logits_full).tolist()
+            probs_lists = [
+                [probs[b][s:s + u] for (s, _e, _i), u in zip(layout.segments[b], used_lists[b])]
+                for b in range(B)
+            ]
+        return LatentPassOutput(
+            ce_patch_pos=ce_patch_pos, ce_patch_vec=ce_patch_vec, latent_kv_mask=kv_mask_out,
+            latent_used_lens=used_lists, latent_stop_probs=probs_lists, used_lens=used,
+            stop_logits=logits_full, stop_step_active=stop_active_full, position_ids=position_ids,
+            num_model_calls=calls,
+        )
+
+    # ------------------------------------------------------------------ training unit
+    def latent_loss(self, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
+        """Both passes on a collated batch and the combined loss (SPEC §5.5):
+        ``L = ce + w_align * align + w_stop * stop + w_cost * cost``.
+
+        ``batch`` holds the collator's keys. Visual features of the question images are computed
+        once and shared by both passes; CoT images are encoded without gradient (alignment targets).
+        """
+        s = self.latent_settings
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        embeds = self.embed_inputs(input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        position_ids = self.compute_position_ids(input_ids, attention_mask, batch.get("mm_token_type_ids"),
+                                                 batch.get("image_grid_thw"))
+        p1 = self.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
+                              batch["latent_budgets"], threshold=threshold, sample_ids=batch.get("ids"))
+        embeds2 = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]),
+                                   p1.ce_patch_vec.to(embeds.dtype))
+        stage_c = s.latent_mode_stage == "C"
+        out = Qwen2_5_VLForConditionalGeneration.forward(
+            self, inputs_embeds=embeds2, attention_mask=attention_mask, position_ids=position_ids,
+            labels=batch["labels"], use_cache=False,
+            **self._gating_kwargs(p1.latent_kv_mask if stage_c else None),
+        )
+        ce = out.loss
+        zero = ce.new_zeros(())
+
+        align = zero
+        if s.latent_align_weight > 0 and p1.ce_patch_pos.shape[0] > 0:
+            align = alignment_loss(p1.ce_patch_vec, self._alignment_targets(batch, p1))
+
+        stop = cost = zero
+        if stage_c:
+            labels, weights = self._stop_label_tensors(batch, p1)
+            stop = stop_loss(p1.stop_logits, labels, weights)
+            if s.latent_cost_mode == "count":
+                cost = p1.used_lens.sum(dim=1).float().mean()  # D7: no gradient, logged
+            else:
+                cost = self._expected_cost(batch, p1)
+        loss = ce + s.latent_align_weight * align + s.latent_stop_loss_weight * stop + s.latent_cost_weight * cost
+        return LatentLossOutput(loss=loss, ce=ce.detach(), align=align.detach(), stop=stop.detach(),
+                                cost=cost.detach(), logits=out.logits, latent=p1)
+
+    @torch.no_grad()
+    def _cot_features(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        pix, grid = batch.get("cot_pixel_values"), batch.get("cot_image_grid_thw")
+        if pix is None or grid is None or grid.shape[0] == 0:
+            return []
+        return list(self.model.get_image_features(pix, grid).pooler_output)
+
+    def _alignment_targets(self, batch: dict[str, Any], p1: LatentPassOutput) -> torch.Tensor:
+        """Pooled CoT visual features, one row per active latent, in ``ce_patch_pos`` order (D4)."""
+        feats = self._cot_features(batch)
+        counts = [len(b) for b in batch["latent_budgets"]]
+        if len(feats) != sum(counts):
+            raise LatentInputError(
+                f"batch has {sum(counts)} CoT images in latent_budgets but {len(feats)} in cot_image_grid_thw")
+        targets, k = [], 0
+        for b, segs in enumerate(batch["latent_segments"]):
+            for (_s, _e, img), used in zip(sorted(segs), p1.latent_used_lens[b]):
+                targets.append(pool_visual_tokens(feats[k + img], used))
+            k += counts[b]
+        return torch.cat(targets).to(p1.ce_patch_vec.device)
+
+    def _stop_label_tensors(self, batch, p1: LatentPassOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S = batch["input_ids"].shape
+        labels = torch.zeros(B, S)
+        ratio = self.config.latent_stop_target_ratio
+        for b, segs in enumerate(batch["latent_segments"]):
+            for start, end, _img in segs:
+                labels[b, start:end] = torch.tensor(stop_labels(end - start, ratio))
+        return labels.to(p1.stop_logits.device), p1.stop_step_active
+
+    def _expected_cost(self, batch, p1: LatentPassOutput) -> torch.Tensor:
+        probs = torch.sigmoid(p1.stop_logits)
+        per_sample = []
+        for b, segs in enumerate(batch["latent_segments"]):
+            total = probs.new_zeros(())
+            for start, end, _img in segs:
+                total = total + expected_length(probs[b, start:end])
+            per_sample.append(total)
+        return torch.stack(per_sample).mean()
+
+
+_register_checkpoint_mapping(LatentQwen2_5_VLForConditionalGeneration.__name__)
+
+__all__ = [
+    "LatentCausalLMOutput",
+    "LatentInputError",
+    "LatentLossOutput",
+    "LatentPassOutput",
+    "LatentQwen2_5_VLForConditionalGeneration",
+    "Layout",
+]

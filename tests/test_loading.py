@@ -1,0 +1,107 @@
+"""Real-checkpoint loading path: a stock Qwen2.5-VL directory written the way public ones are."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from latentvl import LatentSettings
+from latentvl.model.loading import load_latent_model, save_latent_checkpoint
+from latentvl.model.tiny import build_tiny_image_processor, build_tiny_tokenizer, tiny_config
+from latentvl.tokens import LATENT_PAD, LATENT_TOKENS
+
+
+def _legacy_key(key: str) -> str:
+    """The public checkpoints' layout: ``model.layers.*``, ``visual.*``, ``lm_head.*``."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+@pytest.fixture(scope="module")
+def stock_dir(tmp_path_factory):
+    """A stock Qwen2.5-VL checkpoint: no latent tokens or fields, sharded safetensors + index."""
+    path = tmp_path_factory.mktemp("stock")
+    tokenizer = build_tiny_tokenizer()
+    # the stock tokenizer has no latent tokens: rebuild the vocabulary without them
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if t not in LATENT_TOKENS}
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from latentvl.model.tiny import QWEN_SPECIAL_TOKENS
+
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    stock_tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>",
+                                        eos_token="<|im_end|>")
+    stock_tok.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)
+    config = tiny_config(tokenizer)
+    config.text_config.vocab_size = len(stock_tok)
+    for name in LatentSettings.field_names():
+        delattr(config, name)
+    config.tie_word_embeddings = False
+    config.text_config.tie_word_embeddings = False
+    torch.manual_seed(3)
+    stock = Qwen2_5_VLForConditionalGeneration(config)
+    state = {_legacy_key(k): v.contiguous() for k, v in stock.state_dict().items()}
+    keys = sorted(state)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, shard_keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in shard_keys}, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard_keys})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    stock_tok.save_pretrained(path)
+    build_tiny_image_processor().save_pretrained(path)
+    assert not any(k.startswith("model.language_model") for k in weight_map)
+    return path, stock
+
+
+def test_stock_checkpoint_loads_every_tensor(stock_dir):
+    path, stock = stock_dir
+    model, processor = load_latent_model(path)
+    ref = stock.state_dict()
+    got = model.state_dict()
+    old_vocab = ref["model.language_model.embed_tokens.weight"].shape[0]
+    for key, tensor in ref.items():
+        if key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(got[key][:old_vocab], tensor), key
+        else:
+            assert torch.equal(got[key], tensor), key
+    # latent tokens were added, the rows initialised to the mean embedding
+    latent_id = model.config.latent_token_id
+    assert latent_id == processor.tokenizer.convert_tokens_to_ids(LATENT_PAD) >= old_vocab
+    emb = got["model.language_model.embed_tokens.weight"]
+    assert torch.allclose(emb[latent_id], ref["model.language_model.embed_tokens.weight"].mean(0), atol=1e-6)
+    assert model.latent_stop_head.bias.item() == pytest.approx(-3.0)
+    assert torch.isfinite(model.latent_stop_head.weight).all()
+
+
+def test_latent_checkpoint_round_trip(stock_dir, tmp_path):
+    path, _ = stock_dir
+    model, processor = load_latent_model(path)
+    with torch.no_grad():
+        model.latent_stop_head.weight.normal_()
+        model.latent_stop_head.bias.fill_(0.25)
+    LatentSettings.from_config(model.config).replace(latent_mode_stage="C", latent_stop_loss_weight=1.0,
+                                                      latent_null_scale=0.5).apply_to(model.config)
+    save_latent_checkpoint(model, processor, tmp_path / "ckpt")
+    again, processor2 = load_latent_model(tmp_path / "ckpt")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
+    assert LatentSettings.from_config(again.config) == LatentSettings.from_config(model.config)
+    assert len(processor2.tokenizer) == len(processor.tokenizer)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_latent_model(tmp_path / "nowhere")
