@@ -1,0 +1,174 @@
+"""Time the batched latent pass against a per-sample loop and against ``generate()``.
+
+Prints one table with per-step times and their ratios, all measured in this process:
+
+- batched: ``model.latent_pass`` (all samples advance together, one model call per column);
+- per-sample loop: each sample alone, one call per latent with a ``.item()`` host read of the stop
+  probability per step (how the original design note sketches it);
+- ``generate()``: per generated token, same batch and prompt (the floor a latent step can hope for).
+
+Usage::
+
+    python benchmarks/latent_pass.py                 # tiny model on CPU
+    python benchmarks/latent_pass.py --model 3b      # Qwen2.5-VL-3B architecture, random bf16 weights (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import Qwen2_5_VLConfig
+from transformers.cache_utils import DynamicCache
+
+from latentvl import LatentQwen2_5_VLForConditionalGeneration, build_tiny_model, set_latent_fields
+
+
+def qwen25_vl_3b_config(vocab_size: int = 151_936) -> Qwen2_5_VLConfig:
+    """The published Qwen2.5-VL-3B architecture (random weights: nothing is downloaded)."""
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": vocab_size, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        },
+        vision_config={
+            "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+
+
+def build(model_name: str, device: str, dtype: torch.dtype):
+    if model_name == "tiny":
+        model, _ = build_tiny_model(seed=0)
+    else:
+        config = qwen25_vl_3b_config()
+        set_latent_fields(config, latent_token_id=151_700, latent_start_token_id=151_701,
+                          latent_end_token_id=151_702)
+        with torch.device(device):
+            model = LatentQwen2_5_VLForConditionalGeneration(config)
+        model.set_latent_attention("latent_sdpa")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def synthetic_batch(model, batch: int, prompt: int, segments: int, budget: int, device: str):
+    """Text-only prompts of ``prompt`` tokens followed by ``segments`` latent segments of ``budget``."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    rows, segs = [], []
+    for _ in range(batch):
+        ids = torch.randint(10, 90, (prompt,), generator=g).tolist()
+        spans = []
+        for i in range(segments):
+            ids.append(cfg.latent_start_token_id)
+            spans.append((len(ids), len(ids) + budget, i))
+            ids += [cfg.latent_token_id] * budget + [cfg.latent_end_token_id]
+        rows.append(ids)
+        segs.append(spans)
+    input_ids = torch.tensor(rows, device=device)
+    return input_ids, torch.ones_like(input_ids), segs, [[budget] * segments for _ in range(batch)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.no_grad()
+def per_sample_loop(model, input_ids, segments, threshold: float) -> None:
+    """One sample at a time, one call per slot, a host read of the stop probability at every step."""
+    lm = model.model.language_model
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b : b + 1]
+        embeds = model.get_input_embeddings()(ids)
+        first = segments[b][0][0]
+        cache = DynamicCache(config=model.config.text_config)
+        pos = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
+        h = lm(inputs_embeds=embeds[:, :first], position_ids=pos[..., :first], past_key_values=cache,
+               use_cache=True).last_hidden_state[:, -1:]
+        for col in range(first, segments[b][-1][1]):
+            is_latent = any(s <= col < e for s, e, _ in segments[b])
+            x = h if is_latent else embeds[:, col : col + 1]
+            h = lm(inputs_embeds=x, position_ids=pos[..., col : col + 1], past_key_values=cache,
+                   use_cache=True).last_hidden_state
+            if is_latent and torch.sigmoid(model.latent_stop_head(h)).item() >= threshold:
+                pass  # the loop style reads the decision on the host every step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "3b"], default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 tiny, 512 3b)")
+    ap.add_argument("--segments", type=int, default=4)
+    ap.add_argument("--budget", type=int, default=8)
+    ap.add_argument("--stage", choices=["A", "C"], default="C")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.model == "3b" else torch.float32
+    prompt = args.prompt or (512 if args.model == "3b" else 128)
+    torch.manual_seed(0)
+    model = build(args.model, device, dtype)
+    if args.stage == "C":
+        set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
+        with torch.no_grad():
+            model.latent_stop_head.bias.fill_(-20.0)  # never halts: every run walks every slot
+    input_ids, mask, segs, budgets = synthetic_batch(model, args.batch, prompt, args.segments, args.budget, device)
+    steps = segs[0][-1][1] - segs[0][0][0]
+    latents = args.segments * args.budget
+
+    def batched():
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(input_ids)
+            pos = model.compute_position_ids(input_ids, mask, None, None)
+            model.latent_pass(input_ids, mask, embeds, pos, segs, budgets)
+
+    def prefill_only():
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+
+    def generate(n):
+        def run():
+            with torch.no_grad():
+                model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+        return run
+
+    t_batched = timed(batched, device, args.repeats)
+    t_prefill = timed(prefill_only, device, args.repeats)
+    t_loop = timed(lambda: per_sample_loop(model, input_ids, segs, 0.5), device, max(1, args.repeats // 2))
+    t_gen = (timed(generate(steps + 1), device, args.repeats) - timed(generate(1), device, args.repeats)) / steps
+
+    per_step_batched = (t_batched - t_prefill) / steps
+    per_step_loop = t_loop / steps
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device: {name}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
+          f"{args.segments} segments x {args.budget} latents ({latents} latents, {steps} steps); stage {args.stage}")
+    print(f"{'what':<46}{'total ms':>10}{'per step ms':>13}")
+    print(f"{'batched latent pass':<46}{t_batched * 1e3:>10.1f}{per_step_batched * 1e3:>13.2f}")
+    print(f"{'per-sample loop, .item() per step':<46}{t_loop * 1e3:>10.1f}{per_step_loop * 1e3:>13.2f}")
+    print(f"{'generate(), per token (same batch, prompt)':<46}{'':>10}{t_gen * 1e3:>13.2f}")
+    print(f"speed-up of batched over per-sample loop (whole pass): {t_loop / t_batched:.1f}x")
+    print(f"batched latent step / generate() token: {per_step_batched / t_gen:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Model core (SPEC §4–§6, D2–D8): the two passes, K/V gating, losses through the model, call counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from latentvl import LatentCollator, LatentInputError, LatentSettings, build_tiny_model, set_latent_fields
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny_model(seed=0)
+    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_gamma=0.5, latent_budget_max=6)
+    return model, processor
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _sample(i: int, m: int, size=(84, 56), cot_sizes=None) -> dict:
+    cot_sizes = cot_sizes or [(56 + 28 * ((i + k) % 4), 56 + 28 * (k % 3)) for k in range(m)]
+    return {
+        "id": f"s{i}",
+        "question": f"Q{i}?" + "x" * (i % 3),
+        "images": [_image(*size, seed=100 + i)],
+        "cot_images": [_image(w, h, seed=200 + 10 * i + k) for k, (w, h) in enumerate(cot_sizes)],
+        "answer": "ABCD"[: 1 + i % 4],
+    }
+
+
+def _collate(model, processor, samples, side="right"):
+    return LatentCollator(processor, model.config, padding_side=side)(samples)
+
+
+def _stage(model, stage: str, **extra):
+    if stage == "A":
+        set_latent_fields(model.config, latent_mode_stage="A", latent_stop_loss_weight=0.0, latent_cost_weight=0.0,
+                          **extra)
+    else:
+        set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3,
+                          **extra)
+
+
+def _pass1(model, batch, threshold=None):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                 mm_token_type_ids=batch["mm_token_type_ids"], latent_mode=True,
+                 latent_segments=batch["latent_segments"], latent_budgets=batch["latent_budgets"],
+                 latent_threshold=threshold)
+
+
+MIXED = [(0, 1), (1, 3), (2, 0), (3, 3), (4, 1)]  # (index, M)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@torch.no_grad()
+def test_pass_consistency_stage_a(tiny, side):
+    """Pass 2's hidden state before each slot equals the vector pass 1 placed in the slot."""
+    model, processor = tiny
+    _stage(model, "A")
+    batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED], side)
+    p1 = _pass1(model, batch)
+    assert p1.ce_patch_pos.shape[0] == sum(batch["latent_budget_total"])
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    embeds = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                        position_ids=p1.position_ids).last_hidden_state
+    before = hidden[p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1] - 1]
+    assert (before - p1.ce_patch_vec).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@torch.no_grad()
+def test_batched_equals_alone(tiny, side, stage):
+    model, processor = tiny
+    _stage(model, stage)
+    torch.manual_seed(0)
+    model.latent_stop_head.weight.normal_(0, 0.5)
+    model.latent_stop_head.bias.fill_(0.0)
+    try:
+        samples = [_sample(i, m) for i, m in MIXED]
+        batch = _collate(model, processor, samples, side)
+        # a threshold in the middle of the probabilities this head gives, so some segments halt early
+        threshold = None
+        if stage == "C":
+            every = _pass1(model, batch, threshold=1.0).latent_stop_probs
+            threshold = float(np.median([p for seg in sum(every, []) for p in seg]))
+        p1 = _pass1(model, batch, threshold)
+        for b, sample in enumerate(samples):
+            alone = _pass1(model, _collate(model, processor, [sample], side), threshold)
+            rows = p1.ce_patch_pos[:, 0] == b
+            assert p1.latent_used_lens[b] == alone.latent_used_lens[0]
+            assert torch.allclose(p1.ce_patch_vec[rows], alone.ce_patch_vec, atol=1e-5, rtol=0)
+            for got, ref in zip(p1.latent_stop_probs[b], alone.latent_stop_probs[0]):
+                assert np.allclose(got, ref, atol=1e-5)
+        if stage == "C":  # the random head really halted some segments early
+            assert any(u < bud for us, bs in zip(p1.latent_used_lens, batch["latent_budgets"])
+                       for u, bud in zip(us, bs))
+    finally:
+        model.latent_stop_head.reset_parameters()
+        model._init_weights(model.latent_stop_head)
+        _stage(model, "A")
+
+
+def _fire_at(model, schedule: dict[int, list[int]]):
+    """Make the stop head return +20 at the given pass-1 steps for the given rows, else -20."""
+    calls = {"n": 0}
+
+    def hook(module, args, output):
+        out = torch.full_like(output, -20.0)
+        for row in schedule.get(calls["n"], []):
+            out[row] = 20.0
+        calls["n"] += 1
+        return out
+
+    return model.latent_stop_head.register_forward_hook(hook)
+
+
+@torch.no_grad()
+def test_stage_c_halts_exactly_and_masks_the_tail(tiny):
+    model, processor = tiny
+    _stage(model, "C")
+    same = [(224, 224), (280, 224)]  # identical layouts: the same step index is the same slot in every row
+    samples = [dict(_sample(0, 2, cot_sizes=same), id=f"r{r}", answer="AB") for r in range(3)]
+    batch = _collate(model, processor, samples)
+    budgets = batch["latent_budgets"][0]
+    assert budgets[0] >= 4 and all(b == budgets for b in batch["latent_budgets"])
+    seg1_first = budgets[0] + 2  # slots of segment 0, then <|latent_end|><|latent_start|>
+    # row 0 stops after slot 2 of segment 0 and slot 0 of segment 1; row 1 never; row 2 at slot 0
+    handle = _fire_at(model, {2: [0], seg1_first: [0], 0: [2], seg1_first + 1: [2]})
+    try:
+        p1 = _pass1(model, batch)
+    finally:
+        handle.remove()
+    assert p1.latent_used_lens == [[3, 1], budgets, [1, 2]]
+    for b, segs in enumerate(batch["latent_segments"]):
+        for (start, end, img), used in zip(segs, p1.latent_used_lens[b]):
+            row = p1.latent_kv_mask[b, start:end].tolist()
+            assert row == [True] * used + [False] * (end - start - used)  # SPEC §8 check 3
+            assert used <= batch["latent_budgets"][b][img]
+    # only active slots are patched
+    patched = set(map(tuple, p1.ce_patch_pos.tolist()))
+    inactive = set(map(tuple, (~p1.latent_kv_mask).nonzero().tolist()))
+    assert patched and not patched & inactive
+    assert len(patched) == sum(map(sum, p1.latent_used_lens))
+    assert [len(p) for p in p1.latent_stop_probs[0]] == [3, 1]
+
+
+@torch.no_grad()
+def test_threshold_argument_overrides_config(tiny):
+    model, processor = tiny
+    _stage(model, "C")
+    batch = _collate(model, processor, [_sample(1, 3)])
+    model.latent_stop_head.weight.zero_()
+    model.latent_stop_head.bias.fill_(0.0)  # p = 0.5 at every step
+    try:
+        assert _pass1(model, batch, threshold=0.4).latent_used_lens == [[1, 1, 1]]
+        assert _pass1(model, batch, threshold=0.6).latent_used_lens == batch["latent_budgets"]
+    finally:
+        model._init_weights(model.latent_stop_head)
+        _stage(model, "A")
+
+
+@torch.no_grad()
+def test_call_count_depends_on_layout_only(tiny):
+    model, processor = tiny
+    _stage(model, "C")
+    same = [(224, 224), (280, 224)]  # budgets 4 and 5
+    batch = _collate(model, processor, [dict(_sample(0, 2, cot_sizes=same), id=f"r{r}") for r in range(2)])
+    counts, used = [], []
+    for schedule in ({}, {0: [0, 1]}, {1: [1], 6: [0]}):
+        handle = _fire_at(model, schedule)
+        try:
+            p1 = _pass1(model, batch)
+        finally:
+            handle.remove()
+        counts.append(p1.num_model_calls)
+        used.append(p1.latent_used_lens)
+    _stage(model, "A")
+    assert len({str(u) for u in used}) == 3  # three different halting patterns
+    assert len(set(counts)) == 1
+    steps = batch["latent_segments"][0][-1][1] - batch["latent_segments"][0][0][0]
+    assert counts[0] == 1 + steps  # one prefix call, then one call per column
+
+
+def _masked_logits(model, batch, kv_mask, noise):
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    embeds = torch.where((~kv_mask)[..., None], embeds + noise, embeds)
+    return model(input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                 mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+                 latent_kv_mask=kv_mask).logits
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), attn=st.sampled_from(["latent_sdpa", "latent_eager"]),
+       side=st.sampled_from(["right", "left"]))
+@torch.no_grad()
+def test_gating_property_full_forward(tiny, seed, attn, side):
+    """Changing the embeddings at inactive slots changes no logit at any other position."""
+    model, processor = tiny
+    model.set_latent_attention(attn)
+    try:
+        batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED[:4]], side)
+        g = torch.Generator().manual_seed(seed)
+        latent = batch["input_ids"] == model.config.latent_token_id
+        kv_mask = ~(latent & (torch.rand(latent.shape, generator=g) < 0.5))
+        noise = torch.randn(1, 1, model.config.text_config.hidden_size, generator=g) * 3
+        a = _masked_logits(model, batch, kv_mask, 0.0)
+        b = _masked_logits(model, batch, kv_mask, noise)
+        keep = kv_mask & batch["attention_mask"].bool()
+        assert (a - b)[keep].abs().max().item() <= 1e-6
+        if (~kv_mask).any():
+            assert (a - b)[~kv_mask].abs().max().item() > 1e-4  # the noise did reach the masked slots
+    finally:
+        model.set_latent_attention("latent_sdpa")
+
+
+@pytest.mark.parametrize("attn", ["latent_sdpa", "latent_eager"])
+@torch.no_grad()
+def test_null_scale_above_zero_only_suppresses(tiny, attn):
+    model, processor = tiny
+    model.set_latent_attention(attn)
+    set_latent_fields(model.config, latent_null_scale=0.3)
+    try:
+        batch = _collate(model, processor, [_sample(1, 3)])
+        latent = batch["input_ids"] == model.config.latent_token_id
+        kv_mask = ~latent
+        noise = torch.ones(1, 1, model.config.text_config.hidden_size) * 3
+        diff = _masked_logits(model, batch, kv_mask, 0.0) - _masked_logits(model, batch, kv_mask, noise)
+        assert diff[kv_mask].abs().max().item() > 1e-5
+    finally:
+        set_latent_fields(model.config, latent_null_scale=0.0)
+        model.set_latent_attention("latent_sdpa")
+
+
+def _gen_scores(model, batch, p1, ce_patch_vec, n=4):
+    out = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
+        ce_patch_pos=p1.ce_patch_pos, ce_patch_vec=ce_patch_vec, latent_kv_mask=p1.latent_kv_mask,
+        max_new_tokens=n, min_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    return torch.stack(out.scores, 1), out.sequences
+
+
+@pytest.mark.parametrize("attn", ["latent_sdpa", "latent_eager"])
+@torch.no_grad()
+def test_gating_through_generate_with_cache(tiny, attn):
+    """Inactive slots hold vectors that never matter, in the prefill and in every cached step."""
+    model, processor = tiny
+    model.set_latent_attention(attn)
+    _stage(model, "C")
+    batch = _collate(model, processor, [_sample(i, m) for i, m in [(1, 3), (2, 0), (3, 1)]], "left")
+    handle = _fire_at(model, {0: [0], 1: [1]})  # rows are the samples with latents
+    try:
+        p1 = _pass1(model, batch)
+    finally:
+        handle.remove()
+    assert (~p1.latent_kv_mask).any()
+    ref_scores, ref_seq = _gen_scores(model, batch, p1, p1.ce_patch_vec)
+    # put noise into the inactive slots through the patches: pass 2 patches every slot this time
+    inactive = (~p1.latent_kv_mask).nonzero()
+    pos = torch.cat([p1.ce_patch_pos, inactive])
+    vec = torch.cat([p1.ce_patch_vec, torch.randn(inactive.shape[0], p1.ce_patch_vec.shape[1]) * 5])
+
+    class P:
+        pass
+
+    noisy = P()
+    noisy.ce_patch_pos, noisy.latent_kv_mask = pos, p1.latent_kv_mask
+    scores, seq = _gen_scores(model, batch, noisy, vec)
+    finite = torch.isfinite(ref_scores)  # generate() sets some scores to -inf (e.g. min_new_tokens)
+    assert torch.equal(seq, ref_seq) and torch.equal(finite, torch.isfinite(scores))
+    assert (scores - ref_scores)[finite].abs().max().item() <= 1e-5
+    # and the latents themselves do matter
+    scores2, _ = _gen_scores(model, batch, p1, p1.ce_patch_vec * -3)
+    assert (scores2 - ref_scores)[finite].abs().max().item() > 1e-4
+    _stage(model, "A")
+    model.set_latent_attention("latent_sdpa")
+
+
+@torch.no_grad()
+def test_all_latents_masked_is_independent_of_content_and_close_to_no_think(tiny):
+    """SPEC §8 check 4: masking every latent removes their influence; report agreement with no-think."""
+    model, processor = tiny
+    samples = [_sample(i, m) for i, m in [(1, 3), (3, 1), (4, 2)]]
+    batch = _collate(model, processor, samples)
+    latent = batch["input_ids"] == model.config.latent_token_id
+    a = _masked_logits(model, batch, ~latent, 0.0)
+    b = _masked_logits(model, batch, ~latent, torch.randn(1, 1, model.config.text_config.hidden_size))
+    answer = batch["labels"] != -100
+    assert (a - b)[answer].abs().max().item() <= 1e-6
+    plain = LatentCollator(processor, model.config, use_latents=False)(samples)
+    ref = model(**{k: plain[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                         "mm_token_type_ids")}).logits
+    ref_answer = plain["labels"] != -100
+    # shift by one: logits at t predict t+1
+    pa = torch.log_softmax(a[:, :-1][answer[:, 1:]], -1)
+    pr = torch.log_softmax(ref[:, :-1][ref_answer[:, 1:]], -1)
+    assert pa.shape == pr.shape
+    top1 = (pa.argmax(-1) == pr.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(pa, pr, log_target=True, reduction="batchmean").item()
+    print(f"all-masked vs no-think: top-1 agreement {top1:.3f}, KL {kl:.4f}")
+    # the masked sequence still carries <|latent_start|>/<|latent_end|> and shifted positions, so the
+    # two differ; they must stay close on a random model
+    assert np.isfinite(kl) and kl >= 0 and top1 >= 0.5
+
+
+def test_losses_and_gradients(tiny):
+    model, processor = tiny
+    batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED])
+    _stage(model, "A")
+    model.zero_grad()
+    out = model.latent_loss(batch)
+    out.latent.ce_patch_vec.retain_grad()
+    out.loss.backward()
+    assert out.ce > 0 and out.align > 0 and out.stop == 0 and out.cost == 0
+    assert out.latent.ce_patch_vec.grad.abs().sum() > 0  # CE/align reach the latent vectors
+    assert model.latent_stop_head.weight.grad is None  # no stop-head gradient in stage A
+
+    _stage(model, "C")
+    out = model.latent_loss(batch)
+    head_grad = torch.autograd.grad(out.loss, model.latent_stop_head.weight)[0]
+    assert head_grad.abs().sum() > 0  # the stop head trains in stage C
+    assert out.stop > 0
+    assert out.cost.item() == pytest.approx(np.mean([sum(u) for u in out.latent.latent_used_lens]))
+    _stage(model, "A")
+
+
+def test_ce_gradient_flows_through_latent_vectors_only_when_used(tiny):
+    model, processor = tiny
+    _stage(model, "A")
+    set_latent_fields(model.config, latent_align_weight=0.0)
+    try:
+        batch = _collate(model, processor, [_sample(1, 3)])
+        out = model.latent_loss(batch)
+        vec_grad = torch.autograd.grad(out.loss, out.latent.ce_patch_vec)[0]
+        assert vec_grad.abs().sum() > 0
+    finally:
+        set_latent_fields(model.config, latent_align_weight=1.0)
+
+
+def test_expected_cost_is_differentiable(tiny):
+    model, processor = tiny
+    _stage(model, "C", latent_cost_mode="expected")
+    set_latent_fields(model.config, latent_stop_loss_weight=0.0)
+    try:
+        batch = _collate(model, processor, [_sample(1, 3)])
+        out = model.latent_loss(batch)
+        g = torch.autograd.grad(out.loss, model.latent_stop_head.bias)[0]
+        assert g.item() < 0  # raising the stop bias lowers the expected length
+    finally:
+        _stage(model, "A", latent_cost_mode="count")
+
+
+def test_overfit_four_samples():
+    model, processor = build_tiny_model(seed=1)
+    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_gamma=0.5, latent_budget_max=4)
+    model.train()
+    batch = _collate(model, processor, [_sample(i, m) for i, m in [(0, 1), (1, 2), (2, 0), (3, 1)]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        out = model.latent_loss(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b["latent_segments"][1].__setitem__(0, (b["latent_segments"][1][0][0] - 1,
+                                                           b["latent_segments"][1][0][1] - 1, 0)),
+         r"sample 1 \(id 's1'\), segment 0 .*not latent_token_id"),
+        (lambda b: b["latent_segments"][1].__setitem__(0, (*b["latent_segments"][1][0][:2], 7)),
+         r"sample 1 .*segment 0.*img_idx 7 out of range"),
+        (lambda b: b["latent_budgets"][0].__setitem__(0, b["latent_budgets"][0][0] + 1),
+         r"sample 0 .*segment 0.*length .* != budget"),
+        (lambda b: b["latent_segments"][3].pop(), r"sample 3 .*2 latent segments for 3 CoT images"),
+        (lambda b: b.__setitem__("latent_segments", None), "needs latent_segments"),
+    ],
+)
+def test_entry_checks_name_sample_segment_reason(tiny, mutate, message):
+    model, processor = tiny
+    batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED])
+    mutate(batch)
+    from latentvl.model.layout import check_latent_inputs
+
+    with pytest.raises(LatentInputError, match=message):
+        check_latent_inputs(batch["input_ids"], batch["latent_segments"], batch["latent_budgets"],
+                            model.config.latent_token_id, "A", sample_ids=batch["ids"])
+    with pytest.raises(LatentInputError):
+        _pass1(model, batch)
+
+
+def test_settings_roundtrip_from_model(tiny):
+    model, _ = tiny
+    s = LatentSettings.from_config(model.config)
+    assert s.latent_budget_alpha == 0.5 and s.latent_token_id == model.config.latent_token_id
