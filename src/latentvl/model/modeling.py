@@ -331,7 +331,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         lm = self.model.language_model
         cache = DynamicCache(config=self.config.text_config)
         stage_c = stage == "C"
-        gate_cols = [torch.ones(len(layout.rows), P, dtype=torch.bool, device=device)]
+        soft = settings.latent_null_scale > 0
+        pad_keep = att.bool()  # [R, W] False on padding
+        gate = torch.ones_like(pad_keep)  # [R, W] False on the inactive latent slots of this pass
+        layer_types = set(self.config.text_config.layer_types)
         calls = 0
         with _no_gradient_checkpointing(self):
             out = lm(inputs_embeds=emb[:, :P], attention_mask=att[:, :P], position_ids=pos[:, :, :P],
@@ -348,13 +351,18 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 if stage_c:
                     halted = halted & ~seg_first[:, j]
                     active = is_lat & ~halted
-                    gate_cols.append((~is_lat | active)[:, None])
-                    gating = self._gating_kwargs(torch.cat(gate_cols, dim=1))
+                    gate[:, c] = ~is_lat | active
                 else:
                     active = is_lat
-                    gating = {}
-                out = lm(inputs_embeds=x[:, None], attention_mask=att[:, : c + 1], position_ids=pos[:, :, c : c + 1],
-                         past_key_values=cache, use_cache=True, **gating)
+                # A one-token step needs no causal mask: the [R, 1, 1, c+1] key mask is the whole mask,
+                # handed to the attention layers as is (no per-step mask construction). With
+                # latent_null_scale == 0 the gate is part of it (exact removal); above 0 it goes down
+                # as latent_kv_mask to scale K/V softly.
+                keys = pad_keep[:, : c + 1] & gate[:, : c + 1] if not soft else pad_keep[:, : c + 1].clone()
+                gating = self._gating_kwargs(gate[:, : c + 1].clone()) if stage_c and soft else {}
+                step_mask = {t: keys[:, None, None, :] for t in layer_types}
+                out = lm(inputs_embeds=x[:, None], attention_mask=step_mask,
+                         position_ids=pos[:, :, c : c + 1], past_key_values=cache, use_cache=True, **gating)
                 calls += 1
                 h = out.last_hidden_state[:, 0]
                 vecs.append(x)
