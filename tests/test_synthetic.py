@@ -1,0 +1,407 @@
+"""Tests for the synthetic maze and shapes tasks and the ``make-data`` command."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+from collections import Counter, deque
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from latentvl.data import synthetic
+from latentvl.data.records import RecordDataset, load_metadata, load_records
+from latentvl.data.synthetic import (
+    MAZE_ANSWERS,
+    PATH_BLUE,
+    SHAPE_COLOURS,
+    SHAPES_ANSWERS,
+    generate_sample,
+    make_dataset,
+)
+
+STEP = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
+SPLITS = ("train", "val", "test")
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _rows(root: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (root / name).read_text(encoding="utf-8").splitlines()]
+
+
+def _all_records(root: Path) -> list[dict]:
+    return [r for split in SPLITS for r in _rows(root, f"{split}.jsonl")]
+
+
+def _annotations(root: Path) -> dict[str, dict]:
+    return {a["id"]: a for a in _rows(root, "annotations.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def maze_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("maze")
+    make_dataset("maze", 120, 7, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    make_dataset("shapes", 62, 3, out, val_fraction=0.2, test_fraction=0.0)  # 62: not a multiple of 4
+    return out
+
+
+# ----------------------------------------------------------------------------- files and metadata
+
+
+@pytest.mark.parametrize("task", ["maze", "shapes"])
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, task: str) -> None:
+    make_dataset(task, 24, 11, tmp_path / "a")
+    make_dataset(task, 24, 11, tmp_path / "b")
+    make_dataset(task, 24, 12, tmp_path / "c")
+    a, b, c = (_hashes(tmp_path / x) for x in "abc")
+    assert a == b
+    assert len(a) == sum(len(r["images"]) + len(r["cot_images"]) for r in _all_records(tmp_path / "a")) + 5
+    assert {k for k in a if not k.endswith(".png")} == {k for k in c if not k.endswith(".png")}
+    assert a["train.jsonl"] != c["train.jsonl"]
+    question_images = [k for k in a if k.endswith("-q0.png")]
+    assert len(question_images) == 24
+    assert sum(a[k] != c[k] for k in question_images) > 20
+
+
+@pytest.mark.parametrize("fixture", ["maze_dir", "shapes_dir"])
+def test_records_load_and_meta_matches_the_files(request, fixture: str) -> None:
+    root: Path = request.getfixturevalue(fixture)
+    meta = load_metadata(root / "train.jsonl")
+    assert meta is not None
+    records = []
+    for split in SPLITS:
+        recs, skipped = load_records(root / f"{split}.jsonl")  # also verifies every PNG opens
+        assert skipped == []
+        assert len(recs) == meta["splits"][split]["size"]
+        records += recs
+    assert len(records) == meta["n"]
+    assert len({r.id for r in records}) == meta["n"]
+    assert not list(root.rglob("*.tmp")) and not list(root.rglob(".*"))
+    # chance accuracy is the rate of the most frequent answer, overall and per split
+    counts = Counter(r.answer for r in records)
+    assert set(counts) <= set(meta["answer_set"])
+    assert meta["answer_counts"] == {a: counts.get(a, 0) for a in meta["answer_set"]}
+    assert meta["chance_accuracy"] == pytest.approx(max(counts.values()) / len(records))
+    for split in SPLITS:
+        split_counts = Counter(r["answer"] for r in _rows(root, f"{split}.jsonl"))
+        size = sum(split_counts.values())
+        if size == 0:
+            assert meta["splits"][split]["chance_accuracy"] is None
+            continue
+        assert meta["splits"][split]["chance_accuracy"] == pytest.approx(max(split_counts.values()) / size)
+        # balanced by construction: every answer within one of every other
+        full = [split_counts.get(a, 0) for a in meta["answer_set"]]
+        assert max(full) - min(full) <= 1
+    assert meta["chance_accuracy"] == pytest.approx(1 / len(meta["answer_set"]), abs=0.02)
+    if meta["n"] % len(meta["answer_set"]):
+        assert meta["chance_accuracy"] > 1 / len(meta["answer_set"])
+    assert Counter(len(r.cot_images) for r in records) == Counter(
+        {int(m): c for m, c in meta["cot_images_per_record"].items()}
+    )
+
+
+def test_maze_heuristic_baselines_in_meta(maze_dir: Path) -> None:
+    meta = load_metadata(maze_dir / "meta.json")
+    expected = 0.0
+    for a in _annotations(maze_dir).values():
+        start = tuple(a["start"])
+        exits = [e for e in a["open"] if tuple(e[:2]) == start or tuple(e[2:]) == start]
+        expected += 1 / len(exits)
+    base = meta["heuristic_baselines"]
+    assert base["uniform_over_open_exits"] == pytest.approx(expected / meta["n"], abs=1e-4)
+    assert 0.25 < base["uniform_over_open_exits"] < base["open_exit_nearest_to_goal"] < 1.0
+
+
+@pytest.mark.parametrize("fixture", ["maze_dir", "shapes_dir"])
+def test_cot_count_and_image_sizes_vary(request, fixture: str) -> None:
+    root: Path = request.getfixturevalue(fixture)
+    records = [r for split in SPLITS for r in load_records(root / f"{split}.jsonl")[0]]
+    ms = Counter(len(r.cot_images) for r in records)
+    assert set(ms) == {1, 2, 3, 4}
+    assert all(len(r.images) == 1 for r in records)
+    sides = set()
+    for r in records:
+        sizes = {Image.open(p).size for p in r.images + r.cot_images}
+        assert len(sizes) == 1, f"{r.id}: question and CoT images differ in size"
+        (w, h) = sizes.pop()
+        assert w == h and w % 28 == 0 and 84 <= w <= 224
+        sides.add(w)
+    assert len(sides) >= 4
+
+
+def test_dataset_items_are_rgb(maze_dir: Path) -> None:
+    records, _ = load_records(maze_dir / "val.jsonl")
+    item = RecordDataset(records)[0]
+    assert item["id"] == records[0].id and item["answer"] in MAZE_ANSWERS
+    assert all(im.mode == "RGB" for im in item["images"] + item["cot_images"])
+
+
+# ------------------------------------------------------------------------------------------- maze
+
+
+def _solve(g: int, open_edges: set, start: tuple, goal: tuple) -> list[tuple]:
+    """Independent BFS that also checks the solution is unique (the passages form a tree)."""
+    assert len(open_edges) == g * g - 1, "a perfect maze has cells - 1 passages"
+    prev = {start: None}
+    queue = deque([start])
+    while queue:
+        r, c = queue.popleft()
+        for dr, dc in STEP.values():
+            n = (r + dr, c + dc)
+            if frozenset(((r, c), n)) in open_edges and n not in prev:
+                prev[n] = (r, c)
+                queue.append(n)
+    assert len(prev) == g * g, "every cell is reachable (so, with cells - 1 passages, paths are unique)"
+    path = [goal]
+    while path[-1] != start:
+        path.append(prev[path[-1]])
+    return path[::-1]
+
+
+def _centre(a: dict, cell: tuple) -> tuple[int, int]:
+    return (
+        a["origin"] + cell[1] * a["cell"] + a["cell"] // 2,
+        a["origin"] + cell[0] * a["cell"] + a["cell"] // 2,
+    )
+
+
+def _mid(a: dict, p: tuple, q: tuple) -> tuple[int, int]:
+    (x0, y0), (x1, y1) = _centre(a, p), _centre(a, q)
+    return ((x0 + x1) // 2, (y0 + y1) // 2)
+
+
+def _check_maze(a: dict, answer: str) -> None:
+    g = a["grid"]
+    edges = {frozenset(((e[0], e[1]), (e[2], e[3]))) for e in a["open"]}
+    for e in edges:
+        (r0, c0), (r1, c1) = sorted(e)
+        assert abs(r0 - r1) + abs(c0 - c1) == 1 and all(0 <= v < g for v in (r0, c0, r1, c1))
+    start, goal = tuple(a["start"]), tuple(a["goal"])
+    path = _solve(g, edges, start, goal)
+    assert [list(p) for p in path] == a["path"]
+    dr, dc = path[1][0] - path[0][0], path[1][1] - path[0][1]
+    assert STEP[answer] == (dr, dc), f"answer {answer} but the path starts with {(dr, dc)}"
+    moves = len(path) - 1
+    shown = a["cot_moves_shown"]
+    m = len(shown)
+    assert 1 <= m <= 4 and m <= moves
+    assert shown == [math.ceil(i * moves / m) for i in range(1, m + 1)]
+
+
+def test_maze_answers_are_the_first_move_of_the_unique_path(maze_dir: Path) -> None:
+    ann = _annotations(maze_dir)
+    records = _all_records(maze_dir)
+    assert set(ann) == {r["id"] for r in records}
+    for r in records:
+        a = ann[r["id"]]
+        assert r["answer"] == a["answer"]
+        assert len(r["cot_images"]) == len(a["cot_moves_shown"])
+        assert r["question"] == "First move from start?"
+        _check_maze(a, r["answer"])
+        assert len(a["path"]) - 1 >= 2  # min_moves default
+
+
+def test_maze_pictures_show_markers_and_the_path_so_far(maze_dir: Path) -> None:
+    ann = _annotations(maze_dir)
+    for r in _all_records(maze_dir)[:40]:
+        a = ann[r["id"]]
+        path = [tuple(p) for p in a["path"]]
+        q = Image.open(maze_dir / r["images"][0]).convert("RGB")
+        assert q.getpixel(_centre(a, path[0])) == synthetic.START_GREEN
+        assert q.getpixel(_centre(a, path[-1])) == synthetic.GOAL_RED
+        assert all(q.getpixel(_mid(a, path[k], path[k + 1])) == (255, 255, 255) for k in range(len(path) - 1))
+        assert PATH_BLUE not in {c for _, c in q.getcolors(1 << 16)}
+        for cot_path, shown in zip(r["cot_images"], a["cot_moves_shown"], strict=True):
+            im = Image.open(maze_dir / cot_path).convert("RGB")
+            drawn = [im.getpixel(_mid(a, path[k], path[k + 1])) == PATH_BLUE for k in range(len(path) - 1)]
+            assert drawn == [k < shown for k in range(len(path) - 1)], r["id"]
+        # the wall pixels: an open passage has no wall on it, a closed one does
+        g, cell, o = a["grid"], a["cell"], a["origin"]
+        edges = {tuple(e) for e in a["open"]}
+        for row in range(g):
+            for col in range(g - 1):
+                x, y = o + (col + 1) * cell, o + row * cell + cell // 2  # on the grid line
+                wall = q.getpixel((x, y)) == (0, 0, 0)
+                assert wall == ((row, col, row, col + 1) not in edges), (r["id"], row, col)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    g=st.integers(2, 8),
+    target=st.sampled_from(MAZE_ANSWERS),
+    max_cot=st.integers(1, 4),
+)
+def test_maze_generator_property(seed: int, g: int, target: str, max_cot: int) -> None:
+    knobs = {"grid_min": g, "grid_max": g, "max_cot": max_cot, "size_max": 224}
+    sample = generate_sample("maze", random.Random(seed), target, knobs)
+    assert sample.answer == target
+    assert 1 <= len(sample.cot_images) <= max_cot
+    assert sample.annotation["grid"] == g
+    _check_maze(sample.annotation, target)
+
+
+# ----------------------------------------------------------------------------------------- shapes
+
+
+def test_shapes_answer_is_the_colour_of_the_largest_shape(shapes_dir: Path) -> None:
+    ann = _annotations(shapes_dir)
+    for r in _all_records(shapes_dir):
+        a = ann[r["id"]]
+        shapes = a["shapes"]
+        assert 2 <= len(shapes) <= 4 and len({s["colour"] for s in shapes}) == len(shapes)
+        sizes = sorted(s["size"] for s in shapes)
+        assert sizes[-1] >= 1.45 * sizes[-2], "the largest shape must be clearly the largest"
+        biggest = max(shapes, key=lambda s: s["size"])
+        assert r["answer"] == biggest["colour"] and r["answer"] in SHAPES_ANSWERS
+        side = a["side"]
+        for s in shapes:
+            x0, y0, x1, y1 = s["box"]
+            assert 0 <= x0 < x1 < side and 0 <= y0 < y1 < side
+        q = Image.open(shapes_dir / r["images"][0]).convert("RGB")
+        last = Image.open(shapes_dir / r["cot_images"][-1]).convert("RGB")
+        for s in shapes:
+            x0, y0, x1, y1 = s["box"]
+            centre = ((x0 + x1) // 2, (y0 + y1) // 2)
+            assert q.getpixel(centre) == SHAPE_COLOURS[s["colour"]]
+            expected = SHAPE_COLOURS[s["colour"]] if s is biggest else synthetic.GREY
+            assert last.getpixel(centre) == expected
+        # the frame: black pixels around the largest shape only in the last CoT image
+        assert (0, 0, 0) in {c for _, c in last.getcolors(1 << 16)}
+        assert (0, 0, 0) not in {c for _, c in q.getcolors(1 << 16)}
+
+
+# -------------------------------------------------------------------------------- knobs and the CLI
+
+
+def _args(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    synthetic.add_arguments(parser)
+    argv = []
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return parser.parse_args(argv)
+
+
+def test_cli_writes_says_where_and_prints_a_record(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d"
+    assert synthetic.run(_args(task="shapes", n=10, seed=1, out=out)) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed
+    sample_line = next(line for line in printed.splitlines() if line.startswith("sample record: "))
+    assert json.loads(sample_line.removeprefix("sample record: ")) == _rows(out, "train.jsonl")[0]
+    assert load_metadata(out / "train.jsonl")["task"] == "shapes"
+
+
+def test_cli_refuses_to_overwrite_without_flag_and_cleans_stale_images(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d"
+    assert synthetic.run(_args(task="maze", n=20, seed=1, out=out)) == 0
+    before = _hashes(out)
+    assert synthetic.run(_args(task="maze", n=8, seed=1, out=out)) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert _hashes(out) == before
+    assert synthetic.run(_args(task="maze", n=8, seed=1, out=out, overwrite=True)) == 0
+    referenced = {p for r in _all_records(out) for p in r["images"] + r["cot_images"]}
+    on_disk = {f"images/{p.name}" for p in (out / "images").iterdir()}
+    assert on_disk == referenced and len(_all_records(out)) == 8
+
+
+def test_cli_knobs_reach_the_generator(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    args = _args(task="maze", n=30, seed=2, out=out, grid_min=4, grid_max=4, max_cot=2, size_min=112, size_max=140)
+    assert synthetic.run(args) == 0
+    meta = load_metadata(out / "meta.json")
+    assert meta["knobs"]["grid_max"] == 4 and meta["knobs"]["max_cot"] == 2
+    assert "max_shapes" not in meta["knobs"]
+    assert set(meta["cot_images_per_record"]) <= {"1", "2"}
+    assert 112 <= meta["image_side_px"]["min"] <= meta["image_side_px"]["max"] <= 140
+    assert {a["grid"] for a in _rows(out, "annotations.jsonl")} == {4}
+
+
+@pytest.mark.parametrize(
+    ("task", "knobs", "message"),
+    [
+        ("maze", {"colour": 1}, "unknown knob"),
+        ("maze", {"grid_max": 20}, "needs images of at least"),
+        ("maze", {"grid_min": 5, "grid_max": 4}, "grid_min <= grid_max"),
+        ("maze", {"min_cot": 3, "max_cot": 2}, "min_cot <= max_cot"),
+        ("maze", {"val_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
+        ("maze", {"size_min": 100, "size_max": 110}, "no image side"),
+        ("shapes", {"max_shapes": 5}, "max_shapes"),
+        ("nope", {}, "unknown task"),
+    ],
+)
+def test_bad_knobs_are_rejected(tmp_path: Path, task: str, knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_dataset(task, 10, 0, tmp_path / "d", **knobs)
+    assert not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_interrupted_run_leaves_no_partial_files(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "d"
+    make_dataset("shapes", 12, 0, out)
+    before = {name: (out / name).read_bytes() for name in ("train.jsonl", "val.jsonl", "meta.json")}
+    real = synthetic._atomic_write
+    calls = []
+
+    def dying_write(path: Path, data: bytes, sync: bool = True) -> None:
+        calls.append(path.name)
+        if path.name == "val.jsonl":
+            raise KeyboardInterrupt  # killed while writing the JSONL files
+        real(path, data, sync)
+
+    monkeypatch.setattr(synthetic, "_atomic_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset("shapes", 12, 5, out, overwrite=True)
+    monkeypatch.undo()
+    assert "train.jsonl" in calls
+    # every file is either the old one or the new one, complete; meta.json (written last) is gone, which
+    # marks the folder as incomplete; nothing temporary is left
+    assert (out / "val.jsonl").read_bytes() == before["val.jsonl"]
+    assert not (out / "meta.json").exists()
+    assert (out / "train.jsonl").read_bytes() != before["train.jsonl"]
+    assert all(json.loads(line) for line in (out / "train.jsonl").read_text().splitlines())
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_cleans_up_on_failure(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "f.jsonl"
+    target.write_bytes(b"old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synthetic.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        synthetic._atomic_write(target, b"new\n")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.jsonl"]
+
+
+def test_generation_is_fast(tmp_path: Path) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    make_dataset("maze", 150, 0, tmp_path / "m")
+    assert time.perf_counter() - t0 < 10.0  # about 1000 records in well under a minute
