@@ -106,17 +106,22 @@ def latent_eager_attention(
 def latent_flash_attention_2(
     module, query, key, value, attention_mask, latent_kv_mask=None, latent_null_scale=0.0, **kwargs
 ):
-    """Flash-attention 2 when every key is kept; otherwise the exact sdpa path.
+    """Flash-attention 2 when no key is gated; otherwise the exact sdpa path.
 
-    Flash kernels take no per-key mask, so a step with inactive latents runs the masked sdpa
-    path (exact, a little slower); stage A and masks that keep everything stay on flash.
+    Flash kernels take no per-key mask, so a call that gates keys (``latent_kv_mask`` given, or the
+    latent pass's one-token steps, which hand over a ready ``[B, 1, 1, kv]`` key mask) runs the masked
+    sdpa path; stage A and plain text stay on flash.
     """
     from transformers.integrations.flash_attention import flash_attention_forward
 
-    if latent_kv_mask is None or not getattr(module, "is_causal", False):
+    plain_mask = attention_mask is None or attention_mask.dim() == 2
+    if not getattr(module, "is_causal", False) or (latent_kv_mask is None and plain_mask):
         return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return latent_sdpa_attention(module, query, key, value, None if attention_mask is None else attention_mask,
-                                 latent_kv_mask=latent_kv_mask, latent_null_scale=latent_null_scale, **kwargs)
+    if latent_kv_mask is None:
+        latent_kv_mask = torch.ones(key.shape[0], key.shape[-2], dtype=torch.bool, device=key.device)
+    kwargs.pop("dropout", None)
+    return latent_sdpa_attention(module, query, key, value, attention_mask, scaling=kwargs.pop("scaling", None),
+                                 latent_kv_mask=latent_kv_mask, latent_null_scale=latent_null_scale)
 
 
 def register_latent_attention() -> None:
