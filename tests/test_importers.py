@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -17,9 +19,6 @@ from latentvl.data.importers import (
     extract_answer,
     import_dataset,
 )
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 COLORS = {
     "red": (255, 0, 0),

@@ -1,0 +1,406 @@
+"""The training configuration: one typed dataclass, read from YAML and patched from the command line.
+
+A YAML file holds the :class:`TrainConfig` fields at the top level, plus one nested mapping ``latent:``
+for the latent fields of the model config (SPEC §1 and latentvl's own, see
+:class:`latentvl.config.LatentSettings`)::
+
+    model: tiny
+    train_data: data/shapes/train.jsonl
+    stage: AC
+    switch_step: 300
+    lr: 1.0e-3
+    latent:
+      latent_budget_alpha: 1.0
+      latent_stop_threshold: 0.5
+
+Overrides are ``key=value`` strings; the value is parsed as YAML (``lr=1e-3``, ``lora=true``,
+``lora_target_modules=[q_proj,v_proj]``, ``eval_data=null``). Latent fields are written either as
+``latent.latent_budget_alpha=0.5`` or simply ``latent_budget_alpha=0.5``. Every error is a
+:class:`TrainConfigError` whose message starts with the field's name.
+
+``latent.latent_stop_loss_weight`` and ``latent.latent_cost_weight`` are the weights of stage C; the
+trainer sets both to 0 while it runs stage A (SPEC §1). ``latent_mode_stage`` follows the ``stage``
+field (giving it here is allowed only when it agrees). The token ids (``latent_token_id``,
+``latent_start_token_id``, ``latent_end_token_id``) come from the tokenizer; given here, they must match
+it (checked when the model is built).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import LatentConfigError, LatentSettings
+
+STAGES = ("A", "C", "AC")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+ANNEAL_SHAPES = ("linear", "cosine")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
+
+# The latent fields the trainer owns (the stage) and the ones that must come from the tokenizer.
+_STAGE_FIELD = "latent_mode_stage"
+TOKEN_FIELDS = ("latent_token_id", "latent_start_token_id", "latent_end_token_id")
+# Stage-C defaults of the two weights (SPEC §1 examples); stage A forces both to 0.
+STAGE_C_WEIGHT_DEFAULTS = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3}
+LORA_DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+class TrainConfigError(ValueError):
+    """A training option is invalid; the message starts with the option's name."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``latentvl train``. Defaults suit a small CPU run; see ``docs/training.md``."""
+
+    # ---- model
+    model: str = "tiny"  # "tiny" (random tiny Qwen2.5-VL, offline) or a model directory
+    tiny_hidden_size: int = 128
+    tiny_num_layers: int = 4
+    attn_implementation: str = "latent_sdpa"
+    init_from: str | None = None  # start from these weights: a checkpoint dir (its model/) or a model dir
+    # ---- data
+    train_data: str | None = None  # JSONL records (latentvl.data.records format)
+    eval_data: str | None = None
+    skip_invalid: bool = False
+    use_latents: bool = True  # False: the no-latent baseline (answer right after the question)
+    max_length: int | None = None
+    system_prompt: str | None = None
+    num_workers: int = 0
+    # ---- stages (SPEC §7)
+    stage: str = "A"  # "A", "C" or "AC" (A until switch_step, then C)
+    switch_step: int | None = None  # AC only (ignored otherwise): the first step of stage C
+    threshold_start: float = 0.9  # stage C anneals the stop threshold from here ...
+    threshold_anneal_steps: int = 100  # ... to latent.latent_stop_threshold over this many C steps
+    threshold_anneal_shape: str = "linear"
+    latent: dict[str, Any] = field(default_factory=dict)  # LatentSettings fields
+    # ---- optimisation
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the schedule's floor, as a fraction of lr
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1
+    max_steps: int = 1000
+    grad_clip: float | None = 1.0  # max global grad norm; null = no clipping
+    seed: int = 0
+    # ---- evaluation, checkpoints, logs
+    output_dir: str = "runs/latentvl"
+    eval_every: int = 0  # 0 = only at the end (when eval_data is set)
+    eval_max_samples: int | None = None
+    eval_batch_size: int | None = None
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2  # checkpoints kept (older ones are deleted); 0 = keep all
+    save_final_model: bool = True  # also write output_dir/final (a loadable model directory)
+    log_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    resume: str | None = None  # "latest" or a checkpoint dir: continue exactly where it stopped
+    # ---- engine
+    mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else no
+    distributed: str = "ddp"  # under torchrun / accelerate launch: "ddp" or "fsdp"
+    ddp_find_unused_parameters: bool = True
+    gradient_checkpointing: bool = False  # pass 2 only; the model turns it off inside pass 1
+    freeze_vision: bool = False  # freeze the vision tower (ViT blocks and patch embedding)
+    freeze_vision_merger: bool = True  # with freeze_vision: freeze the patch merger as well
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = LORA_DEFAULT_TARGETS
+    run_checks: bool = True  # SPEC §8 checks on one batch before the first step (of each stage)
+    check_tolerance: float = 1e-4
+    num_threads: int | None = None  # torch CPU threads; null = torch's default
+
+    # ------------------------------------------------------------------ derived values
+    def latent_settings(self, stage: str, base: LatentSettings | None = None) -> LatentSettings:
+        """The model-config latent fields for ``stage`` ("A" or "C"), on top of ``base``."""
+        settings = (base or LatentSettings()).replace(**self.stage_c_latent_fields())
+        if stage == "A":
+            settings = settings.replace(
+                latent_mode_stage="A", latent_stop_loss_weight=0.0, latent_cost_weight=0.0
+            )
+        else:
+            settings = settings.replace(latent_mode_stage="C")
+        return settings.validate()
+
+    def stage_c_latent_fields(self) -> dict[str, Any]:
+        return {**STAGE_C_WEIGHT_DEFAULTS, **self.latent}
+
+    def stage_at(self, step: int) -> str:
+        """The stage that training step ``step`` (0-based) runs."""
+        if self.stage == "AC":
+            return "A" if step < int(self.switch_step) else "C"
+        return self.stage
+
+    def stage_c_start(self) -> int | None:
+        return {"A": None, "C": 0, "AC": self.switch_step}[self.stage]
+
+    @property
+    def final_threshold(self) -> float:
+        return float(
+            self.stage_c_latent_fields().get("latent_stop_threshold", LatentSettings.latent_stop_threshold)
+        )
+
+    @property
+    def global_batch_size(self) -> int:
+        """Per step, over all processes: batch_size * grad_accum * world size (world size 1 here)."""
+        return self.batch_size * self.grad_accum
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        """Raise :class:`TrainConfigError` naming the first invalid field; return self."""
+
+        def bad(name: str, why: str) -> TrainConfigError:
+            return TrainConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name, choices in (
+            ("stage", STAGES),
+            ("optimizer", OPTIMIZERS),
+            ("lr_scheduler", SCHEDULERS),
+            ("mixed_precision", PRECISIONS),
+            ("threshold_anneal_shape", ANNEAL_SHAPES),
+            ("distributed", DISTRIBUTED_MODES),
+        ):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"must be one of {list(choices)}")
+        if self.train_data is None:
+            raise bad("train_data", "is required (a JSONL file of records)")
+        if self.stage == "AC":
+            if self.switch_step is None or not 0 < self.switch_step < self.max_steps:
+                raise bad("switch_step", f"stage AC needs 0 < switch_step < max_steps={self.max_steps}")
+        if self.stage != "A" and not self.use_latents:
+            raise bad("use_latents", "stage C needs latents (the no-latent baseline is a stage-A run)")
+        positive = (
+            "tiny_hidden_size",
+            "tiny_num_layers",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_every",
+            "lora_r",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "keep_last",
+            "num_workers",
+            "threshold_anneal_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        for name in ("max_length", "eval_max_samples", "eval_batch_size", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(name, "must be >= 1 or null")
+        if self.tiny_hidden_size % 8:
+            raise bad("tiny_hidden_size", "must be a multiple of 8 (4 heads, rotary halves)")
+        if not self.lr > 0:
+            raise bad("lr", "must be > 0")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise bad("adam_eps", "must be > 0")
+        if self.momentum < 0:
+            raise bad("momentum", "must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", "must be in [0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise bad("grad_clip", "must be > 0 or null")
+        if not 0.0 <= self.threshold_start <= 1.0:
+            raise bad("threshold_start", "must be in [0, 1]")
+        if self.lora_alpha <= 0:
+            raise bad("lora_alpha", "must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if not self.check_tolerance > 0:
+            raise bad("check_tolerance", "must be > 0")
+        self._validate_latent()
+        return self
+
+    def _validate_latent(self) -> None:
+        known = set(LatentSettings.field_names())
+        for name, value in self.latent.items():
+            where = f"latent.{name}"
+            if name not in known:
+                raise TrainConfigError(f"{where}: unknown latent field; known: {sorted(known)}")
+            if name == _STAGE_FIELD and value != self.stage:
+                raise TrainConfigError(
+                    f"{where}={value!r}: disagrees with stage={self.stage!r} (the top-level 'stage' decides: "
+                    "A, C or AC)"
+                )
+            self.latent[name] = _coerce(value, type(getattr(LatentSettings, name)), where)
+        try:
+            self.latent_settings("C")
+            self.latent_settings("A")
+        except LatentConfigError as err:
+            raise TrainConfigError(f"latent.{err}") from err
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], validate: bool = True) -> TrainConfig:
+        """Build from a mapping (unknown keys are errors); ``validate`` checks the whole result."""
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"config: expected a mapping of options, got {type(data).__name__}")
+        cfg = cls()
+        for key, value in data.items():
+            cfg.set(key, value)
+        return cfg.validate() if validate else cfg
+
+    def set(self, key: str, value: Any) -> None:
+        """Set one option by name (``latent.X`` or a bare latent field name go to ``latent``)."""
+        key = key.strip().replace("-", "_")
+        if key.startswith("latent."):
+            self.latent[key[len("latent.") :]] = value
+            return
+        if key == "latent":
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise TrainConfigError(
+                    f"latent: expected a mapping of latent fields, got {type(value).__name__}"
+                )
+            self.latent.update(value)
+            return
+        if key in LatentSettings.field_names():
+            self.latent[key] = value
+            return
+        hints = typing.get_type_hints(TrainConfig)
+        if key not in hints:
+            close = [n for n in self.field_names() if key in n or n in key]
+            extra = f"; did you mean {close}?" if close else ""
+            raise TrainConfigError(f"{key}: unknown option{extra}")
+        setattr(self, key, _coerce(value, hints[key], key))
+
+    def apply_overrides(self, overrides: list[str]) -> TrainConfig:
+        """Apply ``key=value`` strings (value parsed as YAML), then validate."""
+        for item in overrides:
+            if "=" not in item:
+                raise TrainConfigError(f"{item}: an override must look like key=value")
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as err:
+                raise TrainConfigError(f"{key}: cannot parse value {raw!r} ({err})") from err
+            self.set(key, value)
+        return self.validate()
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against a type hint (int -> float allowed, str numbers for YAML quirks)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except TrainConfigError as err:
+                errors.append(str(err))
+        raise TrainConfigError(errors[0] if len(errors) == 1 else f"{name}={value!r}: expected {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise TrainConfigError(f"{name}={value!r}: expected a list")
+        (inner,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{name}={value!r}: expected a mapping")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TrainConfigError(f"{name}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TrainConfigError(f"{name}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TrainConfigError(f"{name}={value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TrainConfigError(f"{name}={value!r}: expected a string")
+    raise TrainConfigError(f"{name}: unsupported option type {hint}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, updates: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read a YAML file (optional), apply ``key=value`` overrides, then ``updates`` (already typed
+    values, e.g. from command-line flags), and validate the whole."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise TrainConfigError(f"config: cannot read {path} ({err})") from err
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"config: {path} is not valid YAML ({err})") from err
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"config: {path} must hold a mapping of options")
+        for key, value in data.items():
+            cfg.set(str(key), value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise TrainConfigError(f"{item}: an override must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"{key}: cannot parse value {raw!r} ({err})") from err
+        cfg.set(key, value)
+    for key, value in (updates or {}).items():
+        cfg.set(key, value)
+    return cfg.validate()

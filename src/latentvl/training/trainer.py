@@ -1,0 +1,682 @@
+"""The training loop (SPEC §7), written to be read top to bottom.
+
+:func:`train` does, in order:
+
+1. settle the run: output folder, the checkpoint to resume from (if any), seeds;
+2. build the model (tiny, a model directory, ``init_from`` weights, or the resumed checkpoint),
+   write the stage's latent fields onto its config, freeze / LoRA / gradient checkpointing;
+3. build the data stream (:mod:`latentvl.training.data`) and the collator;
+4. build the optimiser and the LR schedule; hand model and optimiser to ``accelerate`` (DDP or FSDP
+   under ``torchrun``/``accelerate launch``, bf16 autocast on a GPU);
+5. restore optimiser, schedule, random states and data position when resuming;
+6. loop over optimiser steps: switch stage A -> C at ``switch_step``, run the SPEC §8 checks before
+   the first step of each stage, anneal the stop threshold in stage C, accumulate gradients over
+   micro-batches, stop on a non-finite loss, clip, step, log, evaluate, save;
+7. save the last checkpoint and a final model directory.
+
+The engine is ``accelerate``: it owns device placement, process-group setup, the DDP/FSDP wrapping and
+mixed precision, and leaves the loop to us, which keeps the two-pass latent unit (a method, not
+``forward``) and the stage switch in plain sight. See ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import LatentSettings
+from ..data.collator import LatentCollator
+from ..data.records import RecordDataset
+from ..model.loading import load_latent_model
+from ..model.tiny import build_tiny_model
+from . import checkpoint as ckpt
+from .checks import CheckReport, CheckResult, PreflightError, run_checks
+from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError
+from .data import StreamBatchSampler, load_split, micro_batches
+from .evaluation import evaluate_records
+from .metrics import MetricsWriter
+from .schedules import lr_factor, threshold_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; training stopped before the update.
+
+    ``step`` is the 1-based step that failed, ``sample_ids`` the ids of the micro-batches whose loss
+    was not finite (all samples of the step when only the gradient norm was), ``checkpoint`` the last
+    good checkpoint (kept untouched), or None if none was written yet.
+    """
+
+    def __init__(self, step: int, sample_ids: list[str], what: str, checkpoint: Path | None):
+        shown = ", ".join(sample_ids[:20]) + (" ..." if len(sample_ids) > 20 else "")
+        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint else "no checkpoint written yet"
+        super().__init__(f"non-finite {what} at step {step}; sample ids: [{shown}]; {kept}")
+        self.step = step
+        self.sample_ids = sample_ids
+        self.what = what
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue: saved in ``trainer_state.json``."""
+
+    step: int = 0  # optimiser steps done
+    samples_seen: int = 0  # data position in the stream
+    stage: str = "A"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    stage: str
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics of this run
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the last checkpoint written
+    final_model: Path | None = None
+    checks: list[CheckReport] = field(default_factory=list)
+
+
+class LatentLossModule(nn.Module):
+    """Makes the training unit the module's ``forward``, so DDP/FSDP hooks see the whole step.
+
+    Returns a dict: ``loss`` (differentiable), the detached parts, and ``used``/``budget`` (latent slot
+    counts summed over the micro-batch).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any] | None, threshold: float | None = None, call=None) -> Any:
+        if call is not None:  # run other code on the model through this forward (FSDP: gathered root)
+            return call(self.model)
+        out = self.model.latent_loss(batch, threshold=threshold)
+        used_lens = out.latent.latent_used_lens if out.latent is not None else []
+        return {
+            "loss": out.loss,
+            "ce": out.ce,
+            "align": out.align,
+            "stop": out.stop,
+            "cost": out.cost,
+            "used": float(sum(sum(u) for u in used_lens)),
+            "budget": float(sum(batch["latent_budget_total"])),
+        }
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(cfg: TrainConfig):
+    """The ``accelerate`` engine: process group from the launcher's environment, DDP or FSDP, precision."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    on_gpu = torch.cuda.is_available()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo"))
+    else:
+        # accelerate keeps its state per process; a second run in the same process (the demo, tests)
+        # may ask for another precision, so start from a clean state
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    # FSDP is applied by shard_fsdp2() below, not by accelerate: accelerate 1.15 enables FSDP on
+    # accelerators only, and the same code path then runs (and is tested) on CPU with gloo.
+    mixed = "no" if cfg.distributed == "fsdp" else _mixed_precision(cfg)  # FSDP2 has its own policy
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=handlers)
+
+
+FSDP_BLOCKS = ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")
+
+
+def shard_fsdp2(module: nn.Module, precision: str) -> nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): one unit per decoder layer and vision block,
+    then the :class:`LatentLossModule` root, so one root call gathers the embeddings, the final norm
+    and the stop head for the whole two-pass step (pass 1 calls the language model many times)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if precision == "fp16":
+        raise ValueError("mixed_precision=fp16 with distributed=fsdp is not supported; use bf16")
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for sub in module.modules():
+        if type(sub).__name__ in FSDP_BLOCKS:
+            fully_shard(sub, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def _through_root(module: nn.Module, fsdp: bool, fn):
+    """Run ``fn(latent_model)`` (checks, evaluation). Under FSDP it runs inside the root's forward, so
+    the root's parameters are gathered and the sharded units initialise in the right order."""
+    if fsdp:
+        return module(None, call=lambda m: fn(latent_model(m)))
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    return fn(latent_model(inner.model))
+
+
+def _source_dir(cfg: TrainConfig) -> Path | None:
+    """Where the starting weights come from (None = the tiny model)."""
+    if cfg.init_from:
+        return ckpt.model_dir_of(cfg.init_from)
+    if cfg.model != "tiny":
+        return Path(cfg.model)
+    return None
+
+
+def build_model(cfg: TrainConfig, stage: str, resume_dir: Path | None = None):
+    """``(model, processor)`` with the stage's latent fields written onto the config.
+
+    Without LoRA a resumed run loads the checkpoint's ``model/`` (the exact training weights); with
+    LoRA it rebuilds the base model from its source and :func:`train` loads the adapters afterwards.
+    """
+    source = _source_dir(cfg)
+    if resume_dir is not None and not cfg.lora:
+        source = resume_dir / ckpt.MODEL_DIR
+    if source is None:
+        model, processor = build_tiny_model(
+            seed=cfg.seed,
+            attn_implementation=cfg.attn_implementation,
+            hidden_size=cfg.tiny_hidden_size,
+            num_layers=cfg.tiny_num_layers,
+        )
+    else:
+        with ckpt.quiet_hf_progress():
+            model, processor = load_latent_model(source, attn_implementation=cfg.attn_implementation)
+    set_stage(model, cfg, stage)
+    return model, processor
+
+
+def set_stage(model: nn.Module, cfg: TrainConfig, stage: str) -> LatentSettings:
+    """Write the latent fields of ``stage`` (A: stop and cost weights 0) onto the model config."""
+    current = LatentSettings.from_config(model.config)
+    for name in TOKEN_FIELDS:
+        if name in cfg.latent and cfg.latent[name] != getattr(current, name):
+            raise TrainConfigError(
+                f"latent.{name}={cfg.latent[name]!r}: the model's tokenizer has {getattr(current, name)}"
+            )
+    settings = cfg.latent_settings(stage, base=current)
+    settings.apply_to(model.config)
+    return settings
+
+
+def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Freezing, gradient checkpointing and LoRA; returns the model to train (a PeftModel with LoRA)."""
+    if cfg.freeze_vision:
+        visual = model.model.visual
+        visual.requires_grad_(False)
+        if not cfg.freeze_vision_merger:
+            visual.merger.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        # Pass 2 only: the model switches it off inside pass 1, which needs its KV cache.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lora_cfg = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            modules_to_save=["latent_stop_head"],
+            bias="none",
+        )
+        model = get_peft_model(model, lora_cfg)
+    model.train()
+    return model
+
+
+def latent_model(model: nn.Module) -> nn.Module:
+    """The latent model inside a PeftModel (the object with ``latent_loss`` and ``config``)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (check freeze_vision / lora)")
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def current_threshold(cfg: TrainConfig, step: int) -> float | None:
+    """The stop threshold used at 0-based step ``step`` (None in stage A)."""
+    if cfg.stage_at(step) != "C":
+        return None
+    return threshold_at(
+        step - cfg.stage_c_start(),
+        cfg.threshold_start,
+        cfg.final_threshold,
+        cfg.threshold_anneal_steps,
+        cfg.threshold_anneal_shape,
+    )
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_gather_pair(a: float, b: float, device: torch.device) -> list[tuple[float, float]]:
+    t = torch.tensor([a, b], dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [(float(x[0]), float(x[1])) for x in out]
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _export_copy(model: nn.Module) -> nn.Module:
+    """A plain latent model for ``model/``: LoRA adapters merged into a copy (the training model stays)."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def _lora_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    if not hasattr(model, "merge_and_unload"):
+        return None
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------- train
+def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
+    """Run training as configured and return a :class:`TrainResult`.
+
+    ``callbacks``: objects with optional ``on_step_begin(step, model)`` (``step``: steps done so far)
+    and ``on_step_end(step, record, model)`` (``step``: 1-based, including this one) methods; ``model``
+    is the latent model being trained. Raising from a callback stops the run (tests use this to
+    simulate a crash).
+    """
+    cfg = copy.deepcopy(cfg).validate()
+    callbacks = list(callbacks or [])
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    # 1. the run ---------------------------------------------------------------------------------
+    accelerator = make_accelerator(cfg)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+    out_dir = Path(cfg.output_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = ckpt.resolve_resume(cfg.resume, out_dir) if cfg.resume else None
+    state = TrainState(stage=cfg.stage_at(0))
+    if resume_dir is not None:
+        saved = ckpt.read_trainer_state(resume_dir)
+        state = TrainState(
+            step=int(saved["step"]),
+            samples_seen=int(saved["samples_seen"]),
+            stage=cfg.stage_at(int(saved["step"])),
+        )
+    _seed_everything(cfg.seed)
+
+    # 2. the model -------------------------------------------------------------------------------
+    base, processor = build_model(cfg, state.stage, resume_dir)
+    model = prepare_for_training(base, cfg)
+    if resume_dir is not None and cfg.lora:
+        missing = _load_lora_state(model, ckpt.load_lora_state(resume_dir))
+        if missing:
+            raise ckpt.CheckpointError(f"{resume_dir}: LoRA state lacks {missing[:5]}")
+    lm = latent_model(model)
+
+    # 3. the data --------------------------------------------------------------------------------
+    train_records = load_split(cfg.train_data, cfg.skip_invalid)
+    eval_records = load_split(cfg.eval_data, cfg.skip_invalid) if cfg.eval_data else None
+    collator = LatentCollator(
+        processor,
+        lm.config,
+        max_length=cfg.max_length,
+        system_prompt=cfg.system_prompt,
+        use_latents=cfg.use_latents,
+    )
+    sampler = StreamBatchSampler(
+        len(train_records), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, start=state.samples_seen
+    )
+    batches = micro_batches(train_records, collator, sampler, cfg.num_workers)
+    train_items = RecordDataset(train_records)  # random access, for the checks' batch
+
+    # 4. optimiser, schedule, engine -------------------------------------------------------------
+    fsdp = cfg.distributed == "fsdp" and world > 1
+    if fsdp:
+        if cfg.lora:
+            raise ValueError("lora with distributed=fsdp is not supported; use ddp for LoRA runs")
+        module = shard_fsdp2(LatentLossModule(model).to(device), _mixed_precision(cfg))
+        optimizer = make_optimizer(cfg, model)  # after sharding: the parameters are DTensors now
+    else:
+        optimizer = make_optimizer(cfg, model)
+        module, optimizer = accelerator.prepare(LatentLossModule(model), optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(
+            lr_factor,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            kind=cfg.lr_scheduler,
+            min_ratio=cfg.min_lr_ratio,
+        ),
+    )
+
+    # 5. resume ----------------------------------------------------------------------------------
+    if resume_dir is not None:
+        saved_opt = ckpt.load_optimizer_state(resume_dir)
+        _load_optimizer(optimizer, module, saved_opt["optimizer"], fsdp)
+        scheduler.load_state_dict(saved_opt["scheduler"])
+        rng = ckpt.load_rng_state(resume_dir, rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+
+    metrics = MetricsWriter(
+        out_dir,
+        enabled=main,
+        total_steps=cfg.max_steps,
+        start_step=state.step,
+        tensorboard=cfg.tensorboard,
+        progress_bar=cfg.progress_bar,
+    )
+    if main:
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        where = f" from {resume_dir} (step {state.step})" if resume_dir else ""
+        metrics.message(
+            f"training {cfg.max_steps} steps, stage {cfg.stage}, {world} process(es), "
+            f"global batch {cfg.batch_size * cfg.grad_accum * world}{where}"
+        )
+    result = TrainResult(output_dir=out_dir, step=state.step, stage=state.stage)
+    last_ckpt = resume_dir
+    checked: set[str] = set()
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+
+    def save(step: int) -> Path:
+        trainer_state = {
+            "step": step,
+            "pinned": cfg.stage == "AC" and step == cfg.switch_step,  # the finished stage A: never pruned
+            "samples_seen": state.samples_seen,
+            "stage": state.stage,
+            "threshold": current_threshold(cfg, max(step - 1, 0)),
+            "world_size": world,
+            "global_batch": global_batch,
+            "seed": cfg.seed,
+            "config": cfg.to_dict(),
+            "last_metrics": result.history[-1] if result.history else None,
+        }
+        model_sd = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(
+                module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            model_sd = {k[len("model.") :]: v for k, v in full.items()} if main else None
+        return ckpt.save_checkpoint(
+            out_dir,
+            step,
+            rank=rank,
+            export_model=_export_copy(model) if main else None,
+            processor=processor,
+            optimizer_state=_optimizer_state(optimizer, module, fsdp),
+            scheduler_state=scheduler.state_dict(),
+            trainer_state=trainer_state,
+            lora_state=_lora_state(model),
+            model_state_dict=model_sd,
+            keep_last=cfg.keep_last,
+        )
+
+    def evaluate(step: int) -> dict[str, Any]:
+        thr = current_threshold(cfg, max(step - 1, 0))
+        res = _through_root(
+            module,
+            fsdp,
+            lambda m: evaluate_records(
+                m,
+                collator,
+                eval_records,
+                batch_size=cfg.eval_batch_size or cfg.batch_size,
+                threshold=thr,
+                max_samples=cfg.eval_max_samples,
+                rank=rank,
+                world_size=world,
+            ),
+        )
+        record = {"step": step, "stage": state.stage, **res}
+        metrics.log_eval(record)
+        result.evals.append(record)
+        return record
+
+    # 6. the loop --------------------------------------------------------------------------------
+    try:
+        while state.step < cfg.max_steps:
+            step_no = state.step + 1
+            for cb in callbacks:
+                if hasattr(cb, "on_step_begin"):
+                    cb.on_step_begin(state.step, lm)
+            stage = cfg.stage_at(state.step)
+            if stage != lm.config.latent_mode_stage:
+                set_stage(lm, cfg, stage)
+                metrics.message(f"step {step_no}: switching to stage {stage}")
+            state.stage = stage
+            threshold = current_threshold(cfg, state.step)
+
+            # SPEC §8 checks, on this step's first micro-batch, before the stage's first update
+            if cfg.run_checks and stage not in checked:
+                first = collator([train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)])
+                check = functools.partial(
+                    run_checks,
+                    batch=_to_device(first, device),
+                    stage=stage,
+                    threshold=threshold,
+                    tolerance=cfg.check_tolerance,
+                )
+                report = _through_root(module, fsdp, check)
+                ok_everywhere = _all_sum([0.0 if report.ok else 1.0], device)[0] == 0
+                result.checks.append(report)
+                metrics.message(report.format())
+                if not ok_everywhere:
+                    if report.ok:
+                        report.results.append(
+                            CheckResult("other processes", False, "a check failed on another process")
+                        )
+                    raise PreflightError(report)
+                checked.add(stage)
+
+            t0 = time.perf_counter()
+            sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
+            bad_ids: list[str] = []
+            step_ids: list[str] = []
+            for micro in range(cfg.grad_accum):
+                batch = _to_device(next(batches), device)
+                step_ids.extend(batch["ids"])
+                sync = micro == cfg.grad_accum - 1
+                skip_sync = not sync and world > 1 and not fsdp  # FSDP2 reduces every micro-batch
+                ctx = accelerator.no_sync(module) if skip_sync else contextlib.nullcontext()
+                with ctx:
+                    out = module(batch, threshold)
+                    loss = out["loss"]
+                    if not torch.isfinite(loss.detach()).all():
+                        bad_ids.extend(batch["ids"])
+                    accelerator.backward(loss / cfg.grad_accum)
+                for k in ("loss", "ce", "align", "stop", "cost"):
+                    sums[k] += float(out[k].detach())
+                sums["used"] += out["used"]
+                sums["budget"] += out["budget"]
+                sums["n"] += 1
+
+            # stop on a non-finite loss before the update touches the weights
+            any_bad = _all_sum([1.0 if bad_ids else 0.0], device)[0] > 0
+            if any_bad:
+                ids = [i for part in _gather_objects(bad_ids) for i in part]
+                raise NonFiniteLossError(step_no, ids, "loss", last_ckpt)
+            grad_norm = None
+            if cfg.grad_clip is not None:
+                norm = accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if not math.isfinite(grad_norm):
+                    ids = [i for part in _gather_objects(step_ids) for i in part]
+                    raise NonFiniteLossError(step_no, ids, "gradient norm", last_ckpt)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step_no
+            state.samples_seen += global_batch
+
+            # log: means over micro-batches and processes
+            keys = list(sums)
+            total = dict(zip(keys, _all_sum([sums[k] for k in keys], device), strict=True))
+            per_rank = _all_gather_pair(sums["used"], sums["budget"], device) if world > 1 else None
+            n = max(total["n"], 1.0)
+            record = {
+                "step": step_no,
+                "stage": stage,
+                **{k: total[k] / n for k in ("loss", "ce", "align", "stop", "cost")},
+                "used": int(total["used"]),
+                "budget": int(total["budget"]),
+                "used_ratio": total["used"] / total["budget"] if total["budget"] else None,
+                "threshold": threshold,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "step_time": time.perf_counter() - t0,
+                "samples_seen": state.samples_seen,
+            }
+            if per_rank is not None:  # how each process's samples halted (they differ in stage C)
+                record["rank_used_ratio"] = [u / b if b else None for u, b in per_rank]
+            result.history.append(record)
+            if step_no % cfg.log_every == 0 or step_no == cfg.max_steps:
+                metrics.log_train(record)
+            for cb in callbacks:
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(step_no, record, lm)
+
+            # a stage-A model is complete at the switch: keep a checkpoint of it
+            at_switch = cfg.stage == "AC" and step_no == cfg.switch_step
+            if (
+                eval_records is not None
+                and cfg.eval_every
+                and (step_no % cfg.eval_every == 0 or at_switch)
+                and step_no != cfg.max_steps
+            ):
+                evaluate(step_no)
+            if (cfg.save_every and step_no % cfg.save_every == 0 or at_switch) and step_no != cfg.max_steps:
+                last_ckpt = save(step_no)
+                result.checkpoint = last_ckpt
+
+        # 7. the end -----------------------------------------------------------------------------
+        if eval_records is not None:
+            evaluate(state.step)
+        if last_ckpt is None or ckpt.read_trainer_state(last_ckpt)["step"] != state.step:
+            last_ckpt = save(state.step)
+        result.checkpoint = last_ckpt
+        if cfg.save_final_model and main:
+            final = out_dir / "final"
+            _replace_dir_with_copy(last_ckpt / ckpt.MODEL_DIR, final)
+            result.final_model = final
+        accelerator.wait_for_everyone()
+    finally:
+        metrics.close()
+    result.step = state.step
+    result.stage = state.stage
+    if main:
+        metrics.message(f"done: {state.step} steps; checkpoint {result.checkpoint}")
+    return result
+
+
+# ------------------------------------------------------------------------------------ small pieces
+def _replace_dir_with_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically (copy beside it, then swap)."""
+    import os
+    import shutil
+
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(f".old-{dst.name}")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in params:
+                raise ckpt.CheckpointError(f"LoRA state has {name!r}, which the model lacks")
+            params[name].copy_(value)
+    return missing
+
+
+def _optimizer_state(optimizer, module, fsdp: bool) -> dict[str, Any]:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            module,
+            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+    return optimizer.state_dict()
+
+
+def _load_optimizer(optimizer, module, state: dict[str, Any], fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            module,
+            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        return
+    optimizer.load_state_dict(state)

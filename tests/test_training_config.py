@@ -1,0 +1,229 @@
+"""TrainConfig: YAML + overrides, validation naming the field, schedules, the train CLI's config path."""
+
+import argparse
+
+import pytest
+
+from latentvl.training import cli as train_cli
+from latentvl.training.config import TOKEN_FIELDS, TrainConfig, TrainConfigError, load_config
+from latentvl.training.schedules import lr_factor, threshold_at
+from latentvl.training.trainer import current_threshold
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "train_data: data/train.jsonl\n"
+        "stage: AC\n"
+        "switch_step: 30\n"
+        "max_steps: 100\n"
+        "lr: 1e-3\n"  # YAML 1.1 reads this as a string: it must still become a float
+        "lora: true\n"
+        "lora_target_modules: [q_proj, v_proj]\n"
+        "latent:\n"
+        "  latent_budget_alpha: 0.5\n"
+        "  latent_budget_max: 8\n"
+        "  latent_null_scale: 0\n"
+    )
+    return path
+
+
+def test_yaml_then_overrides(yaml_file):
+    cfg = load_config(
+        yaml_file,
+        [
+            "lr=5e-4",
+            "latent.latent_budget_gamma=0.75",
+            "latent_stop_threshold=0.4",
+            "eval_data=null",
+            "batch_size=4",
+        ],
+        {"seed": 7},
+    )
+    assert cfg.stage == "AC" and cfg.switch_step == 30 and cfg.max_steps == 100
+    assert cfg.lr == pytest.approx(5e-4) and isinstance(cfg.lr, float)
+    assert cfg.lora is True and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.batch_size == 4 and cfg.seed == 7 and cfg.eval_data is None
+    assert cfg.latent == {
+        "latent_budget_alpha": 0.5,
+        "latent_budget_max": 8,
+        "latent_null_scale": 0.0,
+        "latent_budget_gamma": 0.75,
+        "latent_stop_threshold": 0.4,
+    }
+    assert isinstance(cfg.latent["latent_null_scale"], float)
+    # stage A forces the stop/cost weights to 0; stage C keeps the configured (default) ones
+    a, c = cfg.latent_settings("A"), cfg.latent_settings("C")
+    assert (a.latent_mode_stage, a.latent_stop_loss_weight, a.latent_cost_weight) == ("A", 0.0, 0.0)
+    assert (c.latent_mode_stage, c.latent_stop_loss_weight, c.latent_cost_weight) == ("C", 1.0, 1e-3)
+    assert c.latent_budget_alpha == 0.5 and c.latent_stop_threshold == 0.4
+    assert cfg.final_threshold == 0.4
+    # the YAML dump reads back to the same config
+    again = TrainConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_every_latent_field_can_be_set():
+    from latentvl.config import LatentSettings
+
+    settable = [n for n in LatentSettings.field_names() if n not in ("latent_mode_stage", *TOKEN_FIELDS)]
+    values = {
+        "latent_budget_alpha": 0.3,
+        "latent_budget_gamma": 0.6,
+        "latent_budget_min": 2,
+        "latent_budget_max": 9,
+        "latent_stop_loss_weight": 0.5,
+        "latent_cost_weight": 0.01,
+        "latent_stop_threshold": 0.3,
+        "latent_null_scale": 0.1,
+        "latent_align_weight": 0.2,
+        "latent_stop_target_ratio": 0.6,
+        "latent_cost_mode": "expected",
+        "latent_detach_step_inputs": True,
+    }
+    assert set(values) == set(settable)
+    cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])
+    settings = cfg.latent_settings("C")
+    for k, v in values.items():
+        assert getattr(settings, k) == v, k
+    # the stage field may be repeated when it agrees; token ids may be given (checked against the tokenizer)
+    same = load_config(
+        None, ["train_data=x.jsonl", "stage=C", "latent.latent_mode_stage=C", "latent_token_id=7"]
+    )
+    assert same.latent_settings("C").latent_token_id == 7
+
+
+def test_token_ids_must_match_the_tokenizer():
+    from latentvl import build_tiny_model
+    from latentvl.training.trainer import set_stage
+
+    model, _ = build_tiny_model(0, hidden_size=64, num_layers=2)
+    good = load_config(None, ["train_data=x.jsonl", f"latent_token_id={model.config.latent_token_id}"])
+    assert set_stage(model, good, "A").latent_token_id == model.config.latent_token_id
+    bad = load_config(None, ["train_data=x.jsonl", f"latent_token_id={model.config.latent_token_id + 1}"])
+    with pytest.raises(TrainConfigError, match=r"^latent.latent_token_id="):
+        set_stage(model, bad, "A")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("lr=-1", "lr="),
+        ("lr=abc", "lr="),
+        ("stage=B", "stage="),
+        ("batch_size=0", "batch_size="),
+        ("grad_accum=1.5", "grad_accum="),
+        ("lora=maybe", "lora="),
+        ("grad_clip=-2", "grad_clip="),
+        ("threshold_start=1.5", "threshold_start="),
+        ("lr_scheduler=step", "lr_scheduler="),
+        ("optimizer=lion", "optimizer="),
+        ("mixed_precision=fp8", "mixed_precision="),
+        ("no_such_option=1", "no_such_option: unknown option"),
+        ("latent.latent_budget_alpha=0", "latent.latent_budget_alpha="),
+        ("latent.latent_stop_threshold=2", "latent.latent_stop_threshold="),
+        ("latent_budget_max=0", "latent.latent_budget_max="),
+        ("latent.latent_mode_stage=C", "latent.latent_mode_stage="),  # stage is A here
+        ("latent.latent_nonsense=1", "latent.latent_nonsense: unknown latent field"),
+        ("latent.latent_budget_min=1.5", "latent.latent_budget_min="),
+    ],
+)
+def test_validation_errors_name_the_field(override, field):
+    with pytest.raises(TrainConfigError) as err:
+        load_config(None, ["train_data=x.jsonl", override])
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_cross_field_validation():
+    with pytest.raises(TrainConfigError, match=r"^switch_step=None"):
+        load_config(None, ["train_data=x.jsonl", "stage=AC"])
+    with pytest.raises(TrainConfigError, match=r"^switch_step=100"):
+        load_config(None, ["train_data=x.jsonl", "stage=AC", "switch_step=100", "max_steps=100"])
+    with pytest.raises(TrainConfigError, match=r"^train_data=None"):
+        load_config(None, [])
+    with pytest.raises(TrainConfigError, match=r"^use_latents="):
+        load_config(None, ["train_data=x.jsonl", "stage=C", "use_latents=false"])
+    with pytest.raises(TrainConfigError, match="key=value"):
+        load_config(None, ["train_data"])
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(TrainConfigError, match="mapping"):
+        load_config(path)
+    path.write_text("lr: [1\n")
+    with pytest.raises(TrainConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_threshold_annealing_values():
+    assert [threshold_at(k, 0.9, 0.5, 4) for k in range(6)] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5, 0.5])
+    assert threshold_at(0, 0.9, 0.5, 0) == 0.5  # no annealing
+    assert threshold_at(2, 0.9, 0.5, 4, "cosine") == pytest.approx(0.7)
+    assert threshold_at(1, 0.9, 0.5, 4, "cosine") == pytest.approx(0.9 - 0.4 * (1 - 2**-0.5) / 2)
+    with pytest.raises(ValueError):
+        threshold_at(-1, 0.9, 0.5, 4)
+    # inside a run: None in stage A, the annealed value from the switch on
+    cfg = load_config(
+        None,
+        [
+            "train_data=x.jsonl",
+            "stage=AC",
+            "switch_step=3",
+            "max_steps=10",
+            "threshold_start=0.9",
+            "threshold_anneal_steps=2",
+            "latent_stop_threshold=0.3",
+        ],
+    )
+    assert [current_threshold(cfg, s) for s in range(7)] == pytest.approx(
+        [None, None, None, 0.9, 0.6, 0.3, 0.3]
+    )
+    cfg_c = load_config(None, ["train_data=x.jsonl", "stage=C", "threshold_anneal_steps=0"])
+    assert current_threshold(cfg_c, 0) == 0.5
+
+
+def test_lr_schedule_values():
+    assert [lr_factor(s, 4, 10, "constant") for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert lr_factor(4, 4, 10, "linear") == 1.0 and lr_factor(10, 4, 10, "linear") == 0.0
+    assert lr_factor(7, 4, 10, "linear", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(7, 4, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 0, 10, "cosine", 0.2) == pytest.approx(0.2)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_and_overrides(yaml_file, capsys):
+    args = _parse(
+        [
+            "--config",
+            str(yaml_file),
+            "--stage",
+            "C",
+            "--lr",
+            "0.01",
+            "--init-from",
+            "ckpt/yes",
+            "max_steps=7",
+            "--set",
+            "latent_budget_alpha=2",
+            "--print-config",
+        ]
+    )
+    assert train_cli.run(args) == 0
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert printed["stage"] == "C"
+    assert printed["lr"] == 0.01 and printed["max_steps"] == 7 and printed["init_from"] == "ckpt/yes"
+    assert printed["latent"]["latent_budget_alpha"] == 2.0
+
+
+def test_cli_config_error_exit_code(capsys):
+    args = _parse(["--train-data", "x.jsonl", "lr=-3"])
+    assert train_cli.run(args) == 2
+    assert "lr=-3" in capsys.readouterr().err

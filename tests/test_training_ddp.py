@@ -1,0 +1,128 @@
+"""Multi-process training on CPU (gloo) under torchrun: DDP and FSDP2 match one process with the
+same global batch, through stage A and stage C, with ranks halting at different latent steps."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from latentvl import build_tiny_model
+from latentvl.data.synthetic import make_dataset
+from latentvl.model.loading import save_latent_checkpoint
+from latentvl.training.config import TrainConfig
+from latentvl.training.metrics import read_metrics
+from latentvl.training.trainer import train
+
+HANG_GUARD_S = 900  # a deadlocked collective would otherwise block CI forever
+STEPS, SWITCH = 5, 2
+COMPARED = ("loss", "ce", "align", "stop", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    # images of 84..168 px: budgets 3..6, so the ranks' latent regions have different lengths
+    make_dataset("shapes", 30, 11, root / "data", size_min=84, size_max=168, max_cot=3)
+    model, processor = build_tiny_model(0, hidden_size=64, num_layers=2)
+    with torch.no_grad():  # a stop head that fires early on some slots and late on others
+        model.latent_stop_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+        model.latent_stop_head.bias.fill_(0.0)
+    save_latent_checkpoint(model, processor, root / "init")
+    options = {
+        "train_data": str(root / "data" / "train.jsonl"),
+        "init_from": str(root / "init"),
+        "stage": "AC",
+        "switch_step": SWITCH,
+        "max_steps": STEPS,
+        "lr": 2e-3,
+        "warmup_steps": 1,
+        "threshold_start": 0.6,
+        "threshold_anneal_steps": 2,
+        "progress_bar": False,
+        "tensorboard": False,
+        "seed": 3,
+        "latent": {"latent_budget_alpha": 1.0, "latent_budget_max": 8, "latent_stop_threshold": 0.5},
+    }
+    single = train(
+        TrainConfig.from_dict(
+            {
+                **options,
+                "batch_size": 2,
+                "grad_accum": 2,
+                "num_threads": 1,
+                "output_dir": str(root / "single"),
+            }
+        )
+    )
+    return root, options, single.history
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(root, options, name, **extra):
+    cfg = {**options, "batch_size": 2, "grad_accum": 1, "output_dir": str(root / name), **extra}
+    path = root / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "latentvl.cli",
+        "train",
+        "--config",
+        str(path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return read_metrics(root / name, kind="train")
+
+
+def _compare(rows, reference):
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["stage"] for r in rows] == ["A"] * SWITCH + ["C"] * (STEPS - SWITCH)
+    for row, ref in zip(rows, reference, strict=True):
+        assert (row["used"], row["budget"], row["samples_seen"]) == (
+            ref["used"],
+            ref["budget"],
+            ref["samples_seen"],
+        )
+        for key in COMPARED:
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (row["step"], key)
+
+
+def test_ddp_two_processes_match_one(setup):
+    root, options, reference = setup
+    rows = _torchrun(root, options, "ddp")
+    _compare(rows, reference)
+    c_rows = [r for r in rows if r["stage"] == "C"]
+    # halting happened, and differently on the two ranks (their pass-1 loops still ran in lockstep)
+    assert any(r["used"] < r["budget"] for r in c_rows)
+    assert any(len(set(r["rank_used_ratio"])) == 2 for r in c_rows), [r["rank_used_ratio"] for r in c_rows]
+
+
+def test_fsdp2_two_processes_match_one(setup):
+    root, options, reference = setup
+    rows = _torchrun(root, options, "fsdp", distributed="fsdp", save_every=3)
+    _compare(rows, reference)
+    state = json.loads((root / "fsdp" / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["stage"] == "C"
+    from latentvl.model.loading import load_latent_model
+
+    model, _ = load_latent_model(root / "fsdp" / "final")  # the gathered weights form a loadable model
+    assert model.config.latent_mode_stage == "C"
