@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -131,43 +132,59 @@ def main() -> None:
         set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
         with torch.no_grad():
             model.latent_stop_head.bias.fill_(-20.0)  # never halts: every run walks every slot
-    input_ids, mask, segs, budgets = synthetic_batch(model, args.batch, prompt, args.segments, args.budget, device)
-    steps = segs[0][-1][1] - segs[0][0][0]
-    latents = args.segments * args.budget
+    # Two batches that differ only in the latent budget: the difference of their times over the
+    # difference of their step counts is the marginal cost of one latent step (prefix excluded).
+    short = synthetic_batch(model, args.batch, prompt, args.segments, args.budget, device)
+    long = synthetic_batch(model, args.batch, prompt, args.segments, 2 * args.budget, device)
 
-    def batched():
-        with torch.no_grad():
-            embeds = model.get_input_embeddings()(input_ids)
-            pos = model.compute_position_ids(input_ids, mask, None, None)
-            model.latent_pass(input_ids, mask, embeds, pos, segs, budgets)
+    def steps_of(batch) -> int:
+        segs = batch[2][0]
+        return segs[-1][1] - segs[0][0]
 
-    def prefill_only():
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+    def batched(batch):
+        input_ids, mask, segs, budgets = batch
+
+        def run():
+            with torch.no_grad():
+                embeds = model.get_input_embeddings()(input_ids)
+                pos = model.compute_position_ids(input_ids, mask, None, None)
+                model.latent_pass(input_ids, mask, embeds, pos, segs, budgets)
+        return run
+
+    def loop(batch):
+        return lambda: per_sample_loop(model, batch[0], batch[2], 0.5)
 
     def generate(n):
+        input_ids, mask = short[0], short[1]
+
         def run():
             with torch.no_grad():
                 model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=0)
         return run
 
-    t_batched = timed(batched, device, args.repeats)
-    t_prefill = timed(prefill_only, device, args.repeats)
-    t_loop = timed(lambda: per_sample_loop(model, input_ids, segs, 0.5), device, max(1, args.repeats // 2))
-    t_gen = (timed(generate(steps + 1), device, args.repeats) - timed(generate(1), device, args.repeats)) / steps
+    ds = steps_of(long) - steps_of(short)
+    runs = {"batched": (batched(short), batched(long)), "loop": (loop(short), loop(long)),
+            "generate": (generate(1), generate(1 + ds))}
+    times: dict[str, list[list[float]]] = {k: [[], []] for k in runs}
+    for _ in range(args.repeats):  # interleaved rounds: a noisy machine hurts every method alike
+        for name, pair in runs.items():
+            for i, fn in enumerate(pair):
+                times[name][i].append(timed(fn, device, 1))
+    med = {k: [statistics.median(v[0]), statistics.median(v[1])] for k, v in times.items()}
+    per_step = {k: (v[1] - v[0]) / ds for k, v in med.items()}
 
-    per_step_batched = (t_batched - t_prefill) / steps
-    per_step_loop = t_loop / steps
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {name}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
-          f"{args.segments} segments x {args.budget} latents ({latents} latents, {steps} steps); stage {args.stage}")
-    print(f"{'what':<46}{'total ms':>10}{'per step ms':>13}")
-    print(f"{'batched latent pass':<46}{t_batched * 1e3:>10.1f}{per_step_batched * 1e3:>13.2f}")
-    print(f"{'per-sample loop, .item() per step':<46}{t_loop * 1e3:>10.1f}{per_step_loop * 1e3:>13.2f}")
-    print(f"{'generate(), per token (same batch, prompt)':<46}{'':>10}{t_gen * 1e3:>13.2f}")
-    print(f"speed-up of batched over per-sample loop (whole pass): {t_loop / t_batched:.1f}x")
-    print(f"batched latent step / generate() token: {per_step_batched / t_gen:.2f}x")
+    dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
+          f"{args.segments} segments x {2 * args.budget} latents ({steps_of(long)} steps); stage {args.stage}; "
+          f"median of {args.repeats}")
+    print(f"{'what':<46}{'whole pass ms':>14}{'per step ms':>13}")
+    print(f"{'batched latent pass':<46}{med['batched'][1] * 1e3:>14.1f}{per_step['batched'] * 1e3:>13.2f}")
+    print(f"{'per-sample loop, .item() per step':<46}{med['loop'][1] * 1e3:>14.1f}{per_step['loop'] * 1e3:>13.2f}")
+    print(f"{'generate(), per token (same batch, prompt)':<46}{'':>14}{per_step['generate'] * 1e3:>13.2f}")
+    print(f"speed-up of batched over per-sample loop: whole pass {med['loop'][1] / med['batched'][1]:.1f}x, "
+          f"per latent step {per_step['loop'] / per_step['batched']:.1f}x")
+    print(f"batched latent step / generate() token: {per_step['batched'] / per_step['generate']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -64,20 +64,36 @@ def _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask, nul
     return key, value, keep
 
 
+def _sdpa(query, key, value, keep, dropout: float, scaling):
+    """sdpa over grouped K/V. One-token queries (latent steps) use ``enable_gqa`` (no K/V copy); longer
+    ones repeat K/V, which keeps the fused masked kernels available on every backend."""
+    groups = query.shape[1] // key.shape[1]
+    if query.shape[-2] == 1 and groups > 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=keep, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=True)
+    return F.scaled_dot_product_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=keep,
+                                          dropout_p=dropout, scale=scaling)
+
+
 def latent_sdpa_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
     latent_null_scale=0.0, **kwargs,
 ):
-    if latent_kv_mask is None or not getattr(module, "is_causal", False):
+    causal = getattr(module, "is_causal", False)
+    dropout = dropout if module.training else 0.0
+    if latent_kv_mask is None:
+        if causal and query.shape[-2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
+            # a latent step's ready [B, 1, 1, kv] key mask
+            out = _sdpa(query, key, value, attention_mask[..., : key.shape[-2]], dropout, scaling)
+            return out.transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     key, value, keep = _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask,
                                      latent_null_scale)
-    groups = query.shape[1] // key.shape[1]
-    out = F.scaled_dot_product_attention(
-        query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=keep,
-        dropout_p=dropout if module.training else 0.0, scale=scaling,
-    )
+    out = _sdpa(query, key, value, keep, dropout, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
