@@ -105,3 +105,32 @@ def test_latent_checkpoint_round_trip(stock_dir, tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_latent_model(tmp_path / "nowhere")
+
+
+def test_commands_accept_a_stock_checkpoint_directory(stock_dir, tmp_path, capsys):
+    """`--model PATH` of a stock Qwen2.5-VL directory works for train and infer; training saves a
+    self-contained latentvl checkpoint that loads without adding anything."""
+    from latentvl.cli import main
+    from latentvl.data.synthetic import make_dataset
+
+    path, _ = stock_dir
+    make_dataset("shapes", 24, 0, tmp_path / "data")
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(path), "--train-data", str(tmp_path / "data" / "train.jsonl"),
+                 "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--stage", "A",
+                 "progress_bar=false", "tensorboard=false"])
+    assert code == 0
+    final = out / "final"
+    model, processor = load_latent_model(final)
+    stock_model, stock_processor = load_latent_model(path)
+    assert len(processor.tokenizer) == len(stock_processor.tokenizer)
+    assert model.config.latent_token_id == stock_model.config.latent_token_id
+    image = next((tmp_path / "data" / "images").glob("*-q0.png"))
+    for model_dir in (path, final):
+        capsys.readouterr()
+        code = main(["infer", "--model", str(model_dir), "--image", str(image), "--question", "Colour?",
+                     "--budgets", "2", "--max-new-tokens", "3", "--json"])
+        assert code == 0
+        result = json.loads(capsys.readouterr().out)
+        result = result[0] if isinstance(result, list) else result
+        assert result["budgets"] == [2] and result["error"] is None
