@@ -26,13 +26,7 @@ QUESTIONS = ["Which way?", "What colour is the largest shape?", "Count.", "Go", 
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops: one intra-op thread avoids stalls when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharpen(model, scale=5.0, eos_scale=None):

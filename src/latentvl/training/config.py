@@ -306,15 +306,20 @@ class TrainConfig:
     def apply_overrides(self, overrides: list[str]) -> TrainConfig:
         """Apply ``key=value`` strings (value parsed as YAML), then validate."""
         for item in overrides:
-            if "=" not in item:
-                raise TrainConfigError(f"{item}: an override must look like key=value")
-            key, raw = item.split("=", 1)
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError as err:
-                raise TrainConfigError(f"{key}: cannot parse value {raw!r} ({err})") from err
-            self.set(key, value)
+            self.set(*parse_override(item))
         return self.validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``, the value read as YAML (empty = None)."""
+    if "=" not in item:
+        raise TrainConfigError(f"{item}: an override must look like key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise TrainConfigError(f"{key}: cannot parse value {raw!r} ({err})") from err
+    return key, value
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
@@ -393,14 +398,7 @@ def load_config(
         for key, value in data.items():
             cfg.set(str(key), value)
     for item in overrides or []:
-        if "=" not in item:
-            raise TrainConfigError(f"{item}: an override must look like key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{key}: cannot parse value {raw!r} ({err})") from err
-        cfg.set(key, value)
+        cfg.set(*parse_override(item))
     for key, value in (updates or {}).items():
         cfg.set(key, value)
     return cfg.validate()
