@@ -497,3 +497,20 @@ def test_settings_must_agree_with_tokenizer(processor, latent_settings):
         LatentCollator(processor, latent_settings, padding_side="middle")
     unset = latent_settings.replace(latent_token_id=-1, latent_start_token_id=-1, latent_end_token_id=-1)
     assert LatentCollator(processor, unset).latent_id == latent_settings.latent_token_id
+
+
+def test_image_paths_are_read_like_the_dataset_reads_them(processor, latent_settings, tmp_path):
+    """A transparent PNG given as a path becomes the same pixels as through RecordDataset (white behind)."""
+    from latentvl.data.records import open_rgb
+
+    rgba = Image.new("RGBA", (56, 56), (200, 30, 30, 0))
+    rgba.paste((10, 200, 10, 255), (0, 0, 28, 28))
+    path = tmp_path / "transparent.png"
+    rgba.save(path)
+    collate = LatentCollator(processor, latent_settings)
+    sample = {"id": "t", "question": "q?", "answer": "a", "cot_images": []}
+    from_path = collate([{**sample, "images": [path]}])["pixel_values"]
+    from_dataset = collate([{**sample, "images": [open_rgb(path)]}])["pixel_values"]
+    black = collate([{**sample, "images": [rgba.convert("RGB")]}])["pixel_values"]
+    assert torch.equal(from_path, from_dataset)
+    assert not torch.equal(from_path, black)

@@ -37,6 +37,7 @@ from ..config import LatentSettings
 from ..model.layout import check_latent_inputs
 from ..processor import LatentProcessor
 from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
+from .records import open_rgb
 
 IGNORE_INDEX = -100
 
@@ -68,14 +69,13 @@ def _image_label(value: Any) -> str:
     return repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else type(value).__name__
 
 
-def load_image(value: Any, sample_id: str, where: str) -> Image.Image:
-    """A PIL image (RGB) from a PIL image or a path; ``where`` names the field, e.g. ``images[0]``."""
+def _read(value: Any, sample_id: str, where: str, read: Any) -> Any:
+    """``read(path)`` with errors that name the sample and field; PIL images pass through as ``None``."""
     if isinstance(value, Image.Image):
-        return value
+        return None
     if isinstance(value, (str, os.PathLike)):
         try:
-            with Image.open(value) as im:
-                return im.convert("RGB")
+            return read(value)
         except (OSError, ValueError) as err:
             raise CollatorInputError(
                 f"sample {sample_id!r}: {where}: cannot read image {_image_label(value)}: {err}"
@@ -83,23 +83,24 @@ def load_image(value: Any, sample_id: str, where: str) -> Image.Image:
     raise CollatorInputError(
         f"sample {sample_id!r}: {where}: expected a PIL image or a path, got {type(value).__name__}"
     )
+
+
+def load_image(value: Any, sample_id: str, where: str) -> Image.Image:
+    """A PIL image (RGB) from a PIL image or a path, read as the dataset reads it (``open_rgb``);
+    ``where`` names the field, e.g. ``images[0]``."""
+    return value if isinstance(value, Image.Image) else _read(value, sample_id, where, open_rgb)
 
 
 def image_size(value: Any, sample_id: str, where: str) -> tuple[int, int]:
     """``(width, height)`` of a PIL image or an image file; for a file only the header is read."""
     if isinstance(value, Image.Image):
         return value.size
-    if isinstance(value, (str, os.PathLike)):
-        try:
-            with Image.open(value) as im:
-                return im.size
-        except (OSError, ValueError) as err:
-            raise CollatorInputError(
-                f"sample {sample_id!r}: {where}: cannot read image {_image_label(value)}: {err}"
-            ) from err
-    raise CollatorInputError(
-        f"sample {sample_id!r}: {where}: expected a PIL image or a path, got {type(value).__name__}"
-    )
+
+    def header_size(path: Any) -> tuple[int, int]:
+        with Image.open(path) as im:
+            return im.size
+
+    return _read(value, sample_id, where, header_size)
 
 
 def _size_limits(image_processor: Any) -> tuple[int, int]:

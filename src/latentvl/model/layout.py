@@ -55,9 +55,6 @@ class Layout:
     def is_last_slot(self, steps: int) -> list[list[bool]]:
         return self._per_step(steps, False, lambda s, k, n: k == n - 1)
 
-    def real_row_mask(self) -> list[bool]:
-        return list(self.real_rows)
-
 
 def _name(b: int, sample_ids: list[str] | None) -> str:
     return f"sample {b}" + (f" (id {sample_ids[b]!r})" if sample_ids and b < len(sample_ids) else "")

@@ -296,7 +296,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                               sample_ids=sample_ids)
         steps = layout.num_steps
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([steps, layout.prefix_len], device=device)
+            t = torch.tensor([steps], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             steps = int(t[0])
         M = layout.max_segments
@@ -382,7 +382,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         else:
             vec = torch.stack(vecs, dim=1)  # [R, steps, H]
             act = torch.stack(active_steps, dim=1)  # [R, steps]
-        real = torch.as_tensor(layout.real_row_mask(), device=device)[:, None]
+        real = torch.as_tensor(layout.real_rows, device=device)[:, None]
         act = act & real
         r_idx, j_idx = act.nonzero(as_tuple=True)  # the one host sync of the pass
         cols = P + j_idx - shifts[r_idx]
