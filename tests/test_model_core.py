@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -409,3 +411,176 @@ def test_settings_roundtrip_from_model(tiny):
     model, _ = tiny
     s = LatentSettings.from_config(model.config)
     assert s.latent_budget_alpha == 0.5 and s.latent_token_id == model.config.latent_token_id
+
+
+# ---------------------------------------------------------------- pass 1 against its definition
+def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, null_scale=0.0):
+    """Pass 1 by its definition, for one unpadded sample: every latent re-runs the language model over
+    all the columns used so far (no cache, causal attention). Inactive slots are left out of the
+    sequence altogether, or with ``null_scale > 0`` kept with their K/V scaled by the pass-2 gating
+    (``latent_kv_mask``). Returns {column: latent vector} and {column: stop logit}."""
+    lm = model.model.language_model
+    seg_of = {c: s for s, e, _ in segments for c in range(s, e)}
+    first, end = min(seg_of), max(seg_of) + 1
+    cols, rows, keep = list(range(first)), list(embeds[:first]), [True] * first
+    vecs, logits, halted = {}, {}, set()
+
+    def last_hidden():
+        gating = {} if all(keep) else {"latent_kv_mask": torch.tensor([keep]), "latent_null_scale": null_scale}
+        return lm(inputs_embeds=torch.stack(rows)[None], position_ids=pos[:, None, cols],
+                  **gating).last_hidden_state[0, -1]
+
+    for c in range(first, end):
+        if c not in seg_of:
+            cols.append(c)
+            rows.append(embeds[c])
+            keep.append(True)
+            continue
+        if seg_of[c] in halted and null_scale == 0:
+            continue
+        h = last_hidden()
+        x = h.detach() if detach else h
+        cols.append(c)
+        rows.append(x)
+        keep.append(seg_of[c] not in halted)
+        if not keep[-1]:
+            continue
+        vecs[c] = x
+        if stage_c:
+            logits[c] = model.latent_stop_head(last_hidden())[0]
+            if torch.sigmoid(logits[c]) >= threshold:
+                halted.add(seg_of[c])
+    return vecs, logits
+
+
+def _rms_norm_in_input_dtype(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """The tiny model in float64 throughout (the stock RMSNorm computes in float32 whatever its input)."""
+    model, processor = build_tiny_model(seed=3)
+    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=0.5, latent_budget_max=6)
+    with torch.no_grad():
+        model.latent_stop_head.weight.normal_(0, 0.5)
+        model.latent_stop_head.bias.zero_()
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(_rms_norm_in_input_dtype, m)
+    return model.double(), processor
+
+
+@pytest.mark.parametrize("stage, detach, side, null_scale", [
+    ("A", False, "left", 0.0), ("A", False, "right", 0.0), ("C", False, "right", 0.0), ("C", True, "left", 0.0),
+    ("C", False, "left", 0.3),
+])
+def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, side, null_scale, one_thread):
+    """Latents, stop logits and the gradient of every parameter equal a cache-free reference that
+    recomputes the whole sequence at every step (float64): the K/V store, its hand-written backward
+    and its ordering are exact, with and without ``latent_detach_step_inputs``, and soft gating in
+    pass 1 means what ``latent_kv_mask`` means in pass 2."""
+    model, processor = tiny64
+    _stage(model, stage, latent_detach_step_inputs=detach, latent_null_scale=null_scale)
+    batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED], side)
+    pixels = batch["pixel_values"].double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*batch["input_ids"].shape, model.config.text_config.hidden_size, generator=g, dtype=torch.float64)
+    u = torch.randn(*batch["input_ids"].shape, generator=g, dtype=torch.float64)
+
+    def embeds_and_positions():
+        e = model.embed_inputs(batch["input_ids"], pixels, batch["image_grid_thw"])
+        pos = model.compute_position_ids(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"],
+                                         batch["image_grid_thw"])
+        return e, pos
+
+    threshold = None
+    if stage == "C":  # halfway between two of the head's probabilities: many segments halt early, none on a tie
+        e, pos = embeds_and_positions()
+        with torch.no_grad():
+            every = model.latent_pass(batch["input_ids"], batch["attention_mask"], e, pos,
+                                      batch["latent_segments"], batch["latent_budgets"], threshold=1.0)
+        probs = sorted({p for seg in sum(every.latent_stop_probs, []) for p in seg})
+        k = len(probs) // 4
+        threshold = (probs[k] + probs[k + 1]) / 2
+
+    e, pos = embeds_and_positions()
+    p1 = model.latent_pass(batch["input_ids"], batch["attention_mask"], e, pos, batch["latent_segments"],
+                           batch["latent_budgets"], threshold=threshold)
+    r, c = p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]
+    loss = (w[r, c] * p1.ce_patch_vec).sum()
+    if stage == "C":
+        loss = loss + (u * p1.stop_logits)[p1.stop_step_active].sum()
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+
+    e, pos = embeds_and_positions()
+    ref_loss, gated_before_active = e.new_zeros(()), 0
+    for b in range(len(batch["ids"])):
+        idx = batch["attention_mask"][b].nonzero()[:, 0]
+        off = int(idx[0])
+        segs = [(s - off, t - off, i) for s, t, i in batch["latent_segments"][b]]
+        if not segs:
+            continue
+        vecs, logits = _reference_pass1(model, e[b, idx], pos[:, b, idx], segs, threshold, stage == "C", detach,
+                                        null_scale)
+        mine = {int(col): v for row, col, v in zip(r, c, p1.ce_patch_vec) if row == b}
+        assert sorted(mine) == sorted(k + off for k in vecs)  # the same active slots
+        for k, v in vecs.items():
+            assert torch.allclose(mine[k + off], v, rtol=0, atol=1e-10)
+            ref_loss = ref_loss + (w[b, k + off] * v).sum()
+        for k, lg in logits.items():
+            assert torch.allclose(p1.stop_logits[b, k + off], lg, rtol=0, atol=1e-10)
+            ref_loss = ref_loss + u[b, k + off] * lg
+        slots = [k for s_, t, _ in segs for k in range(s_, t)]
+        gated = [k for k in slots if k not in vecs]
+        gated_before_active += sum(any(g < k for g in gated) for k in vecs)
+    # in stage C some inactive slot lies before an active one, so the gating is exercised
+    assert (gated_before_active > 0) == (stage == "C")
+    want = torch.autograd.grad(ref_loss, params, allow_unused=True)
+    checked = 0
+    for p, a, ref in zip(params, got, want):
+        if ref is None:
+            assert a is None or a.abs().max() == 0
+            continue
+        assert a is not None, f"no gradient for a parameter of shape {tuple(p.shape)}"
+        assert torch.allclose(a, ref, rtol=1e-9, atol=1e-12 * ref.abs().max().item()), (a - ref).abs().max()
+        checked += int(ref.abs().max() > 0)
+    assert checked > len(params) // 2
+    _stage(model, "A", latent_detach_step_inputs=False, latent_null_scale=0.0)
+
+
+def _saved_bytes(model, batch_of) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during pass 1."""
+    ids, mask, segs, budgets = batch_of
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        e = model.get_input_embeddings()(ids)
+        model.latent_pass(ids, mask, e, model.compute_position_ids(ids, mask, None, None), segs, budgets)
+    return sum(seen.values())
+
+
+def _text_batch(model, prompt: int, budget: int, rows: int = 2):
+    cfg = model.config
+    ids = [[10 + (i * 7 + r) % 50 for i in range(prompt)] + [cfg.latent_start_token_id]
+           + [cfg.latent_token_id] * budget + [cfg.latent_end_token_id] for r in range(rows)]
+    ids = torch.tensor(ids)
+    segs = [[(prompt + 1, prompt + 1 + budget, 0)] for _ in range(rows)]
+    return ids, torch.ones_like(ids), segs, [[budget] for _ in range(rows)]
+
+
+def test_pass1_memory_per_step_does_not_grow_with_the_sequence(tiny, one_thread):
+    """What pass 1 keeps for backward per latent step is independent of the prompt length (a growing
+    KV cache would keep the whole K/V of every step: steps x sequence)."""
+    model, _ = tiny
+    _stage(model, "A")
+    s = {(p, k): _saved_bytes(model, _text_batch(model, p, k)) for p in (32, 320) for k in (8, 24)}
+    per_step_short = (s[32, 24] - s[32, 8]) / 16
+    per_step_long = (s[320, 24] - s[320, 8]) / 16
+    assert per_step_short > 0
+    assert abs(per_step_long - per_step_short) <= 0.02 * per_step_short, (per_step_short, per_step_long)

@@ -9,7 +9,10 @@ passes down through ``forward(**kwargs)``:
   positions are also removed from the keys (their score column is masked), so an inactive slot has
   exactly no effect on any other position. When it is > 0 they are only softly suppressed.
 
-Without ``latent_kv_mask`` each function is exactly its stock counterpart.
+- ``latent_kv_store``: a :class:`~latentvl.model.kv_store.LatentKVStore` during pass 1. A one-token
+  call (a latent step) attends over the store; a longer call (the prefix) stores its K/V there first.
+
+Without these arguments each function is exactly its stock counterpart.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kv_store import LatentKVStore
 
 LATENT_ATTENTION = {"eager": "latent_eager", "sdpa": "latent_sdpa", "flash_attention_2": "latent_flash_attention_2"}
 
@@ -65,27 +70,29 @@ def _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask, nul
 
 
 def _sdpa(query, key, value, keep, dropout: float, scaling):
-    """sdpa over grouped K/V. One-token queries (latent steps) use ``enable_gqa`` (no K/V copy); longer
-    ones repeat K/V, which keeps the fused masked kernels available on every backend."""
+    """sdpa over grouped K/V, repeated: that keeps the fused masked kernels available on every backend."""
     groups = query.shape[1] // key.shape[1]
-    if query.shape[-2] == 1 and groups > 1:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=keep, dropout_p=dropout, scale=scaling,
-                                              enable_gqa=True)
     return F.scaled_dot_product_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=keep,
                                           dropout_p=dropout, scale=scaling)
 
 
+def _store_step(module, query, key, value, keep, store: LatentKVStore, scaling) -> torch.Tensor:
+    """A latent step of pass 1: ``keep`` is the ready ``[R, 1, 1, c+1]`` key mask; returns ``[R, 1, H, D]``."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return store.attend_step(module.layer_idx, query, key, value, keep, scaling).transpose(1, 2)
+
+
 def latent_sdpa_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
-    latent_null_scale=0.0, **kwargs,
+    latent_null_scale=0.0, latent_kv_store=None, **kwargs,
 ):
+    if latent_kv_store is not None:
+        if query.shape[-2] == 1:
+            return _store_step(module, query, key, value, attention_mask, latent_kv_store, scaling), None
+        key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
     causal = getattr(module, "is_causal", False)
     dropout = dropout if module.training else 0.0
     if latent_kv_mask is None:
-        if causal and query.shape[-2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
-            # a latent step's ready [B, 1, 1, kv] key mask
-            out = _sdpa(query, key, value, attention_mask[..., : key.shape[-2]], dropout, scaling)
-            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if not causal:
@@ -99,8 +106,12 @@ def latent_sdpa_attention(
 
 def latent_eager_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
-    latent_null_scale=0.0, **kwargs,
+    latent_null_scale=0.0, latent_kv_store=None, **kwargs,
 ):
+    if latent_kv_store is not None:
+        if query.shape[-2] == 1:
+            return _store_step(module, query, key, value, attention_mask, latent_kv_store, scaling), None
+        key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
     if latent_kv_mask is not None and getattr(module, "is_causal", False):
         key, value, keep = _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask,
                                          latent_null_scale)
@@ -120,16 +131,21 @@ def latent_eager_attention(
 
 
 def latent_flash_attention_2(
-    module, query, key, value, attention_mask, latent_kv_mask=None, latent_null_scale=0.0, **kwargs
+    module, query, key, value, attention_mask, latent_kv_mask=None, latent_null_scale=0.0, latent_kv_store=None,
+    **kwargs,
 ):
     """Flash-attention 2 when no key is gated; otherwise the exact sdpa path.
 
-    Flash kernels take no per-key mask, so a call that gates keys (``latent_kv_mask`` given, or the
-    latent pass's one-token steps, which hand over a ready ``[B, 1, 1, kv]`` key mask) runs the masked
-    sdpa path; stage A and plain text stay on flash.
+    Flash kernels take no per-key mask, so a call that gates keys (``latent_kv_mask`` given) runs the
+    masked sdpa path; stage A and plain text stay on flash. Pass 1's steps attend over the K/V store.
     """
     from transformers.integrations.flash_attention import flash_attention_forward
 
+    if latent_kv_store is not None:
+        if query.shape[-2] == 1:
+            return _store_step(module, query, key, value, attention_mask, latent_kv_store,
+                               kwargs.get("scaling")), None
+        key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
     plain_mask = attention_mask is None or attention_mask.dim() == 2
     if not getattr(module, "is_causal", False) or (latent_kv_mask is None and plain_mask):
         return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import LatentSettings
 from . import attention as _attention  # noqa: F401  (registers the gated attention functions)
+from .kv_store import LatentKVStore
 from .layout import LatentInputError, Layout, build_layout
 from .losses import alignment_loss, expected_length, pool_visual_tokens, stop_labels, stop_loss
 
@@ -329,16 +329,19 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         seg_first = slot_k == 0
 
         lm = self.model.language_model
-        cache = DynamicCache(config=self.config.text_config)
+        text = self.config.text_config
+        store = LatentKVStore(len(layout.rows), W, text.num_hidden_layers)
         stage_c = stage == "C"
         soft = settings.latent_null_scale > 0
-        pad_keep = att.bool()  # [R, W] False on padding
-        gate = torch.ones_like(pad_keep)  # [R, W] False on the inactive latent slots of this pass
-        layer_types = set(self.config.text_config.layer_types)
+        # [R, W] True = the column may be attended to: False on padding and, with latent_null_scale == 0,
+        # on the inactive latent slots (exact removal). Column c is set at step c and never changes after.
+        keys = att.bool()
+        null_scale = keys.new_full((len(layout.rows),), settings.latent_null_scale, dtype=torch.float32)
+        layer_types = set(text.layer_types)
         calls = 0
-        with _no_gradient_checkpointing(self):
+        with _no_gradient_checkpointing(self), contextlib.closing(store):
             out = lm(inputs_embeds=emb[:, :P], attention_mask=att[:, :P], position_ids=pos[:, :, :P],
-                     past_key_values=cache, use_cache=True)
+                     use_cache=False, latent_kv_store=store)
             calls += 1
             h_prev = out.last_hidden_state[:, -1]
             halted = torch.zeros(len(layout.rows), dtype=torch.bool, device=device)
@@ -351,24 +354,26 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 if stage_c:
                     halted = halted & ~seg_first[:, j]
                     active = is_lat & ~halted
-                    gate[:, c] = ~is_lat | active
+                    gate = ~is_lat | active  # [R] False at an inactive latent slot
+                    if soft:  # suppressed, not removed: its K/V are stored scaled
+                        store.write_scale = torch.where(gate, 1.0, null_scale)
+                    else:
+                        keys[:, c] &= gate
                 else:
                     active = is_lat
                 # A one-token step needs no causal mask: the [R, 1, 1, c+1] key mask is the whole mask,
-                # handed to the attention layers as is (no per-step mask construction). With
-                # latent_null_scale == 0 the gate is part of it (exact removal); above 0 it goes down
-                # as latent_kv_mask to scale K/V softly.
-                keys = pad_keep[:, : c + 1] & gate[:, : c + 1] if not soft else pad_keep[:, : c + 1].clone()
-                gating = self._gating_kwargs(gate[:, : c + 1].clone()) if stage_c and soft else {}
-                step_mask = {t: keys[:, None, None, :] for t in layer_types}
-                out = lm(inputs_embeds=x[:, None], attention_mask=step_mask,
-                         position_ids=pos[:, :, c : c + 1], past_key_values=cache, use_cache=True, **gating)
+                # handed to the attention layers as is (contiguous: sdpa is slower on a strided one).
+                step_keys = keys[:, None, None, : c + 1].contiguous()
+                step_mask = {t: step_keys for t in layer_types}
+                out = lm(inputs_embeds=x[:, None], attention_mask=step_mask, position_ids=pos[:, :, c : c + 1],
+                         use_cache=False, latent_kv_store=store)
                 calls += 1
                 h = out.last_hidden_state[:, 0]
                 vecs.append(x)
                 active_steps.append(active)
                 if stage_c:
-                    logit = self.latent_stop_head(h).squeeze(-1).float()
+                    logit = self.latent_stop_head(h).squeeze(-1)
+                    logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
                     fire = active & (torch.sigmoid(logit) >= thr)
                     done = active & (fire | seg_last[:, j])
                     done_lens.append(torch.where(done, slot_k[:, j] + 1, 0))

@@ -1,0 +1,186 @@
+"""Pass 1's key/value store: linear memory under autograd (replaces the KV cache in the latent loop).
+
+A KV cache that grows by concatenation makes a new ``[B, H_kv, c, D]`` tensor at every step, and
+attention saves that tensor for backward: training memory grows with (steps x sequence length).
+:class:`LatentKVStore` instead keeps, per text layer, one preallocated buffer ``[R, H_kv, W, D]`` for
+keys and one for values. Column ``c`` is written once, by the call that feeds column ``c``, and never
+changes after, so every step reads its keys as the view ``[..., :c+1]`` and its backward can read the
+same values again from the buffer. Nothing of length ``c`` is saved per step; memory is that of a
+static KV cache plus, during backward, a gradient accumulator (float32 at least) of the same shape.
+
+Gradient bookkeeping (exact, no approximation):
+
+- a step's backward recomputes its one-token attention from the buffer, adds the gradient of every
+  key/value it attended to (its own included) into the accumulator and returns the gradient of its
+  query and, read from the accumulator, of its own key/value;
+- a column's entry is complete when its own backward runs, provided every later column's ran first.
+  Autograd is told that order: every call of a layer returns a zero-size token that the next call of
+  the same layer takes as input (this holds with ``latent_detach_step_inputs`` too, where no hidden
+  state links the steps);
+- the prefix call writes its keys/values through :class:`_PrefixWrite`, whose backward adds what the
+  steps accumulated for the prefix columns.
+
+With ``latent_null_scale > 0`` (soft gating) the key/value of an inactive slot is written already
+scaled (its gate is known when it is written and never changes), and its gradient is scaled alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class LatentKVStore:
+    """Per-layer key/value buffers for one latent pass over ``rows`` rows and ``width`` columns.
+
+    ``write_scale``: ``None`` (write as is) or ``[R]`` float, the factor the next step's key/value is
+    written with (``latent_null_scale`` at inactive slots, 1 elsewhere). The owner sets it before
+    each step call and advances nothing else: the column a call writes is the number of columns
+    its layer has written so far.
+    """
+
+    def __init__(self, rows: int, width: int, num_layers: int) -> None:
+        self.rows, self.width = rows, width
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.written = [0] * num_layers
+        self.grad_keys: list[torch.Tensor | None] = [None] * num_layers
+        self.grad_values: list[torch.Tensor | None] = [None] * num_layers
+        self.order: list[torch.Tensor | None] = [None] * num_layers
+        self.write_scale: torch.Tensor | None = None
+
+    def write_prefix(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the prefix's ``[R, H_kv, P, D]`` keys/values; returns them for the prefix's own attention."""
+        if self.written[layer] != 0:
+            raise RuntimeError(f"layer {layer}: the prefix must be the first call of a latent pass")
+        token = torch.zeros(0, device=key.device)
+        key, value, self.order[layer] = _PrefixWrite.apply(key, value, token, self, layer)
+        return key, value
+
+    def attend_step(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """One column: write its key/value, attend over every column so far.
+
+        ``query`` ``[R, H, 1, D]``, ``key``/``value`` ``[R, H_kv, 1, D]``, ``keep`` ``[R, 1, 1, c+1]`` bool
+        (True = may attend; it must cover exactly the columns written, this one included).
+        Returns ``[R, H, 1, D]``.
+        """
+        col = self.written[layer]
+        if col >= self.width or keep.shape[-1] != col + 1:
+            raise RuntimeError(f"layer {layer}: step at column {col} of {self.width} with a mask over "
+                               f"{keep.shape[-1]} keys")
+        if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+            return self._write_and_attend(layer, query, key, value, keep, scaling, self.write_scale)
+        out, self.order[layer] = _StepAttention.apply(query, key, value, self.order[layer], self, layer, keep,
+                                                      scaling, self.write_scale)
+        return out
+
+    def _write_and_attend(self, layer, query, key, value, keep, scaling, scale) -> torch.Tensor:
+        keys, values = self._buffers(layer, key)
+        col = self.written[layer]
+        k, v = key[:, :, 0], value[:, :, 0]
+        if scale is not None:
+            s = scale.to(k.dtype)[:, None, None]
+            k, v = k * s, v * s
+        keys[:, :, col] = k
+        values[:, :, col] = v
+        self.written[layer] = col + 1
+        groups = query.shape[1] // keys.shape[1]
+        return F.scaled_dot_product_attention(query, keys[:, :, : col + 1], values[:, :, : col + 1], attn_mask=keep,
+                                              scale=scaling, enable_gqa=groups > 1)
+
+    def close(self) -> None:
+        """Drop the order tokens once the pass is over: each holds its call's autograd node, whose
+        context holds this store (a reference cycle through C++ that Python's collector cannot free)."""
+        self.order = [None] * len(self.order)
+
+    def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            shape = (self.rows, like.shape[1], self.width, like.shape[-1])
+            self.keys[layer] = like.new_zeros(shape)
+            self.values[layer] = like.new_zeros(shape)
+        return self.keys[layer], self.values[layer]
+
+    def _grad_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_keys[layer] is None:
+            k = self.keys[layer]
+            dtype = _accumulate_dtype(k.dtype)
+            self.grad_keys[layer] = torch.zeros(k.shape, dtype=dtype, device=k.device)
+            self.grad_values[layer] = torch.zeros(k.shape, dtype=dtype, device=k.device)
+        return self.grad_keys[layer], self.grad_values[layer]
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gradients are computed and accumulated in float32 at least (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _PrefixWrite(torch.autograd.Function):
+    """Identity on the prefix's keys/values that stores them; backward adds the steps' gradients."""
+
+    @staticmethod
+    def forward(ctx, key, value, token, store: LatentKVStore, layer: int):
+        keys, values = store._buffers(layer, key)
+        n = key.shape[-2]
+        keys[:, :, :n] = key
+        values[:, :, :n] = value
+        store.written[layer] = n
+        ctx.store, ctx.layer, ctx.n = store, layer, n
+        return key.clone(), value.clone(), token.new_zeros(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_key, grad_value, _grad_token):
+        store, layer, n = ctx.store, ctx.layer, ctx.n
+        if store.grad_keys[layer] is not None:
+            grad_key = grad_key + store.grad_keys[layer][:, :, :n].to(grad_key.dtype)
+            grad_value = grad_value + store.grad_values[layer][:, :, :n].to(grad_value.dtype)
+            # every later column has already run its backward: free the accumulator (a retained
+            # graph's next backward starts from zero again)
+            store.grad_keys[layer] = store.grad_values[layer] = None
+        return grad_key, grad_value, None, None, None
+
+
+class _StepAttention(torch.autograd.Function):
+    """One-token attention over the store: forward writes the column and runs sdpa on the buffer view;
+    backward recomputes the attention (float32 at least) from the buffer (nothing of length c is saved)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, token, store: LatentKVStore, layer: int, keep, scaling: float, scale):
+        col = store.written[layer]
+        out = store._write_and_attend(layer, query, key, value, keep, scaling, scale)
+        ctx.save_for_backward(query)
+        ctx.store, ctx.layer, ctx.col, ctx.keep, ctx.scaling, ctx.scale = store, layer, col, keep, scaling, scale
+        return out, token.new_zeros(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_token):
+        (query,) = ctx.saved_tensors
+        store, layer, col, scaling = ctx.store, ctx.layer, ctx.col, ctx.scaling
+        dtype = _accumulate_dtype(query.dtype)
+        keys = store.keys[layer][:, :, : col + 1].to(dtype)
+        values = store.values[layer][:, :, : col + 1].to(dtype)
+        R, H, _, D = query.shape
+        Hkv, n = keys.shape[1], col + 1
+        G = H // Hkv
+        q = query.reshape(R, Hkv, G, D).to(dtype)  # one query token: its heads grouped by K/V head
+        g = grad_out.reshape(R, Hkv, G, D).to(dtype)
+        scores = torch.where(ctx.keep, (q * scaling) @ keys.transpose(-1, -2), float("-inf"))  # [R, Hkv, G, n]
+        p = torch.softmax(scores, dim=-1)
+        dp = g @ values.transpose(-1, -2)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scaling
+        grad_query = (ds @ keys).reshape(R, H, 1, D).to(query.dtype)
+        # The accumulators hold, per column, its key/value gradient from every step whose backward has
+        # run: this step adds its share to columns 0..col in place, and column col is then complete.
+        acc_k, acc_v = store._grad_buffers(layer)
+        acc_k.view(R * Hkv, -1, D)[:, :n].baddbmm_(ds.reshape(R * Hkv, G, n).transpose(1, 2), q.reshape(R * Hkv, G, D))
+        acc_v.view(R * Hkv, -1, D)[:, :n].baddbmm_(p.reshape(R * Hkv, G, n).transpose(1, 2), g.reshape(R * Hkv, G, D))
+        grad_key, grad_value = acc_k[:, :, col : col + 1], acc_v[:, :, col : col + 1]  # [R, Hkv, 1, D]
+        if ctx.scale is not None:
+            s = ctx.scale.to(dtype)[:, None, None, None]
+            grad_key, grad_value = grad_key * s, grad_value * s
+        kv_dtype = store.keys[layer].dtype
+        return grad_query, grad_key.to(kv_dtype), grad_value.to(kv_dtype), None, None, None, None, None, None
