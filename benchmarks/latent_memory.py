@@ -2,8 +2,8 @@
 
 For each (prompt length, latent steps) it runs pass 1 with autograd and prints:
 
-- the bytes autograd keeps for backward (distinct storages seen by a saved-tensor hook, plus the
-  store's K/V buffers: exact and the same on every device), for ``model.latent_pass`` and for the
+- the bytes autograd keeps for backward (distinct storages seen by a saved-tensor hook, the weights
+  left out, plus the store's K/V buffers: exact and the same on every device), for ``model.latent_pass`` and for the
   same batched stage-A pass written over transformers' ``DynamicCache``, whose every step saves the
   whole K/V it attended to;
 - the time of forward + backward of both, and on a GPU the peak memory of both
@@ -50,11 +50,14 @@ def store_pass(model, input_ids, embeds, position_ids, segments) -> torch.Tensor
     return model.latent_pass(input_ids, mask, embeds, position_ids, segments, budgets).ce_patch_vec
 
 
-def saved_bytes(fn) -> int:
+def saved_bytes(model, fn) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, the model's weights left out."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -86,7 +89,7 @@ def measure(model, device: str, batch: int, prompt: int, steps: int, repeats: in
 
     row = {}
     for name in passes:
-        row[name, "saved"] = saved_bytes(lambda name=name: run(name, backward=False))
+        row[name, "saved"] = saved_bytes(model, lambda name=name: run(name, backward=False))
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -112,13 +115,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=None, help="default 128 512 (tiny), 512 2048 (3b)")
     ap.add_argument("--steps", type=int, nargs="+", default=[16, 64], help="latents (one segment)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=None, help="3b only: fewer text layers (a quick check)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.model == "3b" else torch.float32
     prompts = args.prompts or ([512, 2048] if args.model == "3b" else [128, 512])
     torch.manual_seed(0)
-    model = build(args.model, device, dtype).train()
+    model = build(args.model, device, dtype, args.layers).train()
     model.requires_grad_(True)
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; stage A; one segment; "

@@ -45,11 +45,15 @@ def qwen25_vl_3b_config(vocab_size: int = 151_936) -> Qwen2_5_VLConfig:
     )
 
 
-def build(model_name: str, device: str, dtype: torch.dtype):
+def build(model_name: str, device: str, dtype: torch.dtype, layers: int | None = None):
+    """The tiny model, or the 3B architecture (``layers`` overrides its 36 text layers: a quick check)."""
     if model_name == "tiny":
         model, _ = build_tiny_model(seed=0)
     else:
         config = qwen25_vl_3b_config()
+        if layers is not None:
+            config.text_config.num_hidden_layers = layers
+            config.text_config.layer_types = config.text_config.layer_types[:layers]
         set_latent_fields(config, latent_token_id=151_700, latent_start_token_id=151_701,
                           latent_end_token_id=151_702)
         with torch.device(device):
@@ -121,13 +125,14 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--stage", choices=["A", "C"], default="C")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=None, help="3b only: fewer text layers (a quick check)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.model == "3b" else torch.float32
     prompt = args.prompt or (512 if args.model == "3b" else 128)
     torch.manual_seed(0)
-    model = build(args.model, device, dtype)
+    model = build(args.model, device, dtype, args.layers)
     if args.stage == "C":
         set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
         with torch.no_grad():
