@@ -584,3 +584,84 @@ def test_pass1_memory_per_step_does_not_grow_with_the_sequence(tiny, one_thread)
     per_step_long = (s[320, 24] - s[320, 8]) / 16
     assert per_step_short > 0
     assert abs(per_step_long - per_step_short) <= 0.02 * per_step_short, (per_step_short, per_step_long)
+
+
+# ---------------------------------------------------------------- flash-attention 2 dispatch
+def _stand_in_flash(calls: list):
+    """A flash-attention stand-in with flash's contract: a [B, kv] padding mask or None, causal,
+    bottom-right aligned. Records the query length of every call that reaches it."""
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        calls.append(query.shape[-2])
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        keep = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+        keep = keep[None, None].expand(query.shape[0], 1, q_len, kv_len)
+        if attention_mask is not None:
+            keep = keep & attention_mask[:, None, None, :kv_len].bool()
+        keep = keep | ~keep.any(-1, keepdim=True)  # flash leaves padding queries out; here they see all
+        groups = query.shape[1] // key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=keep,
+            scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+@torch.no_grad()
+def test_flash_attention_2_dispatch_matches_sdpa(tiny, monkeypatch):
+    """``latent_flash_attention_2`` (with a stand-in kernel: flash_attn needs a GPU) gives sdpa's
+    results in pass 1, in pass 2 and through ``generate()``; ungated calls reach the flash kernel,
+    gated ones and pass 1's steps do not."""
+    import transformers.integrations.flash_attention as fa
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    from latentvl.model.attention import latent_flash_attention_2
+
+    calls: list[int] = []
+    monkeypatch.setattr(fa, "flash_attention_forward", _stand_in_flash(calls))
+    AttentionInterface.register("latent_flash_attention_2", latent_flash_attention_2)
+    AttentionMaskInterface.register("latent_flash_attention_2", flash_attention_mask)
+    model, processor = tiny
+    batch = _collate(model, processor, [_sample(i, m) for i, m in [(1, 3), (2, 0), (3, 1)]], "left")
+    results = {}
+    try:
+        for attn in ("latent_sdpa", "latent_flash_attention_2"):
+            model.set_latent_attention(attn)
+            calls.clear()
+            _stage(model, "C")
+            handle = _fire_at(model, {0: [0], 1: [1]})
+            try:
+                p1 = _pass1(model, batch)
+            finally:
+                handle.remove()
+            pass1_calls = list(calls)
+            handle = _fire_at(model, {0: [0], 1: [1]})  # the same halting inside latent_loss
+            try:
+                out = model.latent_loss(batch)
+            finally:
+                handle.remove()
+            assert torch.equal(out.latent.latent_kv_mask, p1.latent_kv_mask)
+            loss_c = out.loss
+            gated_calls = len(calls) - len(pass1_calls)
+            scores, seq = _gen_scores(model, batch, p1, p1.ce_patch_vec)
+            _stage(model, "A")
+            calls.clear()
+            loss_a = model.latent_loss(batch).loss
+            results[attn] = (p1, loss_c, scores, seq, loss_a, pass1_calls, gated_calls, list(calls))
+    finally:
+        _stage(model, "A")
+        model.set_latent_attention("latent_sdpa")
+    ref, got = results["latent_sdpa"], results["latent_flash_attention_2"]
+    assert (~got[0].latent_kv_mask).any()  # stage C really gated some slots
+    assert torch.equal(got[0].ce_patch_pos, ref[0].ce_patch_pos)
+    assert torch.allclose(got[0].ce_patch_vec, ref[0].ce_patch_vec, atol=1e-5, rtol=0)
+    assert torch.allclose(got[1], ref[1], atol=2e-6, rtol=0) and torch.allclose(got[4], ref[4], atol=2e-6, rtol=0)
+    assert torch.equal(got[3], ref[3])
+    finite = torch.isfinite(ref[2])
+    assert (got[2] - ref[2])[finite].abs().max().item() <= 1e-4
+    n_layers = model.config.text_config.num_hidden_layers
+    assert got[5] == [got[5][0]] * n_layers and got[5][0] > 1  # pass 1: only the prefix reaches flash
+    assert got[6] == n_layers  # latent_loss in stage C: its pass 1's prefix; pass 2 gates keys, never flash
+    assert len(got[7]) >= n_layers  # stage A's pass 2 gates nothing: flash

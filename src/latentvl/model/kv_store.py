@@ -128,7 +128,7 @@ class _PrefixWrite(torch.autograd.Function):
         values[:, :, :n] = value
         store.written[layer] = n
         ctx.store, ctx.layer, ctx.n = store, layer, n
-        return key.clone(), value.clone(), token.new_zeros(0)
+        return key.clone(), value.clone(), key.new_zeros(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -153,7 +153,7 @@ class _StepAttention(torch.autograd.Function):
         out = store._write_and_attend(layer, query, key, value, keep, scaling, scale)
         ctx.save_for_backward(query)
         ctx.store, ctx.layer, ctx.col, ctx.keep, ctx.scaling, ctx.scale = store, layer, col, keep, scaling, scale
-        return out, token.new_zeros(0)
+        return out, query.new_zeros(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
