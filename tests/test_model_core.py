@@ -665,3 +665,19 @@ def test_flash_attention_2_dispatch_matches_sdpa(tiny, monkeypatch):
     assert got[5] == [got[5][0]] * n_layers and got[5][0] > 1  # pass 1: only the prefix reaches flash
     assert got[6] == n_layers  # latent_loss in stage C: its pass 1's prefix; pass 2 gates keys, never flash
     assert len(got[7]) >= n_layers  # stage A's pass 2 gates nothing: flash
+
+
+def test_pass1_backward_twice_on_a_retained_graph(tiny, one_thread):
+    """The store's gradient accumulators start from zero on every backward of the same graph."""
+    model, _ = tiny
+    _stage(model, "A")
+    ids, mask, segs, budgets = _text_batch(model, 20, 6)
+    e = model.get_input_embeddings()(ids)
+    out = model.latent_pass(ids, mask, e, model.compute_position_ids(ids, mask, None, None), segs, budgets)
+    loss = out.ce_patch_vec.square().sum()
+    params = [p for p in model.model.language_model.parameters()]
+    first = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, params, allow_unused=True)
+    assert sum(int(a is not None and a.abs().max() > 0) for a in first) > len(params) // 2
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)

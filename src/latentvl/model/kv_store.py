@@ -53,8 +53,7 @@ class LatentKVStore:
         """Store the prefix's ``[R, H_kv, P, D]`` keys/values; returns them for the prefix's own attention."""
         if self.written[layer] != 0:
             raise RuntimeError(f"layer {layer}: the prefix must be the first call of a latent pass")
-        token = torch.zeros(0, device=key.device)
-        key, value, self.order[layer] = _PrefixWrite.apply(key, value, token, self, layer)
+        key, value, self.order[layer] = _PrefixWrite.apply(key, value, self, layer)
         return key, value
 
     def attend_step(
@@ -118,10 +117,11 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _PrefixWrite(torch.autograd.Function):
-    """Identity on the prefix's keys/values that stores them; backward adds the steps' gradients."""
+    """Identity on the prefix's keys/values that stores them (and starts the layer's order token);
+    backward adds the steps' gradients."""
 
     @staticmethod
-    def forward(ctx, key, value, token, store: LatentKVStore, layer: int):
+    def forward(ctx, key, value, store: LatentKVStore, layer: int):
         keys, values = store._buffers(layer, key)
         n = key.shape[-2]
         keys[:, :, :n] = key
@@ -140,7 +140,7 @@ class _PrefixWrite(torch.autograd.Function):
             # every later column has already run its backward: free the accumulator (a retained
             # graph's next backward starts from zero again)
             store.grad_keys[layer] = store.grad_values[layer] = None
-        return grad_key, grad_value, None, None, None
+        return grad_key, grad_value, None, None
 
 
 class _StepAttention(torch.autograd.Function):
