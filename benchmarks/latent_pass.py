@@ -7,6 +7,10 @@ Prints one table with per-step times and their ratios, all measured in this proc
   probability per step (how the original design note sketches it);
 - ``generate()``: per generated token, same batch and prompt (the floor a latent step can hope for).
 
+Beside the times it counts the aten operators each method dispatches per step (views left out): on a
+GPU, where a step of a small batch is bound by kernel launches, that count predicts the time, and it is
+the same on every machine.
+
 Usage::
 
     python benchmarks/latent_pass.py                 # tiny model on CPU
@@ -20,6 +24,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2_5_VLConfig
 from transformers.cache_utils import DynamicCache
 
@@ -78,6 +83,23 @@ def synthetic_batch(model, batch: int, prompt: int, segments: int, budget: int, 
         segs.append(spans)
     input_ids = torch.tensor(rows, device=device)
     return input_ids, torch.ones_like(input_ids), segs, [[budget] * segments for _ in range(batch)]
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> int:
+    """aten operators ``fn`` dispatches, views left out: a device-independent measure of launch overhead."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def sync(device: str) -> None:
@@ -178,18 +200,23 @@ def main() -> None:
                 times[name][i].append(timed(fn, device, 1))
     med = {k: [statistics.median(v[0]), statistics.median(v[1])] for k, v in times.items()}
     per_step = {k: (v[1] - v[0]) / ds for k, v in med.items()}
+    ops = {k: (count_ops(pair[1]) - count_ops(pair[0])) / ds for k, pair in runs.items()}
 
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
           f"{args.segments} segments x {2 * args.budget} latents ({steps_of(long)} steps); stage {args.stage}; "
           f"median of {args.repeats}")
-    print(f"{'what':<46}{'whole pass ms':>14}{'per step ms':>13}")
-    print(f"{'batched latent pass':<46}{med['batched'][1] * 1e3:>14.1f}{per_step['batched'] * 1e3:>13.2f}")
-    print(f"{'per-sample loop, .item() per step':<46}{med['loop'][1] * 1e3:>14.1f}{per_step['loop'] * 1e3:>13.2f}")
-    print(f"{'generate(), per token (same batch, prompt)':<46}{'':>14}{per_step['generate'] * 1e3:>13.2f}")
+    print(f"{'what':<46}{'whole pass ms':>14}{'per step ms':>13}{'ops per step':>14}")
+    rows = [("batched latent pass", "batched"), ("per-sample loop, .item() per step", "loop"),
+            ("generate(), per token (same batch, prompt)", "generate")]
+    for label, k in rows:
+        whole = f"{med[k][1] * 1e3:.1f}" if k != "generate" else ""
+        print(f"{label:<46}{whole:>14}{per_step[k] * 1e3:>13.2f}{ops[k]:>14.0f}")
     print(f"speed-up of batched over per-sample loop: whole pass {med['loop'][1] / med['batched'][1]:.1f}x, "
           f"per latent step {per_step['loop'] / per_step['batched']:.1f}x")
-    print(f"batched latent step / generate() token: {per_step['batched'] / per_step['generate']:.2f}x")
+    print(f"batched latent step / generate() token: {per_step['batched'] / per_step['generate']:.2f}x "
+          f"(ops: {ops['batched'] / ops['generate']:.2f}x)")
+    print("ops per step: aten operators dispatched, views left out (about one kernel launch each on a GPU)")
 
 
 if __name__ == "__main__":

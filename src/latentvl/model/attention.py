@@ -76,10 +76,11 @@ def _sdpa(query, key, value, keep, dropout: float, scaling):
                                           dropout_p=dropout, scale=scaling)
 
 
-def _store_step(module, query, key, value, keep, store: LatentKVStore, scaling) -> torch.Tensor:
-    """A latent step of pass 1: ``keep`` is the ready ``[R, 1, 1, c+1]`` key mask; returns ``[R, 1, H, D]``."""
+def _store_step(module, query, key, value, bias, store: LatentKVStore, scaling) -> torch.Tensor:
+    """A latent step of pass 1: ``bias`` is the ready additive ``[R, 1, 1, c+1]`` key mask; returns
+    ``[R, 1, H, D]``."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return store.attend_step(module.layer_idx, query, key, value, keep, scaling).transpose(1, 2)
+    return store.attend_step(module.layer_idx, query, key, value, bias, scaling).transpose(1, 2)
 
 
 def latent_sdpa_attention(

@@ -57,26 +57,26 @@ class LatentKVStore:
         return key, value
 
     def attend_step(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
         """One column: write its key/value, attend over every column so far.
 
-        ``query`` ``[R, H, 1, D]``, ``key``/``value`` ``[R, H_kv, 1, D]``, ``keep`` ``[R, 1, 1, c+1]`` bool
-        (True = may attend; it must cover exactly the columns written, this one included).
-        Returns ``[R, H, 1, D]``.
+        ``query`` ``[R, H, 1, D]``, ``key``/``value`` ``[R, H_kv, 1, D]``, ``bias`` ``[R, 1, 1, c+1]``, an
+        additive key mask in the query's dtype (0 = may attend, -inf = may not) that covers exactly the
+        columns written, this one included. Returns ``[R, H, 1, D]``.
         """
         col = self.written[layer]
-        if col >= self.width or keep.shape[-1] != col + 1:
+        if col >= self.width or bias.shape[-1] != col + 1:
             raise RuntimeError(f"layer {layer}: step at column {col} of {self.width} with a mask over "
-                               f"{keep.shape[-1]} keys")
+                               f"{bias.shape[-1]} keys")
         if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-            return self._write_and_attend(layer, query, key, value, keep, scaling, self.write_scale)
-        out, self.order[layer] = _StepAttention.apply(query, key, value, self.order[layer], self, layer, keep,
+            return self._write_and_attend(layer, query, key, value, bias, scaling, self.write_scale)
+        out, self.order[layer] = _StepAttention.apply(query, key, value, self.order[layer], self, layer, bias,
                                                       scaling, self.write_scale)
         return out
 
-    def _write_and_attend(self, layer, query, key, value, keep, scaling, scale) -> torch.Tensor:
+    def _write_and_attend(self, layer, query, key, value, bias, scaling, scale) -> torch.Tensor:
         keys, values = self._buffers(layer, key)
         col = self.written[layer]
         k, v = key[:, :, 0], value[:, :, 0]
@@ -87,7 +87,7 @@ class LatentKVStore:
         values[:, :, col] = v
         self.written[layer] = col + 1
         groups = query.shape[1] // keys.shape[1]
-        return F.scaled_dot_product_attention(query, keys[:, :, : col + 1], values[:, :, : col + 1], attn_mask=keep,
+        return F.scaled_dot_product_attention(query, keys[:, :, : col + 1], values[:, :, : col + 1], attn_mask=bias,
                                               scale=scaling, enable_gqa=groups > 1)
 
     def close(self) -> None:
@@ -148,11 +148,11 @@ class _StepAttention(torch.autograd.Function):
     backward recomputes the attention (float32 at least) from the buffer (nothing of length c is saved)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, token, store: LatentKVStore, layer: int, keep, scaling: float, scale):
+    def forward(ctx, query, key, value, token, store: LatentKVStore, layer: int, bias, scaling: float, scale):
         col = store.written[layer]
-        out = store._write_and_attend(layer, query, key, value, keep, scaling, scale)
+        out = store._write_and_attend(layer, query, key, value, bias, scaling, scale)
         ctx.save_for_backward(query)
-        ctx.store, ctx.layer, ctx.col, ctx.keep, ctx.scaling, ctx.scale = store, layer, col, keep, scaling, scale
+        ctx.store, ctx.layer, ctx.col, ctx.bias, ctx.scaling, ctx.scale = store, layer, col, bias, scaling, scale
         return out, query.new_zeros(0)
 
     @staticmethod
@@ -168,7 +168,7 @@ class _StepAttention(torch.autograd.Function):
         G = H // Hkv
         q = query.reshape(R, Hkv, G, D).to(dtype)  # one query token: its heads grouped by K/V head
         g = grad_out.reshape(R, Hkv, G, D).to(dtype)
-        scores = torch.where(ctx.keep, (q * scaling) @ keys.transpose(-1, -2), float("-inf"))  # [R, Hkv, G, n]
+        scores = (q * scaling) @ keys.transpose(-1, -2) + ctx.bias.to(dtype)  # [R, Hkv, G, n]
         p = torch.softmax(scores, dim=-1)
         dp = g @ values.transpose(-1, -2)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scaling

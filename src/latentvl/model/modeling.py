@@ -326,17 +326,19 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         slot_k = torch.as_tensor(layout.slot_index(steps), device=device)
         seg_i = torch.as_tensor(layout.segment_index(steps), device=device)
         seg_last = torch.as_tensor(layout.is_last_slot(steps), device=device)
-        seg_first = slot_k == 0
+        not_first = slot_k != 0
+        slot_len = slot_k + 1  # the used length if the segment stops at this slot
 
         lm = self.model.language_model
         text = self.config.text_config
         store = LatentKVStore(len(layout.rows), W, text.num_hidden_layers)
         stage_c = stage == "C"
         soft = settings.latent_null_scale > 0
-        # [R, W] True = the column may be attended to: False on padding and, with latent_null_scale == 0,
-        # on the inactive latent slots (exact removal). Column c is set at step c and never changes after.
-        keys = att.bool()
-        null_scale = keys.new_full((len(layout.rows),), settings.latent_null_scale, dtype=torch.float32)
+        # [R, W] additive key mask, 0 = the column may be attended to: -inf on padding and, with
+        # latent_null_scale == 0, on the inactive latent slots (exact removal). Column c is set at step c
+        # and never changes after. Additive, so sdpa need not convert a boolean mask in every layer.
+        key_bias = torch.zeros(att.shape, dtype=emb.dtype, device=device).masked_fill_(att == 0, float("-inf"))
+        null_scale = att.new_full((len(layout.rows),), settings.latent_null_scale, dtype=torch.float32)
         layer_types = set(text.layer_types)
         calls = 0
         with _no_gradient_checkpointing(self), contextlib.closing(store):
@@ -352,19 +354,19 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
                 x = torch.where(is_lat[:, None], step_in, emb[:, c])
                 if stage_c:
-                    halted = halted & ~seg_first[:, j]
-                    active = is_lat & ~halted
-                    gate = ~is_lat | active  # [R] False at an inactive latent slot
+                    halted = halted & not_first[:, j]  # a new segment starts unhalted
+                    inactive = is_lat & halted  # [R] a latent slot after its segment stopped
+                    active = is_lat ^ inactive
                     if soft:  # suppressed, not removed: its K/V are stored scaled
-                        store.write_scale = torch.where(gate, 1.0, null_scale)
+                        store.write_scale = torch.where(inactive, null_scale, 1.0)
                     else:
-                        keys[:, c] &= gate
+                        key_bias[:, c].masked_fill_(inactive, float("-inf"))
                 else:
                     active = is_lat
                 # A one-token step needs no causal mask: the [R, 1, 1, c+1] key mask is the whole mask,
                 # handed to the attention layers as is (contiguous: sdpa is slower on a strided one).
-                step_keys = keys[:, None, None, : c + 1].contiguous()
-                step_mask = {t: step_keys for t in layer_types}
+                step_bias = key_bias[:, None, None, : c + 1].contiguous()
+                step_mask = {t: step_bias for t in layer_types}
                 out = lm(inputs_embeds=x[:, None], attention_mask=step_mask, position_ids=pos[:, :, c : c + 1],
                          use_cache=False, latent_kv_store=store)
                 calls += 1
@@ -376,7 +378,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                     logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
                     fire = active & (torch.sigmoid(logit) >= thr)
                     done = active & (fire | seg_last[:, j])
-                    done_lens.append(torch.where(done, slot_k[:, j] + 1, 0))
+                    done_lens.append(torch.where(done, slot_len[:, j], 0))
                     stop_logits.append(logit)
                     halted = halted | fire
                 h_prev = h
