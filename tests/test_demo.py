@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 
 from latentvl.cli import main
-from latentvl.demo import DEFAULTS, load_demo_settings, results_table
+from latentvl.demo import DEFAULTS, alignment_table, load_demo_settings, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,11 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     n_test = report["splits"]["test"]
     assert report["results"]["stage_c"]["n"] == n_test and n_test > 0
     assert results_table(report) in md
+    assert alignment_table(report) in md
+    for key in ("stage_a", "stage_c"):  # every test record lists its CoT images: each segment is measured
+        al = report["results"][key]["alignment"]
+        used = sum(sum(x["used_lens"]) for x in report["per_sample"][key])
+        assert al["n_latents"] == used > 0 and -1 <= al["mean_cosine"] <= 1
     assert all(s["ok"] for runs in report["preflight"].values() for s in runs)
     for png in ("loss_curves.png", "latents.png"):
         with Image.open(out / png) as im:

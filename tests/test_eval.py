@@ -19,7 +19,7 @@ from latentvl.model.loading import save_latent_checkpoint
 REPORT_KEYS = {
     "n_samples", "n_evaluated", "n_errors", "n_correct", "accuracy", "accuracy_errors_as_wrong",
     "chance_accuracy", "latents", "accuracy_by_latents_used", "timing", "errors", "use_latents", "stage",
-    "threshold", "batch_size", "max_new_tokens", "causal", "files",
+    "threshold", "batch_size", "max_new_tokens", "causal", "alignment", "files",
 }
 
 
@@ -182,6 +182,10 @@ def test_evaluate_report(model_c, dataset, tmp_path):
     assert causal["mask"]["answer_change_rate"] == pytest.approx(sum(changed) / 8)
     er = causal["effective_rank"]
     assert er["num_vectors"] == sum(all_used) and 1 <= er["value"] <= er["max_possible"]
+    al = rep["alignment"]  # every maze record lists one CoT image per segment
+    assert al["n_segments"] == len(all_used) == al["retrieval_set"] and al["n_latents"] == sum(all_used)
+    assert -1 <= al["mean_cosine"] <= 1 and 0 <= al["retrieval_top1"] <= 1
+    assert al["chance"] == pytest.approx(1 / len(all_used))
 
     files = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(files) and "predictions" not in files
@@ -189,6 +193,7 @@ def test_evaluate_report(model_c, dataset, tmp_path):
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
     md = (out / "report.md").read_text()
     for text in ("# Evaluation report", "chance accuracy", "Causal checks", "Effective rank", "| swap |",
+                 "Do the latents look like their CoT images?",
                  "used_latents_hist.png", "accuracy_vs_latents.png"):
         assert text in md
     for name in ("used_latents_hist.png", "accuracy_vs_latents.png"):
@@ -202,7 +207,7 @@ def test_evaluate_without_latents_and_with_bad_samples(model_c, dataset, tmp_pat
     records[1] = dataclasses.replace(records[1], images=[tmp_path / "gone.png"])
     rep = evaluate(model, processor, records, out_dir=tmp_path / "r", batch_size=4, max_new_tokens=4,
                    use_latents=False)
-    assert rep["causal"] is None and rep["use_latents"] is False
+    assert rep["causal"] is None and rep["alignment"] is None and rep["use_latents"] is False
     assert rep["n_errors"] == 1 and rep["errors"][0]["kind"] == "missing_image" and rep["n_evaluated"] == 3
     assert rep["latents"]["num_images"] == 0
     assert rep["accuracy_errors_as_wrong"] == pytest.approx(rep["n_correct"] / 4)
@@ -236,3 +241,48 @@ def test_cli_eval(model_c, dataset, tmp_path, capsys):
         "chance_accuracy"]
     assert rep["causal"]["mask"]["n"] == 5 and rep["stage"] == "C"
     assert (out / "used_latents_hist.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ alignment
+def test_alignment_probe_scores_latents_against_their_own_cot_images(model_c, dataset):
+    """Latents equal to their pooled targets score cosine 1 and retrieve their own image; the same
+    latents handed to the wrong samples do not; records without CoT images are skipped and counted."""
+    from latentvl.data.collator import load_image
+    from latentvl.inference.alignment import AlignmentProbe
+    from latentvl.model.losses import pool_visual_tokens
+
+    model, processor = model_c
+    _, records = dataset
+    engine = LatentInference(model, processor)
+    results = engine.run(records[:6], batch_size=6, max_new_tokens=2, return_latents=True)
+    assert all(r.ok and len(r.used_lens) == len(records[r.index].cot_images) for r in results)
+    probe = AlignmentProbe(model, engine.collator.image_processor)
+    feats = probe._features([load_image(v, r.id, "cot") for r in results for v in records[r.index].cot_images])
+    perfect, k = [], 0
+    for r in results:  # latents made equal to the pooled visual tokens of the sample's own CoT images
+        parts = [pool_visual_tokens(feats[k + i], u) for i, u in enumerate(r.used_lens)]
+        k += len(r.used_lens)
+        perfect.append(torch.cat(parts))
+
+    def score(latents, recs):
+        p = AlignmentProbe(model, engine.collator.image_processor)
+        p([dataclasses.replace(r, latents=x) for r, x in zip(results, latents)], recs)
+        return p.summary()
+
+    own = score(perfect, records)
+    assert own["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and own["retrieval_top1"] == 1.0
+    assert own["n_segments"] == sum(len(r.used_lens) for r in results)
+    assert own["mean_cosine_other"] < 0.999  # the CoT images differ
+    # the same vectors read against the next sample's CoT images (cycled to this sample's segment count)
+    rolled = {}
+    for i, r in enumerate(results):
+        other = records[results[(i + 1) % len(results)].index].cot_images
+        rolled[r.index] = dataclasses.replace(
+            records[r.index], cot_images=[other[t % len(other)] for t in range(len(r.used_lens))])
+    wrong = score(perfect, rolled)
+    assert wrong["n_segments"] == own["n_segments"]
+    assert wrong["retrieval_top1"] < 0.5 and wrong["mean_cosine"] < own["mean_cosine"] - 1e-3
+    no_cot = {r.index: dataclasses.replace(records[r.index], cot_images=[]) for r in results}
+    skipped = score(perfect, no_cot)
+    assert skipped["n_segments"] == 0 and skipped["skipped_samples"]["no_cot_images"] == len(results)
+    assert skipped["retrieval_top1"] is None

@@ -153,6 +153,7 @@ def _evaluate(
         "budget": budget,
         "used_ratio": used / budget if budget else None,
         "causal": causal,
+        "alignment": ev.get("alignment"),
         "eval_report": str(out_dir / "report.md"),
         "samples": [
             {"id": p["id"], "correct": p["correct"], "budgets": p["budgets"], "used_lens": p["used_lens"]}
@@ -337,6 +338,19 @@ def causal_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def alignment_table(report: dict[str, Any]) -> str:
+    rows = ["| model | mean cosine, latent vs its pooled target | retrieval top-1 (chance) | "
+            "mean cosine vs other images |", "|---|---|---|---|"]
+    for key, label in {"stage_a": "stage A", "stage_c": "stage C"}.items():
+        al = report["results"][key].get("alignment")
+        if not al or al.get("retrieval_top1") is None:
+            rows.append(f"| {label} | - | - | - |")
+            continue
+        rows.append(f"| {label} | {al['mean_cosine']:.3f} | {al['retrieval_top1']:.3f} ({al['chance']:.3f}, "
+                    f"{al['retrieval_set']} segments) | {al['mean_cosine_other']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
 def _setup(report: dict[str, Any]) -> str:
     t = report["settings"]["train"]
     lat = t["latent"]
@@ -411,6 +425,14 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         causal_table(report),
         _causal_reading(report),
+        "## Do the latents look like their CoT images?",
+        "",
+        "Each test record's CoT images, read for this measurement only, encoded by the vision tower and "
+        "pooled into as many groups as the segment used latents (the alignment loss's targets): the "
+        "cosine of each latent with its own group; and whether a segment's mean latent is closer to "
+        "its own target than to any other segment's of the test split.",
+        "",
+        alignment_table(report),
         "Per-model evaluation reports: "
         + ", ".join(
             f"[{name}]({Path(r['eval_report']).relative_to(report['out']).as_posix()})"

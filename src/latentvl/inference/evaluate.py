@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .alignment import AlignmentProbe
 from .causal import CHECK_RULES, CHECKS, DonorPool, effective_rank, mask_latents, noise_latents, swap_latents
 from .generate import (
     BatchOutcome,
@@ -154,6 +155,7 @@ def evaluate(
     gen = GenerationSettings(max_new_tokens=max_new_tokens)
     do_causal = causal_checks and use_latents
     causal = _CausalRunner(engine, gen, seed) if do_causal else None
+    alignment = AlignmentProbe(model, engine.collator.image_processor) if do_causal else None
     results: list[InferenceResult] = []
     batch_times: list[float] = []
     model_was_training = model.training
@@ -167,8 +169,9 @@ def evaluate(
             batch_times.append(_batch_seconds(outcome.results[0].timings))
             if causal is not None:
                 causal(outcome)
+                alignment(outcome.results, records)
             for r in outcome.results:
-                r.latents = None  # only the causal checks need them
+                r.latents = None  # only the causal and alignment checks need them
     finally:
         model.train(model_was_training)
 
@@ -191,6 +194,7 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         causal=causal.summary(rows) if causal is not None else None,
+        alignment=alignment.summary() if alignment is not None else None,
     )
     predictions = [rows[i] for i in sorted(rows)]
     if out_dir is not None:
@@ -295,6 +299,27 @@ def _fmt(value: Any, pct: bool = False, digits: int = 3) -> str:
     return str(value)
 
 
+def _alignment_markdown(al: dict[str, Any] | None) -> list[str]:
+    if not al or not al["n_segments"]:
+        return []
+    return [
+        "## Do the latents look like their CoT images?",
+        "",
+        "Read from the records' CoT images for this measurement only (the answers never see them): each",
+        "image's visual tokens (vision tower and merger) pooled into as many groups as its segment used",
+        "latents, as in the alignment loss.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| segments (latents) | {al['n_segments']} ({al['n_latents']}) |",
+        f"| mean cosine, latent vs its own pooled target | {_fmt(al['mean_cosine'])} |",
+        f"| retrieval top-1: mean latent closest to its own target among {al['retrieval_set']} | "
+        f"{_fmt(al['retrieval_top1'], pct=True)} (chance {_fmt(al['chance'], pct=True)}) |",
+        f"| mean cosine, mean latent vs other images | {_fmt(al['mean_cosine_other'])} |",
+        "",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     lat, tim = report["latents"], report["timing"]
@@ -358,6 +383,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "values).", ""]
     elif report.get("use_latents"):
         lines += ["Causal checks were not run.", ""]
+    lines += _alignment_markdown(report.get("alignment"))
     files = report.get("files") or {}
     plots = (("used_hist", "Used latents per budget"), ("accuracy_vs_latents", "Accuracy vs latents used"))
     for key, title in plots:
@@ -455,7 +481,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default: 16)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    parser.add_argument("--no-causal", action="store_true", help="skip the causal checks (mask, swap, noise)")
+    parser.add_argument("--no-causal", action="store_true",
+                        help="skip the causal checks (mask, swap, noise) and the alignment check")
     parser.add_argument("--chance", type=float, default=None,
                         help="chance accuracy (default: from meta.json beside the data, when present)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise check (default: 0)")
