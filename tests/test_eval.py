@@ -272,6 +272,7 @@ def test_alignment_probe_scores_latents_against_their_own_cot_images(model_c, da
     own = score(perfect, records)
     assert own["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and own["retrieval_top1"] == 1.0
     assert own["n_segments"] == sum(len(r.used_lens) for r in results)
+    assert own["mean_cosine_own"] == pytest.approx(1.0, abs=1e-5)
     assert own["mean_cosine_other"] < 0.999  # the CoT images differ
     # the same vectors read against the next sample's CoT images (cycled to this sample's segment count)
     rolled = {}
@@ -282,6 +283,7 @@ def test_alignment_probe_scores_latents_against_their_own_cot_images(model_c, da
     wrong = score(perfect, rolled)
     assert wrong["n_segments"] == own["n_segments"]
     assert wrong["retrieval_top1"] < 0.5 and wrong["mean_cosine"] < own["mean_cosine"] - 1e-3
+    assert wrong["mean_cosine_own"] < wrong["mean_cosine_other"] + 0.05  # no longer their own images
     no_cot = {r.index: dataclasses.replace(records[r.index], cot_images=[]) for r in results}
     skipped = score(perfect, no_cot)
     assert skipped["n_segments"] == 0 and skipped["skipped_samples"]["no_cot_images"] == len(results)

@@ -339,16 +339,35 @@ def causal_table(report: dict[str, Any]) -> str:
 
 
 def alignment_table(report: dict[str, Any]) -> str:
-    rows = ["| model | mean cosine, latent vs its pooled target | retrieval top-1 (chance) | "
-            "mean cosine vs other images |", "|---|---|---|---|"]
+    rows = ["| model | cosine, latent vs its pooled target | segment mean vs own / other images | "
+            "retrieval top-1 (chance) |", "|---|---|---|---|"]
     for key, label in {"stage_a": "stage A", "stage_c": "stage C"}.items():
         al = report["results"][key].get("alignment")
         if not al or al.get("retrieval_top1") is None:
             rows.append(f"| {label} | - | - | - |")
             continue
-        rows.append(f"| {label} | {al['mean_cosine']:.3f} | {al['retrieval_top1']:.3f} ({al['chance']:.3f}, "
-                    f"{al['retrieval_set']} segments) | {al['mean_cosine_other']:.3f} |")
+        rows.append(f"| {label} | {al['mean_cosine']:.3f} | {al['mean_cosine_own']:.3f} / "
+                    f"{al['mean_cosine_other']:.3f} | {al['retrieval_top1']:.3f} ({al['chance']:.3f}, "
+                    f"{al['retrieval_set']} segments) |")
     return "\n".join(rows) + "\n"
+
+
+def _alignment_reading(report: dict[str, Any]) -> str:
+    al = report["results"]["stage_c"].get("alignment")
+    if not al or al.get("retrieval_top1") is None:
+        return ""
+    own, other = al["mean_cosine_own"], al["mean_cosine_other"]
+    found = f"find their own image {al['retrieval_top1']:.0%} of the time against {al['chance']:.1%} by chance"
+    if own - other < 0.02:
+        return (
+            f"Reading: the stage-C latents sit close to CoT-image features (segment means: cosine {own:.2f}) "
+            f"but as close to other samples' images ({other:.2f}), and {found}: they learned what a CoT "
+            "image looks like in general, little of the one they stand for.\n"
+        )
+    return (
+        f"Reading: the stage-C latents are closer to their own CoT image (segment means: cosine {own:.2f}) "
+        f"than to other samples' ({other:.2f}) and {found}.\n"
+    )
 
 
 def _setup(report: dict[str, Any]) -> str:
@@ -433,6 +452,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "its own target than to any other segment's of the test split.",
         "",
         alignment_table(report),
+        _alignment_reading(report),
         "Per-model evaluation reports: "
         + ", ".join(
             f"[{name}]({Path(r['eval_report']).relative_to(report['out']).as_posix()})"

@@ -9,8 +9,9 @@ pools each image's visual tokens into as many groups as the segment used latents
 - ``retrieval_top1``: for each segment, whether its mean latent is closer (cosine) to the mean of its
   own pooled target than to that of every other segment collected; ``chance`` is 1/n. Segments of
   near-identical images (successive states of one drawing) are hard to tell apart by design;
-- ``mean_cosine_other``: the cosine of a segment's mean latent with the other segments' mean targets,
-  averaged (the level a latent reaches without being specific to its image).
+- ``mean_cosine_own`` / ``mean_cosine_other``: the cosine of a segment's mean latent with its own mean
+  target / with the other segments' mean targets, averaged. Own above other means the latents carry
+  something of their particular image; equal means they only look like CoT images in general.
 
 CoT images are read only here, for the measurement; the answers never see them (SPEC §9).
 """
@@ -105,11 +106,13 @@ class AlignmentProbe:
             "retrieval_set": n,
             "retrieval_top1": None,
             "chance": 1.0 / n if n else None,
+            "mean_cosine_own": None,
             "mean_cosine_other": None,
         }
         if n >= 2:
             sim = F.normalize(torch.stack(self.mean_latents), dim=-1) @ F.normalize(
                 torch.stack(self.mean_targets), dim=-1).T
             out["retrieval_top1"] = (sim.argmax(dim=1) == torch.arange(n)).float().mean().item()
+            out["mean_cosine_own"] = sim.diagonal().mean().item()
             out["mean_cosine_other"] = ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
         return out

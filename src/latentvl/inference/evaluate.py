@@ -315,7 +315,8 @@ def _alignment_markdown(al: dict[str, Any] | None) -> list[str]:
         f"| mean cosine, latent vs its own pooled target | {_fmt(al['mean_cosine'])} |",
         f"| retrieval top-1: mean latent closest to its own target among {al['retrieval_set']} | "
         f"{_fmt(al['retrieval_top1'], pct=True)} (chance {_fmt(al['chance'], pct=True)}) |",
-        f"| mean cosine, mean latent vs other images | {_fmt(al['mean_cosine_other'])} |",
+        f"| mean cosine, a segment's mean latent vs its own mean target | {_fmt(al['mean_cosine_own'])} |",
+        f"| mean cosine, a segment's mean latent vs the other segments' | {_fmt(al['mean_cosine_other'])} |",
         "",
     ]
 
