@@ -91,7 +91,7 @@ class _OpCounter(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
+        self.count += not getattr(func, "is_view", False)
         return func(*args, **(kwargs or {}))
 
 
@@ -107,14 +107,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, device: str) -> float:
     sync(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    fn()
     sync(device)
-    return (time.perf_counter() - start) / repeats
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -178,8 +176,8 @@ def main() -> None:
                 model.latent_pass(input_ids, mask, embeds, pos, segs, budgets)
         return run
 
-    def loop(batch):
-        return lambda: per_sample_loop(model, batch[0], batch[2], 0.5)
+    def loop(batch, rows: int | None = None):
+        return lambda: per_sample_loop(model, batch[0][:rows], batch[2][:rows], 0.5)
 
     def generate(n):
         input_ids, mask = short[0], short[1]
@@ -193,14 +191,20 @@ def main() -> None:
     ds = steps_of(long) - steps_of(short)
     runs = {"batched": (batched(short), batched(long)), "loop": (loop(short), loop(long)),
             "generate": (generate(1), generate(1 + ds))}
+    for pair in runs.values():  # warm-up
+        for fn in pair:
+            fn()
     times: dict[str, list[list[float]]] = {k: [[], []] for k in runs}
     for _ in range(args.repeats):  # interleaved rounds: a noisy machine hurts every method alike
         for name, pair in runs.items():
             for i, fn in enumerate(pair):
-                times[name][i].append(timed(fn, device, 1))
+                times[name][i].append(timed(fn, device))
     med = {k: [statistics.median(v[0]), statistics.median(v[1])] for k, v in times.items()}
     per_step = {k: (v[1] - v[0]) / ds for k, v in med.items()}
-    ops = {k: (count_ops(pair[1]) - count_ops(pair[0])) / ds for k, pair in runs.items()}
+    # The synthetic rows share one layout, so the loop's count is one sample's times the batch size.
+    counted = {**runs, "loop": (loop(short, rows=1), loop(long, rows=1))}
+    scale = {"loop": args.batch}
+    ops = {k: scale.get(k, 1) * (count_ops(pair[1]) - count_ops(pair[0])) / ds for k, pair in counted.items()}
 
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
