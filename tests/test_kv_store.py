@@ -84,3 +84,37 @@ def test_store_refuses_a_mask_that_does_not_cover_the_written_columns():
         store.attend_step(0, step, step, step, torch.zeros(1, 1, 1, 2), 0.5)
     with pytest.raises(RuntimeError, match="prefix must be the first call"):
         store.write_prefix(0, k, k)
+
+
+def test_a_training_pass_frees_its_store_without_the_cycle_collector(monkeypatch):
+    """Nothing of a pass outlives its backward: no reference cycle holds the store and its graph."""
+    import gc
+    import weakref
+
+    from latentvl import build_tiny_model
+    from latentvl.model import kv_store
+
+    model, _ = build_tiny_model(seed=0)
+    cfg = model.config
+    ids = torch.tensor([[11, 12, 13, cfg.latent_start_token_id] + [cfg.latent_token_id] * 4
+                        + [cfg.latent_end_token_id]] * 2)
+    mask = torch.ones_like(ids)
+    made = []
+    init = kv_store.LatentKVStore.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(kv_store.LatentKVStore, "__init__", tracking_init)
+    gc.disable()
+    try:
+        for _ in range(2):
+            embeds = model.get_input_embeddings()(ids)
+            out = model.latent_pass(ids, mask, embeds, model.compute_position_ids(ids, mask, None, None),
+                                    [[(4, 8, 0)]] * 2, [[4]] * 2)
+            out.ce_patch_vec.square().sum().backward()
+            del out, embeds
+        assert len(made) == 2 and all(ref() is None for ref in made)
+    finally:
+        gc.enable()

@@ -92,7 +92,8 @@ class LatentKVStore:
 
     def close(self) -> None:
         """Drop the order tokens once the pass is over: each holds its call's autograd node, whose
-        context holds this store (a reference cycle through C++ that Python's collector cannot free)."""
+        context holds this store (a reference cycle through the autograd graph, which Python's
+        collector may not free)."""
         self.order = [None] * len(self.order)
 
     def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
