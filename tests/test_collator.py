@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -514,3 +514,15 @@ def test_image_paths_are_read_like_the_dataset_reads_them(processor, latent_sett
     black = collate([{**sample, "images": [rgba.convert("RGB")]}])["pixel_values"]
     assert torch.equal(from_path, from_dataset)
     assert not torch.equal(from_path, black)
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=TEXT)
+@example(text="\n\n")
+@example(text="a\n\n\nb")
+def test_tiny_tokenizer_round_trips_printable_text_and_newlines(processor, text):
+    """One token per character, newlines included (runs of them too): nothing becomes <unk>."""
+    tok = processor.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text

@@ -33,7 +33,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {tok: i for i, tok in enumerate([*QWEN_SPECIAL_TOKENS, *chars, "<unk>"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, newline too
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
