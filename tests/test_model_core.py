@@ -681,3 +681,24 @@ def test_pass1_backward_twice_on_a_retained_graph(tiny, one_thread):
     assert sum(int(a is not None and a.abs().max() > 0) for a in first) > len(params) // 2
     for a, b in zip(first, second):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_latent_loss_under_bf16_autocast(tiny, stage, one_thread):
+    """The trainer's default on a GPU (bf16 autocast over float32 weights), here on the CPU: both passes
+    and the K/V store's backward run, with finite gradients, and the loss stays near the float32 one."""
+    model, processor = tiny
+    _stage(model, stage)
+    batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED])
+    try:
+        ref = model.latent_loss(batch).loss.item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.latent_loss(batch)
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert len(grads) > 50 and all(torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().max() > 0 for g in grads)
+        assert out.loss.item() == pytest.approx(ref, rel=0.05)
+    finally:
+        model.zero_grad(set_to_none=True)
+        _stage(model, "A")
