@@ -702,3 +702,20 @@ def test_latent_loss_under_bf16_autocast(tiny, stage, one_thread):
     finally:
         model.zero_grad(set_to_none=True)
         _stage(model, "A")
+
+
+def test_bf16_weights_give_the_float32_gradients_to_bf16_precision(one_thread):
+    """A model held in bf16 (as FSDP's bf16 policy or a bf16 checkpoint runs it): the K/V store keeps bf16
+    keys and values, accumulates their gradients in float32, and the gradient matches float32's."""
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, processor = build_tiny_model(seed=0)
+        model = model.to(dtype)
+        batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED])
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        model.latent_loss(batch).loss.backward()
+        grads[dtype] = torch.cat([p.grad.float().flatten() for p in model.model.language_model.parameters()])
+    a, b = grads[torch.float32], grads[torch.bfloat16]
+    assert torch.isfinite(b).all()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert (a - b).norm() / a.norm() < 0.05
