@@ -471,16 +471,18 @@ def tiny64():
     return model.double(), processor
 
 
-@pytest.mark.parametrize("stage, detach, side, null_scale", [
-    ("A", False, "left", 0.0), ("A", False, "right", 0.0), ("C", False, "right", 0.0), ("C", True, "left", 0.0),
-    ("C", False, "left", 0.3),
+@pytest.mark.parametrize("stage, detach, side, null_scale, attn", [
+    ("A", False, "left", 0.0, "latent_sdpa"), ("A", False, "right", 0.0, "latent_sdpa"),
+    ("C", False, "right", 0.0, "latent_sdpa"), ("C", True, "left", 0.0, "latent_sdpa"),
+    ("C", False, "left", 0.3, "latent_sdpa"), ("C", False, "left", 0.0, "latent_eager"),
 ])
-def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, side, null_scale, one_thread):
+def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, side, null_scale, attn, one_thread):
     """Latents, stop logits and the gradient of every parameter equal a cache-free reference that
     recomputes the whole sequence at every step (float64): the K/V store, its hand-written backward
-    and its ordering are exact, with and without ``latent_detach_step_inputs``, and soft gating in
-    pass 1 means what ``latent_kv_mask`` means in pass 2."""
+    and its ordering are exact, with and without ``latent_detach_step_inputs``, with the eager
+    attention as with sdpa, and soft gating in pass 1 means what ``latent_kv_mask`` means in pass 2."""
     model, processor = tiny64
+    model.set_latent_attention(attn)
     _stage(model, stage, latent_detach_step_inputs=detach, latent_null_scale=null_scale)
     batch = _collate(model, processor, [_sample(i, m) for i, m in MIXED], side)
     pixels = batch["pixel_values"].double()
@@ -548,6 +550,7 @@ def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, 
         checked += int(ref.abs().max() > 0)
     assert checked > len(params) // 2
     _stage(model, "A", latent_detach_step_inputs=False, latent_null_scale=0.0)
+    model.set_latent_attention("latent_sdpa")
 
 
 def _saved_bytes(model, batch_of) -> int:
