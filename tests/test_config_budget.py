@@ -44,6 +44,8 @@ def test_spec_fields_and_defaults():
         ({"latent_stop_threshold": 1.5}, "latent_stop_threshold"),
         ({"latent_null_scale": -0.1}, "latent_null_scale"),
         ({"latent_mode_stage": "C", "latent_stop_loss_weight": -1.0}, "latent_stop_loss_weight"),
+        ({"latent_prefix_grad": "no"}, "latent_prefix_grad"),
+        ({"latent_detach_step_inputs": 1}, "latent_detach_step_inputs"),
     ],
 )
 def test_validation_names_field_and_value(changes, field):

@@ -722,3 +722,31 @@ def test_bf16_weights_give_the_float32_gradients_to_bf16_precision(one_thread):
     assert torch.isfinite(b).all()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     assert (a - b).norm() / a.norm() < 0.05
+
+
+def test_prefix_grad_off_keeps_the_values_and_drops_the_prefix_memory_and_gradient(tiny, one_thread):
+    """``latent_prefix_grad=False``: the same latents, the prefix keeps nothing for backward and gets
+    no gradient from pass 1, and the steps still train."""
+    model, _ = tiny
+    _stage(model, "A")
+    ids, mask, segs, budgets = _text_batch(model, 200, 8)
+    pos = model.compute_position_ids(ids, mask, None, None)
+
+    def run():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        out = model.latent_pass(ids, mask, embeds, pos, segs, budgets)
+        k_proj = model.model.language_model.layers[0].self_attn.k_proj.weight
+        g_embeds, g_k = torch.autograd.grad(out.ce_patch_vec.square().sum(), (embeds, k_proj))
+        return out.ce_patch_vec.detach(), g_embeds, g_k, _saved_bytes(model, (ids, mask, segs, budgets))
+
+    vec_on, g_on, k_on, saved_on = run()
+    set_latent_fields(model.config, latent_prefix_grad=False)
+    try:
+        vec_off, g_off, k_off, saved_off = run()
+    finally:
+        set_latent_fields(model.config, latent_prefix_grad=True)
+    assert torch.equal(vec_on, vec_off)
+    first = segs[0][0][0]
+    assert g_on[:, :first].abs().max() > 0 and g_off[:, :first].abs().max() == 0
+    assert k_off.abs().max() > 0 and not torch.allclose(k_on, k_off)
+    assert saved_off < 0.25 * saved_on, (saved_off, saved_on)

@@ -43,6 +43,7 @@ class LatentSettings:
     latent_stop_target_ratio: float = 0.7
     latent_cost_mode: str = "count"
     latent_detach_step_inputs: bool = False
+    latent_prefix_grad: bool = True
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -75,6 +76,9 @@ class LatentSettings:
             raise bad("latent_stop_target_ratio", "must be in (0, 1]")
         if self.latent_cost_mode not in COST_MODES:
             raise bad("latent_cost_mode", f"must be one of {COST_MODES}")
+        for name in ("latent_detach_step_inputs", "latent_prefix_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
         return self
 
     @classmethod

@@ -12,7 +12,8 @@ Two passes (SPEC §4–§6):
 Gradient (D5): pass 1 runs with autograd and without gradient checkpointing, so CE and alignment
 gradients reach the weights through the latent vectors (and, through the chain of steps, through
 every earlier latent). ``latent_detach_step_inputs=True`` cuts the chain between steps (each
-latent then carries gradient only from its own last step): cheaper, never the default.
+latent then carries gradient only from its own last step) and ``latent_prefix_grad=False`` runs the
+prefix of pass 1 without autograd (the question's activations are not kept): cheaper, never the default.
 """
 
 from __future__ import annotations
@@ -342,8 +343,11 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         layer_types = set(text.layer_types)
         calls = 0
         with _no_gradient_checkpointing(self), contextlib.closing(store):
-            out = lm(inputs_embeds=emb[:, :P], attention_mask=att[:, :P], position_ids=pos[:, :, :P],
-                     use_cache=False, latent_kv_store=store)
+            # latent_prefix_grad=False: the prefix (question, images) runs without autograd in pass 1, so
+            # its activations are not kept; pass 2 still trains it through the CE loss.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and settings.latent_prefix_grad):
+                out = lm(inputs_embeds=emb[:, :P], attention_mask=att[:, :P], position_ids=pos[:, :, :P],
+                         use_cache=False, latent_kv_store=store)
             calls += 1
             h_prev = out.last_hidden_state[:, -1]
             halted = torch.zeros(len(layout.rows), dtype=torch.bool, device=device)
