@@ -25,6 +25,8 @@ import torch
 from latent_pass import build, sync, synthetic_batch
 from transformers.cache_utils import DynamicCache
 
+from latentvl import set_latent_fields
+
 
 def growing_cache_pass(model, input_ids, embeds, position_ids, segments) -> torch.Tensor:
     """Stage-A pass 1 over ``DynamicCache`` (every row has the same layout: no shifting needed)."""
@@ -48,6 +50,15 @@ def store_pass(model, input_ids, embeds, position_ids, segments) -> torch.Tensor
     budgets = [[e - s for s, e, _ in row] for row in segments]
     mask = torch.ones_like(input_ids)
     return model.latent_pass(input_ids, mask, embeds, position_ids, segments, budgets).ce_patch_vec
+
+
+def store_pass_no_prefix_grad(model, input_ids, embeds, position_ids, segments) -> torch.Tensor:
+    """The store with ``latent_prefix_grad=False``: the prefix runs without autograd."""
+    set_latent_fields(model.config, latent_prefix_grad=False)
+    try:
+        return store_pass(model, input_ids, embeds, position_ids, segments)
+    finally:
+        set_latent_fields(model.config, latent_prefix_grad=True)
 
 
 def saved_bytes(model, fn) -> int:
@@ -78,7 +89,7 @@ def measure(model, device: str, batch: int, prompt: int, steps: int, repeats: in
     with torch.no_grad():
         base = model.get_input_embeddings()(input_ids)
         position_ids = model.compute_position_ids(input_ids, torch.ones_like(input_ids), None, None)
-    passes = {"store": store_pass, "cache": growing_cache_pass}
+    passes = {"store": store_pass, "cache": growing_cache_pass, "no prefix grad": store_pass_no_prefix_grad}
 
     def run(name: str, backward: bool) -> None:
         embeds = base.detach().requires_grad_()
@@ -95,10 +106,11 @@ def measure(model, device: str, batch: int, prompt: int, steps: int, repeats: in
             torch.cuda.reset_peak_memory_stats()
             run(name, backward=True)
             row[name, "peak"] = torch.cuda.max_memory_allocated() / 2**30
-    row["store", "saved"] += store_buffer_bytes(model, batch, prompt + 1 + steps, base.element_size())
-    times = {name: [] for name in passes}
+    for name in ("store", "no prefix grad"):
+        row[name, "saved"] += store_buffer_bytes(model, batch, prompt + 1 + steps, base.element_size())
+    times = {name: [] for name in ("store", "cache")}
     for _ in range(repeats):  # interleaved: noise hits both alike
-        for name in passes:
+        for name in times:
             sync(device)
             start = time.perf_counter()
             run(name, backward=True)
@@ -127,18 +139,20 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; stage A; one segment; "
           f"fwd+bwd median of {args.repeats}")
-    head = f"{'prompt':>7}{'steps':>7}{'saved MiB store':>17}{'saved MiB cache':>17}{'ratio':>8}{'time ratio':>12}"
-    print(head + (f"{'peak GiB store':>16}{'peak GiB cache':>16}" if device == "cuda" else ""))
+    head = (f"{'prompt':>7}{'steps':>7}{'saved MiB store':>17}{'saved MiB cache':>17}{'ratio':>8}"
+            f"{'time ratio':>12}{'no prefix grad':>16}")
+    print(head + (f"{'peak GiB store':>16}{'peak GiB cache':>16}{'no prefix grad':>16}" if device == "cuda" else ""))
     for prompt in prompts:
         for steps in args.steps:
             row = measure(model, device, args.batch, prompt, steps, args.repeats)
             s_store, s_cache = row["store", "saved"] / 2**20, row["cache", "saved"] / 2**20
             line = (f"{prompt:>7}{steps:>7}{s_store:>17.1f}{s_cache:>17.1f}{s_cache / s_store:>7.1f}x"
-                    f"{row['time ratio']:>11.2f}x")
+                    f"{row['time ratio']:>11.2f}x{row['no prefix grad', 'saved'] / 2**20:>16.1f}")
             if device == "cuda":
-                line += f"{row['store', 'peak']:>16.2f}{row['cache', 'peak']:>16.2f}"
+                line += "".join(f"{row[k, 'peak']:>16.2f}" for k in ("store", "cache", "no prefix grad"))
             print(line, flush=True)
-    print("ratio: cache / store bytes kept for backward; time ratio: store / cache (below 1 = store faster)")
+    print("ratio: cache / store bytes kept for backward; time ratio: store / cache (below 1 = store faster); "
+          "no prefix grad: the store with latent_prefix_grad=False")
 
 
 if __name__ == "__main__":
