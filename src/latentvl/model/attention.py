@@ -1,7 +1,7 @@
 """Attention functions that gate inactive latent slots (SPEC §5.3, D3).
 
 Registered with transformers as ``latent_eager``, ``latent_sdpa`` and, when ``flash_attn`` is
-importable, ``latent_flash_attention_2``. They read two keyword arguments that the latent model
+importable, ``latent_flash_attention_2``. They read keyword arguments that the latent model
 passes down through ``forward(**kwargs)``:
 
 - ``latent_kv_mask``: ``[B, S_kv]`` bool, True = keep; covers every key (cache included).
@@ -16,6 +16,8 @@ Without these arguments each function is exactly its stock counterpart.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -76,21 +78,31 @@ def _sdpa(query, key, value, keep, dropout: float, scaling):
                                           dropout_p=dropout, scale=scaling)
 
 
-def _store_step(module, query, key, value, bias, store: LatentKVStore, scaling) -> torch.Tensor:
-    """A latent step of pass 1: ``bias`` is the ready additive ``[R, 1, 1, c+1]`` key mask; returns
-    ``[R, 1, H, D]``."""
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return store.attend_step(module.layer_idx, query, key, value, bias, scaling).transpose(1, 2)
+def _through_kv_store(attention_fn):
+    """Pass 1's route, shared by every registered function: with ``latent_kv_store`` given, a one-token
+    call (a latent step, whose mask is the ready additive ``[R, 1, 1, c+1]`` key mask) attends over the
+    store; a longer call (the prefix) stores its K/V there, then runs ``attention_fn`` as usual."""
+
+    @functools.wraps(attention_fn)
+    def wrapped(module, query, key, value, attention_mask, *args, latent_kv_store: LatentKVStore | None = None,
+                **kwargs):
+        if latent_kv_store is not None:
+            if query.shape[-2] == 1:
+                scaling = kwargs.get("scaling")
+                scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+                out = latent_kv_store.attend_step(module.layer_idx, query, key, value, attention_mask, scaling)
+                return out.transpose(1, 2), None
+            key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
+        return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return wrapped
 
 
+@_through_kv_store
 def latent_sdpa_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
-    latent_null_scale=0.0, latent_kv_store=None, **kwargs,
+    latent_null_scale=0.0, **kwargs,
 ):
-    if latent_kv_store is not None:
-        if query.shape[-2] == 1:
-            return _store_step(module, query, key, value, attention_mask, latent_kv_store, scaling), None
-        key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
     causal = getattr(module, "is_causal", False)
     dropout = dropout if module.training else 0.0
     if latent_kv_mask is None:
@@ -105,14 +117,11 @@ def latent_sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+@_through_kv_store
 def latent_eager_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, latent_kv_mask=None,
-    latent_null_scale=0.0, latent_kv_store=None, **kwargs,
+    latent_null_scale=0.0, **kwargs,
 ):
-    if latent_kv_store is not None:
-        if query.shape[-2] == 1:
-            return _store_step(module, query, key, value, attention_mask, latent_kv_store, scaling), None
-        key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
     if latent_kv_mask is not None and getattr(module, "is_causal", False):
         key, value, keep = _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask,
                                          latent_null_scale)
@@ -131,9 +140,9 @@ def latent_eager_attention(
     return out.transpose(1, 2).contiguous(), weights
 
 
+@_through_kv_store
 def latent_flash_attention_2(
-    module, query, key, value, attention_mask, latent_kv_mask=None, latent_null_scale=0.0, latent_kv_store=None,
-    **kwargs,
+    module, query, key, value, attention_mask, latent_kv_mask=None, latent_null_scale=0.0, **kwargs
 ):
     """Flash-attention 2 when no key is gated; otherwise the exact sdpa path.
 
@@ -142,11 +151,6 @@ def latent_flash_attention_2(
     """
     from transformers.integrations.flash_attention import flash_attention_forward
 
-    if latent_kv_store is not None:
-        if query.shape[-2] == 1:
-            return _store_step(module, query, key, value, attention_mask, latent_kv_store,
-                               kwargs.get("scaling")), None
-        key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
     plain_mask = attention_mask is None or attention_mask.dim() == 2
     if not getattr(module, "is_causal", False) or (latent_kv_mask is None and plain_mask):
         return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
