@@ -417,8 +417,9 @@ def test_settings_roundtrip_from_model(tiny):
 def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, null_scale=0.0):
     """Pass 1 by its definition, for one unpadded sample: every latent re-runs the language model over
     all the columns used so far (no cache, causal attention). Inactive slots are left out of the
-    sequence altogether, or with ``null_scale > 0`` kept with their K/V scaled by the pass-2 gating
-    (``latent_kv_mask``). Returns {column: latent vector} and {column: stop logit}."""
+    sequence altogether, or with ``null_scale > 0`` kept with their own embedding (<|latent_pad|>, as
+    pass 2 sees them) and their K/V scaled by the pass-2 gating (``latent_kv_mask``). Returns
+    {column: latent vector} and {column: stop logit}."""
     lm = model.model.language_model
     seg_of = {c: s for s, e, _ in segments for c in range(s, e)}
     first, end = min(seg_of), max(seg_of) + 1
@@ -436,15 +437,17 @@ def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, n
             rows.append(embeds[c])
             keep.append(True)
             continue
-        if seg_of[c] in halted and null_scale == 0:
+        if seg_of[c] in halted:
+            if null_scale > 0:
+                cols.append(c)
+                rows.append(embeds[c])
+                keep.append(False)
             continue
         h = last_hidden()
         x = h.detach() if detach else h
         cols.append(c)
         rows.append(x)
-        keep.append(seg_of[c] not in halted)
-        if not keep[-1]:
-            continue
+        keep.append(True)
         vecs[c] = x
         if stage_c:
             logits[c] = model.latent_stop_head(last_hidden())[0]
@@ -539,6 +542,14 @@ def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, 
         gated_before_active += sum(any(g < k for g in gated) for k in vecs)
     # in stage C some inactive slot lies before an active one, so the gating is exercised
     assert (gated_before_active > 0) == (stage == "C")
+    # pass 2 (as in latent_loss and the prefill of generate()): the active latents patched in, the rest
+    # of the sequence as it is, latent_kv_mask applied; its hidden state before every active slot is the
+    # latent pass 1 placed there
+    with torch.no_grad():
+        e2 = e.index_put((r, c), p1.ce_patch_vec.detach())
+        hidden = model.model.language_model(inputs_embeds=e2, attention_mask=batch["attention_mask"], position_ids=pos,
+                                            **model._gating_kwargs(p1.latent_kv_mask)).last_hidden_state
+        assert (hidden[r, c - 1] - p1.ce_patch_vec).abs().max().item() <= 1e-10
     want = torch.autograd.grad(ref_loss, params, allow_unused=True)
     checked = 0
     for p, a, ref in zip(params, got, want):
