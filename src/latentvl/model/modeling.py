@@ -490,7 +490,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     # ------------------------------------------------------------------ training unit
     def latent_loss(self, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
         """Both passes on a collated batch and the combined loss (SPEC §5.5):
-        ``L = ce + w_align * align + w_stop * stop + w_cost * cost``.
+        ``L = ce + w_align * align + w_stop * stop + w_cost * cost``; ``w_stop`` and ``w_cost`` count
+        only in stage C (:meth:`LatentSettings.loss_weights`).
 
         ``batch`` holds the collator's keys. Visual features of the question images are computed
         once and shared by both passes; CoT images are encoded without gradient (alignment targets).
@@ -525,7 +526,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 cost = p1.used_lens.sum(dim=1).float().mean()  # D7: no gradient, logged
             else:
                 cost = self._expected_cost(batch, p1)
-        loss = ce + s.latent_align_weight * align + s.latent_stop_loss_weight * stop + s.latent_cost_weight * cost
+        w_stop, w_cost = s.loss_weights()  # (0, 0) in stage A
+        loss = ce + s.latent_align_weight * align + w_stop * stop + w_cost * cost
         return LatentLossOutput(loss=loss, ce=ce.detach(), align=align.detach(), stop=stop.detach(),
                                 cost=cost.detach(), logits=out.logits, latent=p1)
 
