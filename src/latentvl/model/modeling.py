@@ -255,7 +255,6 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         the full-budget sequence (D2).
         """
         if latent_mode:
-            self._require_gated_attention("latent_mode=True (pass 1)")
             if input_ids is None:
                 raise LatentInputError("latent_mode=True needs input_ids (they locate the latent segments)")
             embeds = inputs_embeds if inputs_embeds is not None else self.embed_inputs(
@@ -328,7 +327,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         is the maximum over ranks), never on where samples halt; no host synchronisation happens
         inside the loop.
         """
-        self._require_gated_attention("the latent pass")
+        self._require_gated_attention("the latent pass (latent_mode=True)")
         settings = self.latent_settings
         stage = settings.latent_mode_stage
         thr = settings.latent_stop_threshold if threshold is None else float(threshold)
