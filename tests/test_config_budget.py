@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -35,8 +37,6 @@ def test_spec_fields_and_defaults():
     "changes, field",
     [
         ({"latent_mode_stage": "B"}, "latent_mode_stage"),
-        ({"latent_stop_loss_weight": 1.0}, "latent_stop_loss_weight"),  # stage A
-        ({"latent_cost_weight": 1e-3}, "latent_cost_weight"),  # stage A
         ({"latent_budget_alpha": 0.0}, "latent_budget_alpha"),
         ({"latent_budget_gamma": -1.0}, "latent_budget_gamma"),
         ({"latent_budget_min": 0}, "latent_budget_min"),
@@ -52,6 +52,41 @@ def test_validation_names_field_and_value(changes, field):
     with pytest.raises(LatentConfigError, match=field) as err:
         LatentSettings().replace(**changes).validate()
     assert repr(changes.get(field, getattr(LatentSettings(), field))) in str(err.value)
+
+
+def test_stage_c_weights_default_to_the_design_note_and_count_only_in_stage_c():
+    s = LatentSettings()
+    assert (s.latent_stop_loss_weight, s.latent_cost_weight) == (1.0, 1e-3)
+    assert s.validate().loss_weights() == (0.0, 0.0)  # stage A trains both at 0, whatever they hold
+    c = s.replace(latent_mode_stage="C").validate()
+    assert c.loss_weights() == (1.0, 1e-3)
+
+
+def test_stage_c_on_a_zero_stop_weight_must_be_asked_for():
+    """A stage-A config that holds 0 (as older checkpoints saved it) does not silently enter stage C
+    without a stop loss; stating the weight in the same call is the explicit choice."""
+    a = LatentSettings(latent_stop_loss_weight=0.0, latent_cost_weight=0.0)
+    with pytest.raises(LatentConfigError, match=r"latent_stop_loss_weight=0.0 with latent_mode_stage='C'"):
+        a.replace(latent_mode_stage="C")
+    config = types.SimpleNamespace(**dataclasses.asdict(a))
+    with pytest.raises(LatentConfigError, match="latent_stop_loss_weight"):
+        set_latent_fields(config, latent_mode_stage="C")
+    assert config.latent_mode_stage == "A"  # nothing was written
+    chosen = set_latent_fields(config, latent_mode_stage="C", latent_stop_loss_weight=0.0)
+    assert chosen.loss_weights() == (0.0, 0.0) and config.latent_mode_stage == "C"
+    assert set_latent_fields(config, latent_stop_threshold=0.4).latent_stop_threshold == 0.4  # already chosen
+    assert a.replace(latent_mode_stage="C", latent_stop_loss_weight=2.0).loss_weights() == (2.0, 0.0)
+
+
+def test_trainer_stage_settings_keep_the_rule():
+    from latentvl.training.config import TrainConfig
+
+    cfg = TrainConfig(stage="AC", switch_step=2)
+    base = LatentSettings(latent_stop_loss_weight=0.0, latent_cost_weight=0.0)  # a stage-A checkpoint
+    a, c = cfg.latent_settings("A", base), cfg.latent_settings("C", base)
+    assert a.loss_weights() == (0.0, 0.0) and c.loss_weights() == (1.0, 1e-3)
+    off = TrainConfig(stage="C", latent={"latent_stop_loss_weight": 0.0}).latent_settings("C", base)
+    assert off.loss_weights() == (0.0, 1e-3)  # asked for in the YAML: allowed
 
 
 def test_stage_c_accepts_weights():

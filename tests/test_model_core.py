@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from latentvl import LatentCollator, LatentInputError, LatentSettings, build_tiny_model, set_latent_fields
+from latentvl import (
+    LatentCollator,
+    LatentInputError,
+    LatentSettings,
+    build_tiny_model,
+    compute_latent_budget,
+    set_latent_fields,
+)
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +345,100 @@ def test_losses_and_gradients(tiny):
     _stage(model, "A")
 
 
+def _pooled_by_hand(features: torch.Tensor, groups: int) -> torch.Tensor:
+    """D4's raster-order groups, written out: group g averages tokens [floor(gN/u), ceil((g+1)N/u))."""
+    n = features.shape[0]
+    return torch.stack([features[(g * n) // groups: -((-(g + 1) * n) // groups)].mean(0) for g in range(groups)])
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_loss_sum_and_alignment_targets_as_wired_in_latent_loss(tiny, stage):
+    """``latent_loss`` against an independent recomputation: each active latent is aligned with its own
+    CoT image (encoded alone), pooled into as many groups as its segment has active latents, and the
+    total is ce + w_align * align + w_stop * stop + w_cost * cost, the stop and cost terms in stage C only."""
+    model, processor = tiny
+    _stage(model, stage)
+    set_latent_fields(model.config, latent_align_weight=0.7)
+    if stage == "C":
+        set_latent_fields(model.config, latent_stop_loss_weight=1.3, latent_cost_weight=0.01)
+    samples = [_sample(i, m) for i, m in [(1, 3), (2, 0), (3, 2)]]
+    batch = _collate(model, processor, samples)
+    handle = _fire_at(model, {0: [0], 2: [1]}) if stage == "C" else None
+    try:
+        with torch.no_grad():
+            out = model.latent_loss(batch)
+    finally:
+        if handle is not None:
+            handle.remove()
+        _stage(model, "A")
+        set_latent_fields(model.config, latent_align_weight=1.0)
+    p1 = out.latent
+    if stage == "C":
+        assert any(u < b for us, bs in zip(p1.latent_used_lens, batch["latent_budgets"]) for u, b in zip(us, bs))
+    # every CoT image encoded on its own, in the order the samples list them
+    grids = batch["cot_image_grid_thw"]
+    sizes = [int(g.prod()) for g in grids]
+    pixels = batch["cot_pixel_values"].split(sizes)
+    with torch.no_grad():
+        feats = [model.model.get_image_features(px, g[None]).pooler_output[0] for px, g in zip(pixels, grids)]
+    first = np.cumsum([0] + [len(sample["cot_images"]) for sample in samples])
+    costs = []
+    for (b, col), vec in zip(p1.ce_patch_pos.tolist(), p1.ce_patch_vec):
+        (k, (s, _e, img)), = [(k, seg) for k, seg in enumerate(sorted(batch["latent_segments"][b]))
+                              if seg[0] <= col < seg[1]]
+        used = p1.latent_used_lens[b][k]
+        assert col - s < used  # only active slots are aligned
+        target = _pooled_by_hand(feats[first[b] + img], used)[col - s]
+        costs.append(1 - torch.nn.functional.cosine_similarity(vec, target, dim=0))
+    assert len(costs) == sum(sum(u) for u in p1.latent_used_lens)
+    assert out.align.item() == pytest.approx(torch.stack(costs).mean().item(), abs=1e-5)
+    if stage == "A":
+        assert out.stop == 0 and out.cost == 0
+        want = out.ce + 0.7 * out.align
+    else:
+        assert out.stop > 0 and out.cost.item() == pytest.approx(np.mean([sum(u) for u in p1.latent_used_lens]))
+        want = out.ce + 0.7 * out.align + 1.3 * out.stop + 0.01 * out.cost
+    assert out.loss.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_switching_to_stage_c_alone_trains_the_stop_head():
+    """The config's own defaults (1.0, 1e-3) make ``latent_mode_stage="C"`` train the stop head."""
+    model, processor = build_tiny_model(seed=0, num_layers=2)
+    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_max=6)
+    set_latent_fields(model.config, latent_mode_stage="C")
+    out = model.latent_loss(_collate(model, processor, [_sample(1, 3)]))
+    assert out.stop > 0
+    assert out.loss.item() == pytest.approx((out.ce + out.align + out.stop + 1e-3 * out.cost).item(), abs=1e-5)
+    assert torch.autograd.grad(out.loss, model.latent_stop_head.weight)[0].abs().sum() > 0
+
+
+def test_collator_and_model_merge_the_same_patches(tiny):
+    """The collator's merge size is the model's: as many <|image_pad|> tokens per image as the vision
+    tower returns features, and budgets from the same count; a processor that merges differently is refused."""
+    from latentvl.budget import num_visual_tokens
+    from latentvl.model.tiny import build_tiny_image_processor
+    from latentvl.processor import LatentProcessor
+
+    model, processor = tiny
+    collator = LatentCollator(processor, model.config)
+    assert collator.merge_size == model.config.vision_config.spatial_merge_size
+    batch = collator([_sample(i, m) for i, m in [(1, 2), (3, 1)]])
+    with torch.no_grad():
+        feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        cot = model.model.get_image_features(batch["cot_pixel_values"], batch["cot_image_grid_thw"]).pooler_output
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == sum(f.shape[0] for f in feats)
+    s = LatentSettings.from_config(model.config)
+    budgets = [b for per_sample in batch["latent_budgets"] for b in per_sample]
+    assert [num_visual_tokens(g.tolist(), collator.merge_size) for g in batch["cot_image_grid_thw"]] == [
+        f.shape[0] for f in cot]
+    assert budgets == [compute_latent_budget(f.shape[0], s.latent_budget_alpha, s.latent_budget_gamma,
+                                             s.latent_budget_min, s.latent_budget_max) for f in cot]
+    other = build_tiny_image_processor()
+    other.merge_size = 1
+    with pytest.raises(ValueError, match="merge_size=1 .*spatial_merge_size=2"):
+        LatentCollator(LatentProcessor(tokenizer=processor.tokenizer, image_processor=other), model.config)
+
+
 def test_ce_gradient_flows_through_latent_vectors_only_when_used(tiny):
     model, processor = tiny
     _stage(model, "A")
@@ -417,8 +518,9 @@ def test_settings_roundtrip_from_model(tiny):
 def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, null_scale=0.0):
     """Pass 1 by its definition, for one unpadded sample: every latent re-runs the language model over
     all the columns used so far (no cache, causal attention). Inactive slots are left out of the
-    sequence altogether, or with ``null_scale > 0`` kept with their K/V scaled by the pass-2 gating
-    (``latent_kv_mask``). Returns {column: latent vector} and {column: stop logit}."""
+    sequence altogether, or with ``null_scale > 0`` kept with their own embedding (<|latent_pad|>, as
+    pass 2 sees them) and their K/V scaled by the pass-2 gating (``latent_kv_mask``). Returns
+    {column: latent vector} and {column: stop logit}."""
     lm = model.model.language_model
     seg_of = {c: s for s, e, _ in segments for c in range(s, e)}
     first, end = min(seg_of), max(seg_of) + 1
@@ -436,15 +538,17 @@ def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, n
             rows.append(embeds[c])
             keep.append(True)
             continue
-        if seg_of[c] in halted and null_scale == 0:
+        if seg_of[c] in halted:
+            if null_scale > 0:
+                cols.append(c)
+                rows.append(embeds[c])
+                keep.append(False)
             continue
         h = last_hidden()
         x = h.detach() if detach else h
         cols.append(c)
         rows.append(x)
-        keep.append(seg_of[c] not in halted)
-        if not keep[-1]:
-            continue
+        keep.append(True)
         vecs[c] = x
         if stage_c:
             logits[c] = model.latent_stop_head(last_hidden())[0]
@@ -539,6 +643,14 @@ def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, 
         gated_before_active += sum(any(g < k for g in gated) for k in vecs)
     # in stage C some inactive slot lies before an active one, so the gating is exercised
     assert (gated_before_active > 0) == (stage == "C")
+    # pass 2 (as in latent_loss and the prefill of generate()): the active latents patched in, the rest
+    # of the sequence as it is, latent_kv_mask applied; its hidden state before every active slot is the
+    # latent pass 1 placed there
+    with torch.no_grad():
+        e2 = e.index_put((r, c), p1.ce_patch_vec.detach())
+        hidden = model.model.language_model(inputs_embeds=e2, attention_mask=batch["attention_mask"], position_ids=pos,
+                                            **model._gating_kwargs(p1.latent_kv_mask)).last_hidden_state
+        assert (hidden[r, c - 1] - p1.ce_patch_vec).abs().max().item() <= 1e-10
     want = torch.autograd.grad(ref_loss, params, allow_unused=True)
     checked = 0
     for p, a, ref in zip(params, got, want):

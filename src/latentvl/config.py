@@ -24,6 +24,12 @@ class LatentSettings:
     """Every latent field, with SPEC defaults.
 
     SPEC §1 fields come first; the rest are latentvl's own additions.
+
+    ``latent_stop_loss_weight`` (1.0) and ``latent_cost_weight`` (1e-3) are stage C's weights, the design
+    note's defaults. Stage A trains both at 0 whatever they hold: the loss applies them only in stage C
+    (:meth:`loss_weights`), so a config keeps them across the switch. Entering stage C with a stop weight
+    of 0 must be asked for: :meth:`replace` (and ``set_latent_fields``) refuses ``latent_mode_stage="C"``
+    on a zero stop weight unless ``latent_stop_loss_weight`` is given in the same call.
     """
 
     latent_token_id: int = -1
@@ -32,8 +38,8 @@ class LatentSettings:
     latent_budget_min: int = 1
     latent_budget_max: int = 32
     latent_mode_stage: str = "A"
-    latent_stop_loss_weight: float = 0.0
-    latent_cost_weight: float = 0.0
+    latent_stop_loss_weight: float = 1.0
+    latent_cost_weight: float = 1e-3
     latent_stop_threshold: float = 0.5
     latent_null_scale: float = 0.0
     # latentvl additions
@@ -53,10 +59,6 @@ class LatentSettings:
 
         if self.latent_mode_stage not in STAGES:
             raise bad("latent_mode_stage", f"must be one of {STAGES}")
-        if self.latent_mode_stage == "A":
-            for name in ("latent_stop_loss_weight", "latent_cost_weight"):
-                if getattr(self, name) != 0:
-                    raise bad(name, "must be 0 in stage A (the stop head is not trained during warm-up)")
         for name in ("latent_stop_loss_weight", "latent_cost_weight", "latent_align_weight"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
@@ -81,6 +83,13 @@ class LatentSettings:
                 raise bad(name, "must be true or false")
         return self
 
+    def loss_weights(self) -> tuple[float, float]:
+        """``(stop, cost)`` weights the loss applies: the configured ones in stage C, ``(0.0, 0.0)`` in
+        stage A (the stop head is not trained during warm-up, SPEC §1, §7)."""
+        if self.latent_mode_stage != "C":
+            return 0.0, 0.0
+        return float(self.latent_stop_loss_weight), float(self.latent_cost_weight)
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -91,10 +100,19 @@ class LatentSettings:
         return cls(**{n: getattr(config, n) for n in cls.field_names() if hasattr(config, n)})
 
     def replace(self, **changes: Any) -> LatentSettings:
+        """A copy with ``changes``. Switching to stage C on a zero ``latent_stop_loss_weight`` (e.g. one
+        a stage-A checkpoint saved) raises unless the weight is part of ``changes``: training stage C
+        without a stop loss is a choice to state, never an accident."""
         unknown = set(changes) - set(self.field_names())
         if unknown:
             raise LatentConfigError(f"unknown latent field(s): {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
+        result = dataclasses.replace(self, **changes)
+        if (changes.get("latent_mode_stage") == "C" and result.latent_stop_loss_weight == 0
+                and "latent_stop_loss_weight" not in changes):
+            raise LatentConfigError(
+                "latent_stop_loss_weight=0.0 with latent_mode_stage='C': stage C would not train the stop head. "
+                "Give latent_stop_loss_weight in the same call (the default is 1.0; 0 only if that is the intent)")
+        return result
 
     def apply_to(self, config: Any) -> None:
         """Validate, then write every field onto ``config`` as an attribute."""

@@ -242,6 +242,12 @@ class LatentCollator:
                 raise ValueError(
                     f"model config image_token_id={cfg_image} but the tokenizer's <|image_pad|> is "
                     f"{self.image_pad_id}")
+            vision = getattr(model_config, "vision_config", None)
+            model_merge = getattr(vision, "spatial_merge_size", None)
+            if model_merge is not None and int(model_merge) != self.merge_size:
+                raise ValueError(
+                    f"image processor merge_size={self.merge_size} but the model's vision_config.spatial_merge_size="
+                    f"{model_merge}: image token counts and latent budgets would not match the model's features")
         self.latent_start_id = self._latent_id("latent_start_token_id", LATENT_START)
         self.latent_id = self._latent_id("latent_token_id", LATENT_PAD)
         self.latent_end_id = self._latent_id("latent_end_token_id", LATENT_END)

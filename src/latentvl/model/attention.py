@@ -28,6 +28,29 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .kv_store import LatentKVStore
 
 LATENT_ATTENTION = {"eager": "latent_eager", "sdpa": "latent_sdpa", "flash_attention_2": "latent_flash_attention_2"}
+STOCK_ATTENTION = {gated: stock for stock, gated in LATENT_ATTENTION.items()}
+
+
+def gated_attention(name: str | None) -> str:
+    """The gated text attention for a requested one: ``None`` (transformers' default) and ``"sdpa"`` give
+    ``latent_sdpa``, ``"eager"`` gives ``latent_eager``, ``"flash_attention_2"`` gives
+    ``latent_flash_attention_2``; a gated name stays as it is. Anything else cannot gate latent slots
+    and raises ``ValueError``, as does a gated name that is not registered (flash_attn not importable)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    gated = LATENT_ATTENTION.get("sdpa" if name is None else name, name)
+    if gated not in STOCK_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={name!r} cannot gate latent slots in the text model; use one of "
+            f"{sorted(LATENT_ATTENTION)} (latentvl runs their gated versions {sorted(STOCK_ATTENTION)})")
+    if gated not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        raise ValueError(f"attn_implementation={name!r}: {gated} is not registered (it needs the flash_attn package)")
+    return gated
+
+
+def stock_attention(name: str | None) -> str | None:
+    """The stock name of a gated attention (the vision tower gates nothing); other names unchanged."""
+    return STOCK_ATTENTION.get(name, name) if name is not None else None
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

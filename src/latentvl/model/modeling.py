@@ -29,7 +29,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import LatentSettings
-from . import attention as _attention  # noqa: F401  (registers the gated attention functions)
+from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # importing registers the functions
 from .kv_store import LatentKVStore
 from .layout import LatentInputError, Layout, build_layout
 from .losses import alignment_loss, expected_length, pool_visual_tokens, stop_labels, stop_loss
@@ -93,6 +93,15 @@ class LatentLossOutput:
     latent: LatentPassOutput | None = None
 
 
+def _select_gated_attention(config) -> None:
+    """Point the text sub-config at the gated version of its requested attention and the vision
+    sub-config at a stock one (see :func:`latentvl.model.attention.gated_attention`)."""
+    config.text_config._attn_implementation_internal = gated_attention(config.text_config._attn_implementation)
+    vision = config.vision_config
+    vision._attn_implementation_internal = stock_attention(vision._attn_implementation)
+    config._attn_implementation_internal = stock_attention(config._attn_implementation)
+
+
 @contextlib.contextmanager
 def _no_gradient_checkpointing(module: nn.Module):
     """Turn layer-level gradient checkpointing off inside the block (pass 1 needs its KV cache)."""
@@ -110,12 +119,16 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     """Qwen2.5-VL with latent visual thoughts. A transformers ``PreTrainedModel`` subclass.
 
     Adds ``latent_stop_head`` (``Linear(hidden, 1)``), the latent config fields (SPEC §1) and the two
-    passes. Use an attention implementation from :data:`latentvl.model.attention.LATENT_ATTENTION`
-    (``set_latent_attention``) so that ``latent_kv_mask`` reaches every text attention layer.
+    passes. The text model always runs a gated attention (``latent_sdpa``, ``latent_eager`` or
+    ``latent_flash_attention_2``), however the model is built or loaded: direct construction,
+    ``from_config``, ``from_pretrained`` and ``set_attn_implementation`` map a requested ``"sdpa"``
+    (or none), ``"eager"`` or ``"flash_attention_2"`` to its gated version for the text model and keep
+    the stock one for the vision tower; any other request raises ``ValueError``.
     """
 
     def __init__(self, config):
         LatentSettings.from_config(config).apply_to(config)
+        _select_gated_attention(config)
         super().__init__(config)
         self.latent_stop_head = nn.Linear(config.text_config.hidden_size, 1, bias=True)
         self.post_init()
@@ -132,11 +145,40 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     def latent_settings(self) -> LatentSettings:
         return LatentSettings.from_config(self.config)
 
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """transformers' ``set_attn_implementation``, with the text model's request mapped to its gated
+        version (``"sdpa"`` -> ``latent_sdpa``, ...) and the vision tower's to the stock one. A string
+        applies to both; a dict (``{"text_config": ..., "vision_config": ...}``) to the parts it names."""
+        if isinstance(attn_implementation, str):
+            request = {"": attn_implementation, "text_config": attn_implementation,
+                       "vision_config": attn_implementation}
+        else:
+            request = dict(attn_implementation)
+        if "text_config" in request:
+            request["text_config"] = gated_attention(request["text_config"])
+        for part in ("", "vision_config"):
+            if part in request:
+                request[part] = stock_attention(request[part])
+        return super().set_attn_implementation(request, allow_all_kernels=allow_all_kernels)
+
     def set_latent_attention(self, kind: str = "latent_sdpa") -> None:
-        """Choose the text attention ("latent_sdpa", "latent_eager", ...); the vision tower keeps sdpa."""
-        if not kind.startswith("latent_"):
-            kind = "latent_" + kind
+        """Choose the text attention ("latent_sdpa" or "sdpa", "latent_eager" or "eager", ...); the vision
+        tower keeps stock sdpa."""
         self.set_attn_implementation({"text_config": kind, "vision_config": "sdpa"})
+
+    @property
+    def text_attention(self) -> str:
+        """The attention implementation the text model runs (a gated one unless changed by hand)."""
+        return self.config.text_config._attn_implementation
+
+    def _require_gated_attention(self, what: str) -> None:
+        impl = self.text_attention
+        if impl not in STOCK_ATTENTION:
+            raise LatentInputError(
+                f"{what} needs a text attention that gates latent slots, but the text model runs {impl!r}, "
+                f"which would ignore latent_kv_mask. Call model.set_attn_implementation('sdpa') (or 'eager', "
+                f"'flash_attention_2': the text model then runs latent_sdpa / latent_eager / "
+                f"latent_flash_attention_2), or load with latentvl.model.loading.load_latent_model.")
 
     def compute_position_ids(
         self,
@@ -176,6 +218,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     def _gating_kwargs(self, latent_kv_mask: torch.Tensor | None) -> dict[str, Any]:
         if latent_kv_mask is None:
             return {}
+        self._require_gated_attention("a forward with latent_kv_mask")
         return {"latent_kv_mask": latent_kv_mask, "latent_null_scale": float(self.config.latent_null_scale)}
 
     # ------------------------------------------------------------------ forward
@@ -284,6 +327,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         is the maximum over ranks), never on where samples halt; no host synchronisation happens
         inside the loop.
         """
+        self._require_gated_attention("the latent pass (latent_mode=True)")
         settings = self.latent_settings
         stage = settings.latent_mode_stage
         thr = settings.latent_stop_threshold if threshold is None else float(threshold)
@@ -356,7 +400,6 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 c = P + j
                 is_lat = lat[:, j]
                 step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
-                x = torch.where(is_lat[:, None], step_in, emb[:, c])
                 if stage_c:
                     halted = halted & not_first[:, j]  # a new segment starts unhalted
                     inactive = is_lat & halted  # [R] a latent slot after its segment stopped
@@ -367,6 +410,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                         key_bias[:, c].masked_fill_(inactive, float("-inf"))
                 else:
                     active = is_lat
+                # An active slot takes the previous hidden state; an inactive one keeps its own embedding
+                # (<|latent_pad|>), as in pass 2 and generate(), where only active slots are patched: with
+                # latent_null_scale > 0 its scaled K/V are then the same in every pass.
+                x = torch.where(active[:, None], step_in, emb[:, c])
                 # A one-token step needs no causal mask: the [R, 1, 1, c+1] key mask is the whole mask,
                 # handed to the attention layers as is (contiguous: sdpa is slower on a strided one).
                 step_bias = key_bias[:, None, None, : c + 1].contiguous()
@@ -442,7 +489,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     # ------------------------------------------------------------------ training unit
     def latent_loss(self, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
         """Both passes on a collated batch and the combined loss (SPEC §5.5):
-        ``L = ce + w_align * align + w_stop * stop + w_cost * cost``.
+        ``L = ce + w_align * align + w_stop * stop + w_cost * cost``; ``w_stop`` and ``w_cost`` count
+        only in stage C (:meth:`LatentSettings.loss_weights`).
 
         ``batch`` holds the collator's keys. Visual features of the question images are computed
         once and shared by both passes; CoT images are encoded without gradient (alignment targets).
@@ -477,7 +525,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 cost = p1.used_lens.sum(dim=1).float().mean()  # D7: no gradient, logged
             else:
                 cost = self._expected_cost(batch, p1)
-        loss = ce + s.latent_align_weight * align + s.latent_stop_loss_weight * stop + s.latent_cost_weight * cost
+        w_stop, w_cost = s.loss_weights()  # (0, 0) in stage A
+        loss = ce + s.latent_align_weight * align + w_stop * stop + w_cost * cost
         return LatentLossOutput(loss=loss, ce=ce.detach(), align=align.detach(), stop=stop.detach(),
                                 cost=cost.detach(), logits=out.logits, latent=p1)
 

@@ -129,14 +129,12 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived values
     def latent_settings(self, stage: str, base: LatentSettings | None = None) -> LatentSettings:
         """The model-config latent fields for ``stage`` ("A" or "C"), on top of ``base``."""
-        settings = (base or LatentSettings()).replace(**self.stage_c_latent_fields())
+        fields_c = self.stage_c_latent_fields()
         if stage == "A":
-            settings = settings.replace(
-                latent_mode_stage="A", latent_stop_loss_weight=0.0, latent_cost_weight=0.0
-            )
-        else:
-            settings = settings.replace(latent_mode_stage="C")
-        return settings.validate()
+            changes = {**fields_c, "latent_mode_stage": "A", "latent_stop_loss_weight": 0.0, "latent_cost_weight": 0.0}
+        else:  # one call: the stage-C weights come with the switch, so a zero stop weight is explicit
+            changes = {**fields_c, "latent_mode_stage": "C"}
+        return (base or LatentSettings()).replace(**changes).validate()
 
     def stage_c_latent_fields(self) -> dict[str, Any]:
         return {**STAGE_C_WEIGHT_DEFAULTS, **self.latent}
