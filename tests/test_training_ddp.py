@@ -126,3 +126,60 @@ def test_fsdp2_two_processes_match_one(setup):
 
     model, _ = load_latent_model(root / "fsdp" / "final")  # the gathered weights form a loadable model
     assert model.config.latent_mode_stage == "C"
+
+
+# ------------------------------------------------------------- text-only batches on some processes
+# Per step (batch 1 per process): which process holds a record with images ("img") or a text-only one
+# (no question image, no CoT image). Stage AC, C from step 3; step 4 has no latent anywhere.
+MIXED_PLAN = [("img", "txt"), ("txt", "img"), ("img", "txt"), ("txt", "txt")]
+
+
+@pytest.fixture(scope="module")
+def mixed_setup(tmp_path_factory):
+    from latentvl.training.data import StreamBatchSampler
+
+    root = tmp_path_factory.mktemp("mixed")
+    make_dataset("shapes", 8, 5, root / "data", size_min=56, size_max=84, max_cot=2, val_fraction=0, test_fraction=0)
+    rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    seed = 3
+    samplers = [StreamBatchSampler(len(rows), 1, 1, 2, r, seed) for r in range(2)]
+    for step, kinds in enumerate(MIXED_PLAN):
+        for rank, kind in enumerate(kinds):
+            (i,) = samplers[rank].micro_batch(step * 2, 0)
+            if kind == "txt":
+                rows[i]["images"], rows[i]["cot_images"] = [], []
+    (root / "data" / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {
+        "train_data": str(root / "data" / "mixed.jsonl"),
+        "stage": "AC",
+        "switch_step": 2,
+        "max_steps": len(MIXED_PLAN),
+        "tiny_hidden_size": 64,
+        "tiny_num_layers": 2,
+        "lr": 2e-3,
+        "threshold_start": 0.6,
+        "threshold_anneal_steps": 2,
+        "progress_bar": False,
+        "tensorboard": False,
+        "seed": seed,
+        "dist_timeout_s": 120,  # a rank that skips a collective fails the test instead of hanging it
+        "latent": {"latent_budget_alpha": 1.0, "latent_budget_max": 4},
+    }
+    single = train(
+        TrainConfig.from_dict(
+            {**options, "batch_size": 1, "grad_accum": 2, "num_threads": 1, "output_dir": str(root / "single")}
+        )
+    )
+    return root, options, single.history
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_text_only_batches_on_some_processes(mixed_setup, engine):
+    root, options, reference = mixed_setup
+    rows = _torchrun(root, options, f"mixed-{engine}", batch_size=1, distributed=engine)
+    assert [r["step"] for r in rows] == list(range(1, len(MIXED_PLAN) + 1))
+    assert rows[-1]["budget"] == 0 and rows[0]["budget"] > 0  # the plan holds: step 4 has no latent
+    for row, ref in zip(rows, reference, strict=True):
+        assert (row["used"], row["budget"]) == (ref["used"], ref["budget"])
+        for key in ("loss", "ce", "align", "stop", "grad_norm"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (row["step"], key)

@@ -210,8 +210,6 @@ def check_no_think(
     """§8.4. ``kv_mask`` replaces the all-False-at-latents mask (a test hook to show the check can fail)."""
     name = "4. latent_kv_mask all False at the latent slots gives the no-think output"
     segs = _segments(batch)
-    if not any(segs):
-        return CheckResult(name, None, "no latent segments in this batch")
     settings = LatentSettings.from_config(model.config)
     device = next(model.parameters()).device
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -224,23 +222,24 @@ def check_no_think(
     ids2, att2, mm2, pos2, keep, kept_cols = _drop_latent_slots(batch, pos.cpu())
     if kv_mask is None:
         kv_mask = keep.clone()
+    # Both calls run on every process, latents or not, through embed_inputs (one vision call each, a
+    # dummy image where the batch has none): distributed processes make the same calls in lockstep.
     logits = model(
-        input_ids=ids,
+        inputs_embeds=model.embed_inputs(ids, pix, grid),
         attention_mask=att,
         position_ids=pos,
-        pixel_values=pix,
-        image_grid_thw=grid,
         mm_token_type_ids=mm,
         latent_kv_mask=kv_mask.to(device),
     ).logits.float()
+    ids2 = ids2.to(device)
     logits2 = model(
-        input_ids=ids2.to(device),
+        inputs_embeds=model.embed_inputs(ids2, pix, grid),
         attention_mask=att2.to(device),
         position_ids=pos2.to(device),
-        pixel_values=pix,
-        image_grid_thw=grid,
         mm_token_type_ids=mm2.to(device) if mm2 is not None else None,
     ).logits.float()
+    if not any(segs):
+        return CheckResult(name, None, "no latent segments in this batch")
     worst, worst_where, scale = 0.0, "", 1.0
     for b, cols in enumerate(kept_cols):
         real = att[b, cols.to(device)].bool()

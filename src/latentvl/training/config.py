@@ -114,6 +114,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else no
     distributed: str = "ddp"  # under torchrun / accelerate launch: "ddp" or "fsdp"
     ddp_find_unused_parameters: bool = True
+    dist_timeout_s: float = 600.0  # multi-process: a collective that waits longer than this fails
     gradient_checkpointing: bool = False  # pass 2 only; the model turns it off inside pass 1
     freeze_vision: bool = False  # freeze the vision tower (ViT blocks and patch embedding)
     freeze_vision_merger: bool = True  # with freeze_vision: freeze the patch merger as well
@@ -234,6 +235,8 @@ class TrainConfig:
             raise bad("lora_alpha", "must be > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
+        if not self.dist_timeout_s > 0:
+            raise bad("dist_timeout_s", "must be > 0 (seconds)")
         if not self.check_tolerance > 0:
             raise bad("check_tolerance", "must be > 0")
         self._validate_latent()

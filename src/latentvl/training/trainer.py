@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import math
 import os
@@ -142,7 +143,8 @@ def make_accelerator(cfg: TrainConfig):
     on_gpu = torch.cuda.is_available()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
-        handlers.append(InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo"))
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timeout))
     else:
         # accelerate keeps its state per process; a second run in the same process (the demo, tests)
         # may ask for another precision, so start from a clean state
