@@ -19,6 +19,7 @@ the exception's message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,6 +241,8 @@ def check_no_think(
     ).logits.float()
     if not any(segs):
         return CheckResult(name, None, "no latent segments in this batch")
+    # NaN is a failure: comparisons are written "not (x <= y)" so that a NaN wins every max and fails
+    # the final "rel <= tolerance" (garbled weights give NaN logits, never a difference of 0)
     worst, worst_where, scale = 0.0, "", 1.0
     for b, cols in enumerate(kept_cols):
         real = att[b, cols.to(device)].bool()
@@ -248,10 +251,12 @@ def check_no_think(
         c = logits2[b, :n][real]
         if a.numel() == 0:
             continue
-        scale = max(scale, float(c.abs().max()))
-        diff = (a - c).abs().max(dim=-1).values
-        j = int(diff.argmax())
-        if float(diff[j]) > worst:
+        c_max = float(c.abs().max())
+        if not c_max <= scale and not math.isnan(scale):
+            scale = c_max
+        diff = (a - c).abs().max(dim=-1).values  # max propagates NaN
+        j = int(torch.where(diff.isnan(), float("inf"), diff).argmax())
+        if not float(diff[j]) <= worst and not math.isnan(worst):
             worst = float(diff[j])
             worst_where = f"{_who(batch, b)}, position {int(cols[real.cpu()][j])}"
     rel = worst / scale
@@ -265,7 +270,9 @@ def check_no_think(
             f"latent_null_scale={settings.latent_null_scale} > 0 (soft gating): {detail}; "
             "exact check skipped",
         )
-    return CheckResult(name, rel <= tolerance, detail)
+    if math.isnan(rel):
+        detail += " (not a number: non-finite logits)"
+    return CheckResult(name, bool(rel <= tolerance), detail)
 
 
 # ------------------------------------------------------------------------------------------- all four

@@ -28,6 +28,7 @@ it (checked when the model is built).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -169,6 +170,14 @@ class TrainConfig:
         def bad(name: str, why: str) -> TrainConfigError:
             return TrainConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+        # non-finite numbers are refused everywhere (NaN passes every "< 0" test; inf trains nothing)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
+        for name, value in self.latent.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainConfigError(f"latent.{name}={value!r}: must be a finite number")
         for name, choices in (
             ("stage", STAGES),
             ("optimizer", OPTIMIZERS),
@@ -363,14 +372,19 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return int(value)
         raise TrainConfigError(f"{name}={value!r}: expected an integer")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise TrainConfigError(f"{name}={value!r}: expected a number")
+        if number is None:
+            raise TrainConfigError(f"{name}={value!r}: expected a number")
+        if not math.isfinite(number):
+            raise TrainConfigError(f"{name}={value!r}: must be a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

@@ -21,6 +21,10 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.records import Record, RecordDataset, load_records
 
 
+class TrainDataError(ValueError):
+    """The training data cannot be used as configured; the message names the file (and record)."""
+
+
 class StreamBatchSampler(Sampler[list[int]]):
     """Yields this process's micro-batches (lists of record indices) from ``start`` on, forever."""
 
@@ -82,8 +86,27 @@ def load_split(path: str | Path, skip_invalid: bool = False) -> list[Record]:
     for s in skipped:
         print(f"skipped {s.source} (id {s.id!r}): {s.reason}")
     if not records:
-        raise ValueError(f"{path}: no valid records")
+        raise TrainDataError(f"{path}: no valid records" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return records
+
+
+def check_latent_data(records: list[Record], path: str | Path, stage: str, use_latents: bool) -> str | None:
+    """Refuse (or warn about) training data without any CoT image when latents are wanted.
+
+    Stage C or AC needs latents to halt: :class:`TrainDataError`. Stage A trains, but as the no-latent
+    baseline: the warning (a sentence) is returned for the caller to show. None when all is well.
+    """
+    if not use_latents or any(r.cot_images for r in records):
+        return None
+    if stage != "A":
+        raise TrainDataError(
+            f"{path}: no record has CoT images, so stage {stage} has no latent to halt on; "
+            "give records with cot_images, or train stage A with use_latents=false"
+        )
+    return (
+        f"{path}: no record has CoT images: stage A trains without latents "
+        "(the no-latent baseline; set use_latents=false to say so)"
+    )
 
 
 def micro_batches(records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0):

@@ -46,7 +46,7 @@ from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
 from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError
-from .data import StreamBatchSampler, load_split, micro_batches
+from .data import StreamBatchSampler, check_latent_data, load_split, micro_batches
 from .evaluation import evaluate_records
 from .metrics import MetricsWriter
 from .schedules import lr_factor, threshold_at
@@ -373,6 +373,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
     # 3. the data --------------------------------------------------------------------------------
     train_records = load_split(cfg.train_data, cfg.skip_invalid)
+    data_warning = check_latent_data(train_records, cfg.train_data, cfg.stage, cfg.use_latents)
     eval_records = load_split(cfg.eval_data, cfg.skip_invalid) if cfg.eval_data else None
     collator = LatentCollator(
         processor,
@@ -425,6 +426,8 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         tensorboard=cfg.tensorboard,
         progress_bar=cfg.progress_bar,
     )
+    if main and data_warning:
+        metrics.message(f"warning: {data_warning}")
     if main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
         where = f" from {resume_dir} (step {state.step})" if resume_dir else ""

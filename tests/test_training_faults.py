@@ -1,0 +1,120 @@
+"""Faults: valid data that must train, bad numbers that must be refused, NaN that must fail checks."""
+
+import json
+
+import pytest
+import torch
+
+from latentvl import build_tiny_model, set_latent_fields
+from latentvl.data.collator import LatentCollator
+from latentvl.data.records import RecordDataset, load_records
+from latentvl.data.synthetic import make_dataset
+from latentvl.training.checks import check_no_think, run_checks
+from latentvl.training.config import TrainConfig, TrainConfigError, load_config
+from latentvl.training.data import TrainDataError
+from latentvl.training.trainer import train
+
+LATENT = {"latent_budget_alpha": 1.0, "latent_budget_max": 4}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults_data")
+    make_dataset("shapes", 8, 7, out, size_min=56, size_max=84, max_cot=2, val_fraction=0, test_fraction=0)
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    no_cot = [{**r, "cot_images": []} for r in rows]
+    (out / "no_cot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_cot))
+    # every other record without CoT images, one of them without a question image either
+    mixed = [no_cot[i] if i % 2 else r for i, r in enumerate(rows)]
+    mixed[1] = {**mixed[1], "images": []}
+    (out / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    return out
+
+
+def _cfg(data_dir, out, data="mixed.jsonl", **kw):
+    base = dict(
+        train_data=str(data_dir / data),
+        output_dir=str(out),
+        batch_size=1,
+        tiny_hidden_size=64,
+        tiny_num_layers=2,
+        max_steps=4,
+        latent=dict(LATENT),
+        progress_bar=False,
+        tensorboard=False,
+        num_threads=1,
+        seed=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+# ------------------------------------------------------------------------------------ batches
+@pytest.mark.parametrize("stage", ["C", "A"])
+def test_batches_without_cot_images_train(data_dir, tmp_path, stage):
+    res = train(_cfg(data_dir, tmp_path / "run", stage=stage, max_steps=8))
+    budgets = [r["budget"] for r in res.history]
+    assert 0 in budgets and any(budgets), budgets  # both kinds of batch came up
+    for r in res.history:
+        assert r["stage"] == stage and torch.isfinite(torch.tensor(r["loss"]))
+        if r["budget"] == 0:
+            assert r["stop"] == 0.0 and r["cost"] == 0.0 and r["align"] == 0.0
+
+
+def test_data_without_any_cot_image(data_dir, tmp_path, capsys):
+    with pytest.raises(TrainDataError, match=r"no_cot.jsonl: no record has CoT images.*stage C"):
+        train(_cfg(data_dir, tmp_path / "c", data="no_cot.jsonl", stage="C"))
+    assert not (tmp_path / "c" / "checkpoints").exists()  # refused before step 1
+    with pytest.raises(TrainDataError, match="stage AC"):
+        train(_cfg(data_dir, tmp_path / "ac", data="no_cot.jsonl", stage="AC", switch_step=2))
+    capsys.readouterr()
+    res = train(_cfg(data_dir, tmp_path / "a", data="no_cot.jsonl", stage="A", max_steps=1))
+    assert res.step == 1
+    assert "warning: " in capsys.readouterr().out
+    # the baseline said as such: no warning
+    train(_cfg(data_dir, tmp_path / "b", data="no_cot.jsonl", stage="A", max_steps=1, use_latents=False))
+    assert "warning" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ NaN
+def test_check_4_fails_on_nan_weights(data_dir):
+    model, processor = build_tiny_model(0, hidden_size=64, num_layers=2)
+    set_latent_fields(model.config, **LATENT)
+    records, _ = load_records(data_dir / "train.jsonl")
+    ds = RecordDataset(records)
+    batch = LatentCollator(processor, model.config)([ds[0], ds[2]])
+    assert check_no_think(model, batch, 1e-4).passed
+    with torch.no_grad():  # garbled bytes: one NaN in one weight makes every logit NaN
+        model.model.language_model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    res = check_no_think(model, batch, 1e-4)
+    assert res.passed is False and "nan" in res.detail.lower(), res.detail
+    report = run_checks(model, batch, "A")
+    assert not report.ok
+
+
+# ------------------------------------------------------------------------------------ config numbers
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("lr=.inf", "lr"),
+        ("adam_eps=.inf", "adam_eps"),
+        ("weight_decay=.nan", "weight_decay"),
+        ("momentum=.nan", "momentum"),
+        ("grad_clip=.inf", "grad_clip"),
+        ("latent_budget_alpha=.inf", "latent.latent_budget_alpha"),
+        ("latent.latent_stop_threshold=.nan", "latent.latent_stop_threshold"),
+        ("check_tolerance=-.inf", "check_tolerance"),
+        ("lr=nan", "lr"),
+    ],
+)
+def test_non_finite_numbers_are_refused(override, field):
+    with pytest.raises(TrainConfigError, match="must be a finite number") as err:
+        load_config(None, ["train_data=x.jsonl", override])
+    assert str(err.value).startswith(field + "=")
+
+
+def test_non_finite_numbers_are_refused_in_a_built_config():
+    with pytest.raises(TrainConfigError, match=r"^lr=inf: must be a finite number"):
+        TrainConfig(train_data="x.jsonl", lr=float("inf")).validate()
+    with pytest.raises(TrainConfigError, match=r"^latent.latent_cost_weight=nan"):
+        TrainConfig(train_data="x.jsonl", latent={"latent_cost_weight": float("nan")}).validate()
