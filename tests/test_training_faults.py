@@ -118,3 +118,56 @@ def test_non_finite_numbers_are_refused_in_a_built_config():
         TrainConfig(train_data="x.jsonl", lr=float("inf")).validate()
     with pytest.raises(TrainConfigError, match=r"^latent.latent_cost_weight=nan"):
         TrainConfig(train_data="x.jsonl", latent={"latent_cost_weight": float("nan")}).validate()
+
+
+# ------------------------------------------------------------------------------------ resume changes
+@pytest.fixture(scope="module")
+def stopped_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stopped")
+    kw = dict(batch_size=2, grad_accum=1, max_steps=2, save_every=1, lr_scheduler="cosine", lr=2e-3)
+    train(_cfg(data_dir, out, **kw))
+    return out, kw
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lr": 5e-2},
+        {"seed": 9},
+        {"latent": {**LATENT, "latent_budget_max": 6}},
+        {"batch_size": 4},
+        {"train_data": "other.jsonl"},
+        {"max_steps": 2},
+    ],
+)
+def test_resume_refuses_changes_it_cannot_honour(data_dir, stopped_run, change):
+    out, kw = stopped_run
+    before = (out / "config.yaml").read_text()
+    cfg = _cfg(data_dir, out, **{**kw, "resume": "latest", **change})
+    name = next(iter(change))
+    with pytest.raises(TrainConfigError, match=r"^resume: .*" + name) as err:
+        train(cfg)
+    assert "checkpoint" in str(err.value)
+    assert (out / "config.yaml").read_text() == before  # nothing written that would not run
+
+
+def test_resume_applies_allowed_changes_and_writes_what_runs(data_dir, stopped_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    out, kw = stopped_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    # same global batch (2 x 1 -> 1 x 2), one more step, another logging cadence
+    cfg = _cfg(
+        data_dir, copy, **{**kw, "resume": "latest", "batch_size": 1, "grad_accum": 2, "max_steps": 3, "log_every": 3}
+    )
+    res = train(cfg)
+    assert [r["step"] for r in res.history] == [3]
+    text = capsys.readouterr().out
+    assert "warning: max_steps changed from 2 to 3" in text and "cosine" in text
+    written = yaml.safe_load((copy / "config.yaml").read_text())
+    assert (written["max_steps"], written["batch_size"], written["grad_accum"], written["log_every"]) == (3, 1, 2, 3)
+    assert written["lr"] == kw["lr"]

@@ -419,3 +419,88 @@ def load_config(
     for key, value in (updates or {}).items():
         cfg.set(key, value)
     return cfg.validate()
+
+
+# ------------------------------------------------------------------------------------ resume
+# What a resumed run may change (docs/training.md, "What may change on resume"). Every other option is
+# fixed by the checkpoint: data, model, latent fields, stages and thresholds, optimiser, learning-rate
+# schedule, seed, LoRA and freezing. The schedule's base values live in the saved scheduler state, the
+# data order in the seed and the stream position: changing them would run something else than the
+# config says.
+RESUME_FREE = frozenset(
+    {
+        "resume",
+        "output_dir",
+        "eval_data",
+        "eval_every",
+        "eval_max_samples",
+        "eval_batch_size",
+        "save_every",
+        "keep_last",
+        "save_final_model",
+        "log_every",
+        "tensorboard",
+        "progress_bar",
+        "num_workers",
+        "num_threads",
+        "run_checks",
+        "check_tolerance",
+        "dist_timeout_s",
+        "distributed",
+        "ddp_find_unused_parameters",
+        "gradient_checkpointing",
+    }
+)
+# allowed with a warning: the run continues under other numerics
+RESUME_WARN = frozenset({"mixed_precision", "attn_implementation"})
+# allowed under a condition, checked in check_resume_config
+RESUME_CONDITIONAL = frozenset({"max_steps", "batch_size", "grad_accum"})
+
+
+def check_resume_config(
+    saved: dict[str, Any], cfg: TrainConfig, *, step: int, saved_global_batch: int | None, world_size: int
+) -> list[str]:
+    """Compare ``cfg`` with the config a checkpoint was written with (``saved``) before resuming.
+
+    Raises :class:`TrainConfigError` naming every option that may not change (with both values);
+    returns warnings (sentences) for the changes that are allowed but alter the run. ``step`` is the
+    checkpoint's step, ``saved_global_batch`` its samples per step, ``world_size`` the processes now.
+    """
+    now = cfg.to_dict()
+    refused: list[str] = []
+    warnings: list[str] = []
+    for name, value in now.items():
+        if name not in saved or name in RESUME_FREE or saved[name] == value:
+            continue
+        old = saved[name]
+        if name in RESUME_WARN:
+            warnings.append(f"{name} changed from {old!r} to {value!r} on resume")
+        elif name not in RESUME_CONDITIONAL:
+            refused.append(f"{name}={value!r} (checkpoint: {old!r})")
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    if saved_global_batch is not None and global_batch != saved_global_batch:
+        refused.append(
+            f"batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x {world_size} process(es) = "
+            f"{global_batch} samples per step (checkpoint: {saved_global_batch}; batch_size and grad_accum "
+            "may change only when the global batch stays the same)"
+        )
+    if cfg.max_steps <= step:
+        refused.append(f"max_steps={cfg.max_steps} (the checkpoint is at step {step} already)")
+    elif "max_steps" in saved and saved["max_steps"] != cfg.max_steps and cfg.lr_scheduler != "constant":
+        from .schedules import lr_factor
+
+        def lr_at(max_steps: int) -> float:
+            return cfg.lr * lr_factor(step, cfg.warmup_steps, max_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
+
+        warnings.append(
+            f"max_steps changed from {saved['max_steps']} to {cfg.max_steps}: the {cfg.lr_scheduler} schedule "
+            f"now runs to step {cfg.max_steps} (lr at step {step + 1}: {lr_at(cfg.max_steps):.4g} instead of "
+            f"{lr_at(saved['max_steps']):.4g})"
+        )
+    if refused:
+        raise TrainConfigError(
+            "resume: these options differ from the checkpoint's and cannot change on resume: "
+            + "; ".join(refused)
+            + ". Put them back, or start a new run from the checkpoint's weights with init_from"
+        )
+    return warnings

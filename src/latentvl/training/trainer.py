@@ -45,7 +45,7 @@ from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
-from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError
+from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError, check_resume_config
 from .data import StreamBatchSampler, check_latent_data, load_split, micro_batches
 from .evaluation import evaluate_records
 from .metrics import MetricsWriter
@@ -353,8 +353,17 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
     resume_dir = ckpt.resolve_resume(cfg.resume, out_dir) if cfg.resume else None
     state = TrainState(stage=cfg.stage_at(0))
+    resume_warnings: list[str] = []
     if resume_dir is not None:
         saved = ckpt.read_trainer_state(resume_dir)
+        if isinstance(saved.get("config"), dict):  # refuse changes the run could not honour
+            resume_warnings = check_resume_config(
+                saved["config"],
+                cfg,
+                step=int(saved["step"]),
+                saved_global_batch=saved.get("global_batch"),
+                world_size=world,
+            )
         state = TrainState(
             step=int(saved["step"]),
             samples_seen=int(saved["samples_seen"]),
@@ -426,8 +435,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         tensorboard=cfg.tensorboard,
         progress_bar=cfg.progress_bar,
     )
-    if main and data_warning:
-        metrics.message(f"warning: {data_warning}")
+    if main:
+        for text in [data_warning, *resume_warnings]:
+            if text:
+                metrics.message(f"warning: {text}")
     if main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
         where = f" from {resume_dir} (step {state.step})" if resume_dir else ""
