@@ -171,3 +171,58 @@ def test_resume_applies_allowed_changes_and_writes_what_runs(data_dir, stopped_r
     written = yaml.safe_load((copy / "config.yaml").read_text())
     assert (written["max_steps"], written["batch_size"], written["grad_accum"], written["log_every"]) == (3, 1, 2, 3)
     assert written["lr"] == kw["lr"]
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("model/model.safetensors", _truncate),
+        ("optimizer.pt", _truncate),
+        ("rng/rank-0.pt", _truncate),
+        ("trainer_state.json", lambda p: p.write_text("{not json")),
+        ("optimizer.pt", lambda p: p.write_bytes(b"x" * p.stat().st_size)),  # same size, other bytes
+    ],
+)
+def test_a_damaged_file_is_named(stopped_run, tmp_path, name, damage):
+    import shutil
+
+    from latentvl.training.checkpoint import CorruptCheckpointError, verify_checkpoint
+
+    out, _ = stopped_run
+    ckpt = tmp_path / "step"
+    shutil.copytree(out / "checkpoints" / "step-00000002", ckpt)
+    assert verify_checkpoint(ckpt) is True
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"trainer_state.json", "optimizer.pt", "rng/rank-0.pt", "model/model.safetensors"} <= set(manifest)
+    damage(ckpt / name)
+    with pytest.raises(CorruptCheckpointError) as err:
+        verify_checkpoint(ckpt)
+    assert err.value.file == ckpt / name and str(ckpt / name) in str(err.value)
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, stopped_run, tmp_path, capsys):
+    import shutil
+
+    from latentvl.training.checkpoint import CorruptCheckpointError
+
+    out, kw = stopped_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    _truncate(run / "checkpoints" / "step-00000002" / "optimizer.pt")
+    # named explicitly: refused, naming the file and the checkpoint that verifies
+    cfg = _cfg(data_dir, run, **{**kw, "resume": str(run / "checkpoints" / "step-00000002")})
+    with pytest.raises(CorruptCheckpointError, match=r"optimizer.pt: has \d+ bytes.*step-00000001"):
+        train(cfg)
+    # latest: skipped with a word, the run continues from step 1
+    capsys.readouterr()
+    res = train(_cfg(data_dir, run, **{**kw, "resume": "latest", "max_steps": 3}))
+    text = capsys.readouterr().out
+    assert "step-00000002 is damaged" in text and "optimizer.pt" in text
+    assert "resuming from" in text and "step-00000001" in text
+    assert [r["step"] for r in res.history] == [2, 3]

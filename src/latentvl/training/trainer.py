@@ -188,6 +188,22 @@ def _through_root(module: nn.Module, fsdp: bool, fn):
     return fn(latent_model(inner.model))
 
 
+def _choose_resume(cfg: TrainConfig, out_dir: Path, main: bool) -> tuple[Path, list[str]]:
+    """The verified checkpoint to resume from (rank 0 verifies, every process learns the answer)."""
+    answer: list[Any] = [None]
+    if main:
+        try:
+            path, notes = ckpt.choose_resume(cfg.resume, out_dir)
+            answer = [("ok", str(path), notes)]
+        except ckpt.CheckpointError as err:
+            answer = [("error", err)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if answer[0][0] == "error":
+        raise answer[0][1]
+    return Path(answer[0][1]), answer[0][2]
+
+
 def _source_dir(cfg: TrainConfig) -> Path | None:
     """Where the starting weights come from (None = the tiny model)."""
     if cfg.init_from:
@@ -215,7 +231,12 @@ def build_model(cfg: TrainConfig, stage: str, resume_dir: Path | None = None):
         )
     else:
         with ckpt.quiet_hf_progress():
-            model, processor = load_latent_model(source, attn_implementation=cfg.attn_implementation)
+            try:
+                model, processor = load_latent_model(source, attn_implementation=cfg.attn_implementation)
+            except Exception as err:
+                if resume_dir is None or cfg.lora:
+                    raise
+                raise ckpt.CorruptCheckpointError(source, f"cannot be loaded ({type(err).__name__}: {err})") from err
     set_stage(model, cfg, stage)
     return model, processor
 
@@ -351,7 +372,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     out_dir = Path(cfg.output_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    resume_dir = ckpt.resolve_resume(cfg.resume, out_dir) if cfg.resume else None
+    resume_dir, resume_notes = _choose_resume(cfg, out_dir, main) if cfg.resume else (None, [])
+    if main:
+        for note in resume_notes:
+            print(f"warning: {note}", flush=True)
     state = TrainState(stage=cfg.stage_at(0))
     resume_warnings: list[str] = []
     if resume_dir is not None:
