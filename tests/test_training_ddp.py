@@ -183,3 +183,39 @@ def test_text_only_batches_on_some_processes(mixed_setup, engine):
         assert (row["used"], row["budget"]) == (ref["used"], ref["budget"])
         for key in ("loss", "ce", "align", "stop", "grad_norm"):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (row["step"], key)
+
+
+_STALL_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from latentvl.training.config import TrainConfig
+from latentvl.training.trainer import CollectiveTimeoutError, train
+
+class Stall:  # process 1 stops answering before step 2 (as under SIGSTOP)
+    def on_step_begin(self, step, model):
+        if step == 1 and dist.get_rank() == 1:
+            time.sleep(60)
+
+cfg = TrainConfig(train_data=sys.argv[1], output_dir=sys.argv[2], batch_size=1, max_steps=3, tiny_hidden_size=32,
+                  tiny_num_layers=1, progress_bar=False, tensorboard=False, run_checks=False, dist_timeout_s=3,
+                  latent={"latent_budget_max": 2}).validate()
+try:
+    train(cfg, callbacks=[Stall()])
+except CollectiveTimeoutError as err:
+    print(f"rank {dist.get_rank()}: {type(err).__name__}: {err}", flush=True)
+    sys.exit(6)
+"""
+
+
+def test_a_stalled_process_fails_the_others_after_dist_timeout_s(mixed_setup):
+    root = mixed_setup[0]
+    script = root / "stall.py"
+    script.write_text(_STALL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(root / "data" / "train.jsonl"), str(root / "stall")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "rank 0: CollectiveTimeoutError: process 0 waited more than dist_timeout_s=3 s" in out, out[-4000:]
+    assert "during step 2: forward and backward" in out

@@ -100,6 +100,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _open_for_write(path: Path):
+    return open(path, "wb")
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk raises ``OSError(ENOSPC)`` (torch's own
+    writer reports it as "unexpected pos ...")."""
+    with _open_for_write(path) as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -179,14 +192,14 @@ def save_checkpoint(
     _barrier()
     error: BaseException | None = None
     try:
-        torch.save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
+        _torch_save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
         if rank == 0:
             _write_model(tmp, export_model, processor, model_state_dict)
             if lora_state is not None:
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, tmp / LORA_FILE)
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, tmp / OPTIMIZER_FILE)
+            _torch_save({"optimizer": optimizer_state, "scheduler": scheduler_state}, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, default=str) + "\n")
     except BaseException as err:  # noqa: BLE001 - every process must learn about the failure
         error = err
@@ -195,14 +208,14 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         if error is not None:
-            raise CheckpointError(f"writing checkpoint {final} failed: {_describe_os_error(error)}") from error
+            raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(error)}") from error
         raise CheckpointError(f"writing checkpoint {final} failed on another process")
     if rank == 0:
         try:  # last: a checkpoint without its manifest is never renamed into place
             _write_text_atomic(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp), indent=1) + "\n")
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"writing checkpoint {final} failed: {_describe_os_error(err)}") from err
+            raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(err)}") from err
         _fsync_dir(tmp)
         old = None
         if final.exists():  # saving the same step again (a resumed run): move the old one aside first
@@ -306,7 +319,7 @@ def load_lora_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------ verification
-def _describe_os_error(err: BaseException) -> str:
+def describe_os_error(err: BaseException) -> str:
     """The error, with ENOSPC and EROFS spelled out (torch reports a full disk as "unexpected pos")."""
     import errno
 

@@ -12,13 +12,15 @@ and a resumed run reads exactly the samples it would have read. A run of ``W`` p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.records import Record, RecordDataset, load_records
+from ..data.records import Record, RecordDataset, RecordError, load_records
 
 
 class TrainDataError(ValueError):
@@ -80,14 +82,117 @@ class StreamBatchSampler(Sampler[list[int]]):
         raise TypeError("the stream is endless")
 
 
-def load_split(path: str | Path, skip_invalid: bool = False) -> list[Record]:
-    """Records of a JSONL file; with ``skip_invalid`` invalid ones are reported and left out."""
+SKIPPED_FILE = "skipped_records.json"
+
+
+class SkipReport:
+    """The records left out of a run, kept in ``output_dir/skipped_records.json``.
+
+    The file is one JSON object, ``{"total": N, "records": [{"split", "source", "id", "reason",
+    "when"}, ...]}`` (``when``: ``"load"`` for the load-time check, ``"batch"`` for an image that failed
+    to decode when its batch was built), rewritten atomically whenever a record is added. Only the main
+    process writes (``path=None`` elsewhere). A resumed run keeps the batch-time entries already there.
+    """
+
+    def __init__(self, path: Path | None, keep_batch_entries: bool = False):
+        self.path = path
+        self.entries: list[dict[str, Any]] = []
+        if path is not None and keep_batch_entries and path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                self.entries = [e for e in old.get("records", []) if e.get("when") == "batch"]
+            except (OSError, ValueError, AttributeError):
+                self.entries = []
+
+    def add(self, split: str, entries: list[dict[str, Any]], when: str) -> list[dict[str, Any]]:
+        """Add entries (``source``, ``id``, ``reason``); returns those not seen before."""
+        seen = {(e["split"], e["source"]) for e in self.entries}
+        new = []
+        for e in entries:
+            row = {"split": split, "source": e["source"], "id": e.get("id"), "reason": e["reason"], "when": when}
+            if (split, row["source"]) not in seen:
+                seen.add((split, row["source"]))
+                new.append(row)
+        if new:
+            self.entries.extend(new)
+            self._write()
+        return new
+
+    @property
+    def total(self) -> int:
+        return len(self.entries)
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        from .checkpoint import _write_text_atomic
+
+        payload = {"total": len(self.entries), "records": self.entries}
+        _write_text_atomic(self.path, json.dumps(payload, indent=1) + "\n")
+
+
+def load_split(
+    path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None, split: str = "train"
+) -> list[Record]:
+    """Records of a JSONL file; with ``skip_invalid`` invalid ones are left out, counted and reported
+    (on stdout and in ``report``)."""
     records, skipped = load_records(path, skip_invalid=skip_invalid)
     for s in skipped:
         print(f"skipped {s.source} (id {s.id!r}): {s.reason}")
+    if skipped:
+        where = f", listed in {report.path}" if report is not None and report.path is not None else ""
+        print(f"skipped {len(skipped)} of {len(records) + len(skipped)} records of {path}{where}")
+        if report is not None:
+            report.add(split, [{"source": s.source, "id": s.id, "reason": s.reason} for s in skipped], "load")
     if not records:
         raise TrainDataError(f"{path}: no valid records" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return records
+
+
+class BatchTimeDataset(Dataset):
+    """Records as model inputs, decoded when their batch is built.
+
+    An image can pass the load-time check (its header and chunk checksums) and still fail to decode.
+    Without ``skip_invalid`` that raises :class:`~latentvl.data.records.RecordError` naming the record
+    and the file. With it the record is replaced by the next record (in file order) that decodes, and
+    the item carries ``"skipped"``: the records passed over (``source``, ``id``, ``reason``). The
+    replacement depends only on the index, so a resumed run reads the same samples.
+    """
+
+    def __init__(self, records: list[Record], skip_invalid: bool = False):
+        self.items = RecordDataset(records)
+        self.skip_invalid = skip_invalid
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self.skip_invalid:
+            return self.items[index]
+        skipped = []
+        n = len(self.items)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                item = self.items[j]
+            except RecordError as err:
+                rec = self.items.records[j]
+                skipped.append({"source": rec.source, "id": rec.id, "reason": str(err)})
+                continue
+            item["skipped"] = skipped
+            return item
+        raise TrainDataError(f"no record can be read: every image failed to decode ({skipped[0]['reason']} ...)")
+
+
+def collate_reporting(collator):
+    """Wrap a collator: the batch gets ``"skipped"``, the records its items passed over."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collator(items)
+        batch["skipped"] = [s for item in items for s in item.get("skipped", [])]
+        return batch
+
+    return collate
 
 
 def check_latent_data(records: list[Record], path: str | Path, stage: str, use_latents: bool) -> str | None:
@@ -109,12 +214,15 @@ def check_latent_data(records: list[Record], path: str | Path, stage: str, use_l
     )
 
 
-def micro_batches(records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0):
-    """An endless iterator of collated micro-batches in the sampler's order."""
+def micro_batches(
+    records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0, skip_invalid: bool = False
+):
+    """An endless iterator of collated micro-batches in the sampler's order (see :class:`BatchTimeDataset`:
+    each batch has ``"skipped"``)."""
     loader = DataLoader(
-        RecordDataset(records),
+        BatchTimeDataset(records, skip_invalid),
         batch_sampler=sampler,
-        collate_fn=collator,
+        collate_fn=collate_reporting(collator),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

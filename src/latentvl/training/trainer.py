@@ -40,13 +40,20 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator
-from ..data.records import RecordDataset
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
 from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError, check_resume_config
-from .data import StreamBatchSampler, check_latent_data, load_split, micro_batches
+from .data import (
+    SKIPPED_FILE,
+    BatchTimeDataset,
+    SkipReport,
+    StreamBatchSampler,
+    check_latent_data,
+    load_split,
+    micro_batches,
+)
 from .evaluation import evaluate_records
 from .metrics import MetricsWriter
 from .schedules import lr_factor, threshold_at
@@ -68,6 +75,33 @@ class NonFiniteLossError(RuntimeError):
         self.sample_ids = sample_ids
         self.what = what
         self.checkpoint = checkpoint
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited longer than ``dist_timeout_s``: another process stalled or died.
+
+    ``phase`` names what this process was doing (and so which collective it waited in).
+    """
+
+    def __init__(self, phase: str, timeout_s: float, rank: int):
+        super().__init__(
+            f"process {rank} waited more than dist_timeout_s={timeout_s:g} s in a collective during {phase}; "
+            "another process stalled or died there (see its log)"
+        )
+        self.phase = phase
+        self.rank = rank
+
+
+def _is_timeout(err: BaseException) -> bool:
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if "timed out" in text or "timeout" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @dataclass
@@ -371,7 +405,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_output_dir(out_dir)
     resume_dir, resume_notes = _choose_resume(cfg, out_dir, main) if cfg.resume else (None, [])
     if main:
         for note in resume_notes:
@@ -405,9 +439,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     lm = latent_model(model)
 
     # 3. the data --------------------------------------------------------------------------------
-    train_records = load_split(cfg.train_data, cfg.skip_invalid)
+    skips = SkipReport(out_dir / SKIPPED_FILE if main else None, keep_batch_entries=resume_dir is not None)
+    train_records = load_split(cfg.train_data, cfg.skip_invalid, skips, "train")
     data_warning = check_latent_data(train_records, cfg.train_data, cfg.stage, cfg.use_latents)
-    eval_records = load_split(cfg.eval_data, cfg.skip_invalid) if cfg.eval_data else None
+    eval_records = load_split(cfg.eval_data, cfg.skip_invalid, skips, "eval") if cfg.eval_data else None
     collator = LatentCollator(
         processor,
         lm.config,
@@ -418,8 +453,8 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     sampler = StreamBatchSampler(
         len(train_records), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, start=state.samples_seen
     )
-    batches = micro_batches(train_records, collator, sampler, cfg.num_workers)
-    train_items = RecordDataset(train_records)  # random access, for the checks' batch
+    batches = micro_batches(train_records, collator, sampler, cfg.num_workers, cfg.skip_invalid)
+    train_items = BatchTimeDataset(train_records, cfg.skip_invalid)  # random access, for the checks' batch
 
     # 4. optimiser, schedule, engine -------------------------------------------------------------
     fsdp = cfg.distributed == "fsdp" and world > 1
@@ -532,6 +567,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         return record
 
     # 6. the loop --------------------------------------------------------------------------------
+    phase = "the first step"  # what the processes are doing together (named when a collective times out)
     try:
         while state.step < cfg.max_steps:
             step_no = state.step + 1
@@ -547,6 +583,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
             # SPEC §8 checks, on this step's first micro-batch, before the stage's first update
             if cfg.run_checks and stage not in checked:
+                phase = f"step {step_no}: the SPEC §8 checks (stage {stage})"
                 first = collator([train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)])
                 check = functools.partial(
                     run_checks,
@@ -567,13 +604,16 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                     raise PreflightError(report)
                 checked.add(stage)
 
+            phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
             t0 = time.perf_counter()
             sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
             bad_ids: list[str] = []
             step_ids: list[str] = []
+            step_skipped: list[dict[str, Any]] = []
             for micro in range(cfg.grad_accum):
                 batch = _to_device(next(batches), device)
                 step_ids.extend(batch["ids"])
+                step_skipped.extend(batch.get("skipped") or [])
                 sync = micro == cfg.grad_accum - 1
                 skip_sync = not sync and world > 1 and not fsdp  # FSDP2 reduces every micro-batch
                 ctx = accelerator.no_sync(module) if skip_sync else contextlib.nullcontext()
@@ -590,10 +630,20 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 sums["n"] += 1
 
             # stop on a non-finite loss before the update touches the weights
-            any_bad = _all_sum([1.0 if bad_ids else 0.0], device)[0] > 0
+            phase = f"step {step_no}: the all-reduce of the loss checks"
+            n_bad, n_skipped = _all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], device)
+            any_bad = n_bad > 0
+            if n_skipped:  # images that failed to decode at batch time (skip_invalid): report, go on
+                found = [e for part in _gather_objects(step_skipped) for e in part]
+                for e in skips.add("train", found, "batch") if main else []:
+                    metrics.message(
+                        f"step {step_no}: skipped {e['source']} (id {e['id']!r}): {e['reason']} "
+                        f"[{skips.total} skipped in all, listed in {skips.path}]"
+                    )
             if any_bad:
                 ids = [i for part in _gather_objects(bad_ids) for i in part]
                 raise NonFiniteLossError(step_no, ids, "loss", last_ckpt)
+            phase = f"step {step_no}: gradient clipping and the optimiser step"
             grad_norm = None
             if cfg.grad_clip is not None:
                 norm = accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -609,6 +659,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             state.samples_seen += global_batch
 
             # log: means over micro-batches and processes
+            phase = f"step {step_no}: the all-reduce of the step's metrics"
             keys = list(sums)
             total = dict(zip(keys, _all_sum([sums[k] for k in keys], device), strict=True))
             per_rank = _all_gather_pair(sums["used"], sums["budget"], device) if world > 1 else None
@@ -643,12 +694,15 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 and (step_no % cfg.eval_every == 0 or at_switch)
                 and step_no != cfg.max_steps
             ):
+                phase = f"step {step_no}: evaluation"
                 evaluate(step_no)
             if (cfg.save_every and step_no % cfg.save_every == 0 or at_switch) and step_no != cfg.max_steps:
+                phase = f"step {step_no}: writing checkpoint {ckpt.step_dirname(step_no)}"
                 last_ckpt = save(step_no)
                 result.checkpoint = last_ckpt
 
         # 7. the end -----------------------------------------------------------------------------
+        phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(state.step)}, barrier)"
         if eval_records is not None:
             evaluate(state.step)
         if last_ckpt is None or ckpt.read_trainer_state(last_ckpt)["step"] != state.step:
@@ -659,6 +713,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             _replace_dir_with_copy(last_ckpt / ckpt.MODEL_DIR, final)
             result.final_model = final
         accelerator.wait_for_everyone()
+    except Exception as err:
+        ours = (NonFiniteLossError, PreflightError, ckpt.CheckpointError, TrainConfigError)
+        if world > 1 and not isinstance(err, ours) and _is_timeout(err):
+            raise CollectiveTimeoutError(phase, cfg.dist_timeout_s, rank) from err
+        raise
     finally:
         metrics.close()
     result.step = state.step
@@ -669,6 +728,18 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
 
 # ------------------------------------------------------------------------------------ small pieces
+def _prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and make sure it takes files; a :class:`TrainConfigError` naming it if not."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        why = ckpt.describe_os_error(err)
+        raise TrainConfigError(f"output_dir={str(out_dir)!r}: cannot write there ({why})") from err
+
+
 def _replace_dir_with_copy(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` atomically (copy beside it, then swap)."""
     import os
