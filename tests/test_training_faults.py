@@ -226,3 +226,141 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, stop
     assert "step-00000002 is damaged" in text and "optimizer.pt" in text
     assert "resuming from" in text and "step-00000001" in text
     assert [r["step"] for r in res.history] == [2, 3]
+
+
+# ------------------------------------------------------------------------------------ bad images, presentation
+def _cli(argv):
+    import argparse
+
+    from latentvl.training import cli as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    return train_cli.run(parser.parse_args(argv))
+
+
+def _garble_pixels(path):
+    """Replace a PNG's pixel data with junk but keep every chunk checksum valid (the header check passes)."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    pos = 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = bytes(data[pos + 4 : pos + 8])
+        if kind == b"IDAT":
+            body = bytes((i * 37 + 11) % 256 for i in range(length))
+            data[pos + 8 : pos + 8 + length] = body
+            data[pos + 8 + length : pos + 12 + length] = struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + length
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def bad_image_data(data_dir, tmp_path_factory):
+    import shutil
+
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("bad_image")
+    shutil.copytree(data_dir / "images", out / "images")
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    victim = rows[3]
+    _garble_pixels(out / victim["cot_images"][0])
+    with Image.open(out / victim["cot_images"][0]) as im:
+        im.verify()  # passes the load-time check ...
+    with pytest.raises(OSError), Image.open(out / victim["cot_images"][0]) as im:
+        im.load()  # ... and fails to decode
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out, victim
+
+
+def test_an_image_that_fails_to_decode_at_batch_time_is_skipped(bad_image_data, tmp_path, capsys):
+    data, victim = bad_image_data
+    capsys.readouterr()
+    # batch 2 x 4 steps: every record of the epoch comes up, the damaged one included
+    res = train(_cfg(data, tmp_path / "run", data="train.jsonl", skip_invalid=True, batch_size=2, max_steps=4))
+    assert res.step == 4
+    report = json.loads((tmp_path / "run" / "skipped_records.json").read_text())
+    assert report["total"] == 1
+    (entry,) = report["records"]
+    assert entry["id"] == victim["id"] and entry["when"] == "batch" and entry["split"] == "train"
+    assert victim["cot_images"][0].split("/")[-1] in entry["reason"]
+    assert f"skipped {entry['source']} (id {victim['id']!r})" in capsys.readouterr().out
+
+
+def test_without_skip_invalid_a_bad_image_names_the_record(bad_image_data, tmp_path, capsys):
+    data, victim = bad_image_data
+    status = _cli(
+        ["--train-data", str(data / "train.jsonl"), "--output-dir", str(tmp_path / "run"), "--batch-size", "2",
+         "--max-steps", "4", "tiny_hidden_size=64", "tiny_num_layers=2", "progress_bar=false", "tensorboard=false",
+         "latent_budget_max=4"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("latentvl train: data error: ") and len(err.splitlines()) == 1, err
+    assert repr(victim["id"]) in err and victim["cot_images"][0].split("/")[-1] in err
+
+
+def test_no_valid_records_is_one_line_and_a_report(data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\nnot json\n')
+    status = _cli(["--train-data", str(bad), "--output-dir", str(tmp_path / "run"), "skip_invalid=true"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err == f"latentvl train: data error: {bad}: no valid records (2 skipped)"
+    report = json.loads((tmp_path / "run" / "skipped_records.json").read_text())
+    assert report["total"] == 2 and [r["when"] for r in report["records"]] == ["load", "load"]
+
+
+def test_an_output_dir_that_takes_no_files_is_one_line(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status = _cli(["--train-data", str(data_dir / "train.jsonl"), "--output-dir", str(blocker / "run")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"latentvl train: config error: output_dir={str(blocker / 'run')!r}: cannot write there")
+
+
+def test_os_errors_spell_out_full_and_read_only_disks():
+    import errno
+
+    from latentvl.training.checkpoint import describe_os_error
+
+    assert "(EROFS)" in describe_os_error(OSError(errno.EROFS, "Read-only file system"))
+    wrapped = RuntimeError("unexpected pos 64 vs 0")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert "(ENOSPC)" in describe_os_error(wrapped)
+
+
+def test_a_full_disk_during_the_optimizer_save_says_enospc(tmp_path, monkeypatch):
+    from latentvl.training import checkpoint as ckpt_mod
+
+    model, processor = build_tiny_model(0, hidden_size=64, num_layers=2)
+    real_open = ckpt_mod._open_for_write
+
+    def full_disk(path):  # the kernel's own ENOSPC, from /dev/full
+        return open("/dev/full", "wb") if path.name == ckpt_mod.OPTIMIZER_FILE else real_open(path)
+
+    monkeypatch.setattr(ckpt_mod, "_open_for_write", full_disk)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"no space left on the device \(ENOSPC\)"):
+        ckpt_mod.save_checkpoint(
+            tmp_path, 1, rank=0, export_model=model, processor=processor, optimizer_state=opt.state_dict(),
+            scheduler_state={}, trainer_state={"step": 1, "samples_seen": 1},
+        )
+    assert not (tmp_path / "checkpoints" / "step-00000001").exists()
+
+
+def test_resume_followed_by_an_override():
+    import argparse
+
+    from latentvl.training import cli as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    cfg = train_cli.config_from_args(parser.parse_args(["--train-data", "x.jsonl", "--resume", "lr=5e-2"]))
+    assert cfg.resume == "latest" and cfg.lr == 0.05
+    cfg = train_cli.config_from_args(parser.parse_args(["--train-data", "x.jsonl", "--resume", "runs/a", "lr=5e-2"]))
+    assert cfg.resume == "runs/a" and cfg.lr == 0.05
