@@ -364,3 +364,15 @@ def test_resume_followed_by_an_override():
     assert cfg.resume == "latest" and cfg.lr == 0.05
     cfg = train_cli.config_from_args(parser.parse_args(["--train-data", "x.jsonl", "--resume", "runs/a", "lr=5e-2"]))
     assert cfg.resume == "runs/a" and cfg.lr == 0.05
+
+
+def test_collective_failures_are_told_apart():
+    from latentvl.training.trainer import _collective_failure
+
+    gloo_timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation")
+    assert _collective_failure(gloo_timeout) == "timeout"
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:13749")
+    wrapped = ValueError("while reducing")
+    wrapped.__cause__ = peer
+    assert _collective_failure(wrapped) == "peer"
+    assert _collective_failure(RuntimeError("shape mismatch")) is None

@@ -89,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
 
 # exit statuses (docs/training.md): 0 done; 2 the run could not start (config, data, output folder,
 # a refused resume change) or stopped on bad data; 3 a SPEC §8 check failed; 4 non-finite loss;
-# 5 a checkpoint could not be written or read; 6 a collective timed out (a stalled process)
+# 5 a checkpoint could not be written or read; 6 a collective timed out or lost a process
 EXIT_BAD_INPUT, EXIT_PREFLIGHT, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_TIMEOUT = 2, 3, 4, 5, 6
 
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.collator import CollatorInputError
     from ..data.records import RecordError
     from .data import TrainDataError
-    from .trainer import CollectiveTimeoutError, NonFiniteLossError, train
+    from .trainer import CollectiveError, NonFiniteLossError, train
 
     try:
         result = train(cfg)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"stopped: {err}", EXIT_NON_FINITE)
     except CheckpointError as err:
         return _fail(f"checkpoint error: {err}", EXIT_CHECKPOINT)
-    except CollectiveTimeoutError as err:
+    except CollectiveError as err:
         return _fail(f"stopped: {err}", EXIT_TIMEOUT)
     if result.final_model is not None:
         print(f"final model: {result.final_model}")

@@ -77,31 +77,46 @@ class NonFiniteLossError(RuntimeError):
         self.checkpoint = checkpoint
 
 
-class CollectiveTimeoutError(RuntimeError):
-    """A collective waited longer than ``dist_timeout_s``: another process stalled or died.
+class CollectiveError(RuntimeError):
+    """A collective failed because another process stopped (its connection closed).
 
-    ``phase`` names what this process was doing (and so which collective it waited in).
+    ``phase`` names what this process was doing (and so which collective it was in).
     """
 
-    def __init__(self, phase: str, timeout_s: float, rank: int):
+    def __init__(self, phase: str, rank: int, message: str | None = None):
         super().__init__(
-            f"process {rank} waited more than dist_timeout_s={timeout_s:g} s in a collective during {phase}; "
-            "another process stalled or died there (see its log)"
+            message
+            or f"process {rank}: a collective failed during {phase}: another process stopped (see its log)"
         )
         self.phase = phase
         self.rank = rank
 
 
-def _is_timeout(err: BaseException) -> bool:
+class CollectiveTimeoutError(CollectiveError):
+    """A collective waited longer than ``dist_timeout_s``: another process stalled or died."""
+
+    def __init__(self, phase: str, timeout_s: float, rank: int):
+        super().__init__(
+            phase,
+            rank,
+            f"process {rank} waited more than dist_timeout_s={timeout_s:g} s in a collective during {phase}; "
+            "another process stalled or died there (see its log)",
+        )
+
+
+def _collective_failure(err: BaseException) -> str | None:
+    """"timeout" or "peer" when ``err`` (or its cause) is a collective timing out or losing its peer."""
     seen: set[int] = set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         text = str(e).lower()
         if "timed out" in text or "timeout" in text:
-            return True
+            return "timeout"
+        if "connection closed by peer" in text or "connection reset by peer" in text:
+            return "peer"
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 @dataclass
@@ -715,8 +730,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         accelerator.wait_for_everyone()
     except Exception as err:
         ours = (NonFiniteLossError, PreflightError, ckpt.CheckpointError, TrainConfigError)
-        if world > 1 and not isinstance(err, ours) and _is_timeout(err):
+        kind = _collective_failure(err) if world > 1 and not isinstance(err, ours) else None
+        if kind == "timeout":
             raise CollectiveTimeoutError(phase, cfg.dist_timeout_s, rank) from err
+        if kind == "peer":
+            raise CollectiveError(phase, rank) from err
         raise
     finally:
         metrics.close()
