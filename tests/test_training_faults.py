@@ -376,3 +376,13 @@ def test_collective_failures_are_told_apart():
     wrapped.__cause__ = peer
     assert _collective_failure(wrapped) == "peer"
     assert _collective_failure(RuntimeError("shape mismatch")) is None
+
+
+def test_a_sequence_over_max_length_is_a_data_error_line(data_dir, tmp_path, capsys):
+    status = _cli(
+        ["--train-data", str(data_dir / "train.jsonl"), "--output-dir", str(tmp_path / "run"), "max_length=10",
+         "tiny_hidden_size=64", "tiny_num_layers=2", "progress_bar=false", "tensorboard=false"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("latentvl train: data error: sample ") and "exceeds max_length 10" in err
