@@ -386,3 +386,17 @@ def test_a_sequence_over_max_length_is_a_data_error_line(data_dir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("latentvl train: data error: sample ") and "exceeds max_length 10" in err
+
+
+def test_with_skip_invalid_a_record_the_collator_rejects_is_skipped(data_dir, tmp_path):
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    rows = [{**r, "images": [str(data_dir / p) for p in r["images"]],
+             "cot_images": [str(data_dir / p) for p in r["cot_images"]]} for r in rows]
+    rows[5]["question"] = "Which colour? " * 40  # far over max_length; every other record fits
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = train(_cfg(tmp_path, tmp_path / "run", data="long.jsonl", skip_invalid=True, batch_size=2, max_steps=4,
+                     max_length=200))
+    assert res.step == 4
+    report = json.loads((tmp_path / "run" / "skipped_records.json").read_text())
+    assert report["total"] == 1 and report["records"][0]["id"] == rows[5]["id"]
+    assert "exceeds max_length 200" in report["records"][0]["reason"]

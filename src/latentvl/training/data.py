@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.collator import CollatorInputError
 from ..data.records import Record, RecordDataset, RecordError, load_records
 
 
@@ -155,8 +156,10 @@ class BatchTimeDataset(Dataset):
     An image can pass the load-time check (its header and chunk checksums) and still fail to decode.
     Without ``skip_invalid`` that raises :class:`~latentvl.data.records.RecordError` naming the record
     and the file. With it the record is replaced by the next record (in file order) that decodes, and
-    the item carries ``"skipped"``: the records passed over (``source``, ``id``, ``reason``). The
-    replacement depends only on the index, so a resumed run reads the same samples.
+    the item carries ``"skipped"``: the records passed over (``source``, ``id``, ``reason``), and
+    ``"record_index"``. The replacement depends only on the index, so a resumed run reads the same
+    samples. :meth:`collatable` does the same for a record the collator rejects (e.g. over
+    ``max_length``).
     """
 
     def __init__(self, records: list[Record], skip_invalid: bool = False):
@@ -180,15 +183,44 @@ class BatchTimeDataset(Dataset):
                 skipped.append({"source": rec.source, "id": rec.id, "reason": str(err)})
                 continue
             item["skipped"] = skipped
+            item["record_index"] = j
             return item
         raise TrainDataError(f"no record can be read: every image failed to decode ({skipped[0]['reason']} ...)")
 
+    def collatable(self, item: dict[str, Any], collator) -> dict[str, Any]:
+        """``item`` if the collator takes it alone, else the next record (in file order) that it takes,
+        with the records passed over added to ``"skipped"``."""
+        skipped = list(item.get("skipped", []))
+        start = int(item["record_index"])
+        n = len(self.items)
+        candidate = item
+        for k in range(n):
+            if k:
+                candidate = self[(start + k) % n]
+                skipped.extend(candidate.get("skipped", []))
+            try:
+                collator([candidate])
+            except CollatorInputError as err:
+                rec = self.items.records[int(candidate["record_index"])]
+                skipped.append({"source": rec.source, "id": rec.id, "reason": str(err)})
+                continue
+            return {**candidate, "skipped": skipped}
+        raise TrainDataError(f"no record can be collated ({skipped[0]['reason']} ...)")
 
-def collate_reporting(collator):
-    """Wrap a collator: the batch gets ``"skipped"``, the records its items passed over."""
+
+def collate_reporting(collator, dataset: BatchTimeDataset | None = None):
+    """Wrap a collator: the batch gets ``"skipped"``, the records its items passed over. With a
+    ``dataset`` that skips invalid records, an item the collator rejects is replaced
+    (:meth:`BatchTimeDataset.collatable`) instead of failing the batch."""
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collator(items)
+        try:
+            batch = collator(items)
+        except CollatorInputError:
+            if dataset is None or not dataset.skip_invalid:
+                raise
+            items = [dataset.collatable(item, collator) for item in items]
+            batch = collator(items)
         batch["skipped"] = [s for item in items for s in item.get("skipped", [])]
         return batch
 
@@ -219,10 +251,11 @@ def micro_batches(
 ):
     """An endless iterator of collated micro-batches in the sampler's order (see :class:`BatchTimeDataset`:
     each batch has ``"skipped"``)."""
+    dataset = BatchTimeDataset(records, skip_invalid)
     loader = DataLoader(
-        BatchTimeDataset(records, skip_invalid),
+        dataset,
         batch_sampler=sampler,
-        collate_fn=collate_reporting(collator),
+        collate_fn=collate_reporting(collator, dataset),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

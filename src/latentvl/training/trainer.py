@@ -51,6 +51,7 @@ from .data import (
     SkipReport,
     StreamBatchSampler,
     check_latent_data,
+    collate_reporting,
     load_split,
     micro_batches,
 )
@@ -599,7 +600,9 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             # SPEC §8 checks, on this step's first micro-batch, before the stage's first update
             if cfg.run_checks and stage not in checked:
                 phase = f"step {step_no}: the SPEC §8 checks (stage {stage})"
-                first = collator([train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)])
+                first = collate_reporting(collator, train_items)(
+                    [train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)]
+                )
                 check = functools.partial(
                     run_checks,
                     batch=_to_device(first, device),
