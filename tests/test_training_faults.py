@@ -332,6 +332,10 @@ def test_os_errors_spell_out_full_and_read_only_disks():
     wrapped = RuntimeError("unexpected pos 64 vs 0")
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert "(ENOSPC)" in describe_os_error(wrapped)
+    rust = RuntimeError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+    assert "(ENOSPC)" in describe_os_error(rust)
 
 
 def test_a_full_disk_during_the_optimizer_save_says_enospc(tmp_path, monkeypatch):

@@ -328,9 +328,10 @@ def describe_os_error(err: BaseException) -> str:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         code = getattr(e, "errno", None)
-        if code in (errno.ENOSPC, errno.EDQUOT):
+        text = str(e).lower()  # safetensors / torch report the OS error inside their own message
+        if code in (errno.ENOSPC, errno.EDQUOT) or "no space left on device" in text or "storagefull" in text:
             return f"no space left on the device (ENOSPC): {err}"
-        if code == errno.EROFS:
+        if code == errno.EROFS or "read-only file system" in text:
             return f"read-only file system (EROFS): {err}"
         e = e.__cause__ or e.__context__
     return str(err)
