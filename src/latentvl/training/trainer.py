@@ -411,7 +411,27 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     simulate a crash).
     """
     cfg = copy.deepcopy(cfg).validate()
-    callbacks = list(callbacks or [])
+    where = _Where()
+    try:
+        return _train(cfg, list(callbacks or []), where)
+    except Exception as err:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ours = (NonFiniteLossError, PreflightError, ckpt.CheckpointError, TrainConfigError)
+        kind = _collective_failure(err) if distributed and not isinstance(err, ours) else None
+        if kind == "timeout":
+            raise CollectiveTimeoutError(where.phase, cfg.dist_timeout_s, dist.get_rank()) from err
+        if kind == "peer":
+            raise CollectiveError(where.phase, dist.get_rank()) from err
+        raise
+
+
+class _Where:
+    """What the processes are doing together, named when a collective times out or fails."""
+
+    phase = "start-up (process group, model wrapping, resume)"
+
+
+def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
@@ -516,10 +536,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 metrics.message(f"warning: {text}")
     if main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
-        where = f" from {resume_dir} (step {state.step})" if resume_dir else ""
+        resumed_from = f" from {resume_dir} (step {state.step})" if resume_dir else ""
         metrics.message(
             f"training {cfg.max_steps} steps, stage {cfg.stage}, {world} process(es), "
-            f"global batch {cfg.batch_size * cfg.grad_accum * world}{where}"
+            f"global batch {cfg.batch_size * cfg.grad_accum * world}{resumed_from}"
         )
     result = TrainResult(output_dir=out_dir, step=state.step, stage=state.stage)
     last_ckpt = resume_dir
@@ -583,7 +603,6 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         return record
 
     # 6. the loop --------------------------------------------------------------------------------
-    phase = "the first step"  # what the processes are doing together (named when a collective times out)
     try:
         while state.step < cfg.max_steps:
             step_no = state.step + 1
@@ -599,7 +618,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
             # SPEC §8 checks, on this step's first micro-batch, before the stage's first update
             if cfg.run_checks and stage not in checked:
-                phase = f"step {step_no}: the SPEC §8 checks (stage {stage})"
+                where.phase = f"step {step_no}: the SPEC §8 checks (stage {stage})"
                 first = collate_reporting(collator, train_items)(
                     [train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)]
                 )
@@ -622,7 +641,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                     raise PreflightError(report)
                 checked.add(stage)
 
-            phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
+            where.phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
             t0 = time.perf_counter()
             sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
             bad_ids: list[str] = []
@@ -648,7 +667,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 sums["n"] += 1
 
             # stop on a non-finite loss before the update touches the weights
-            phase = f"step {step_no}: the all-reduce of the loss checks"
+            where.phase = f"step {step_no}: the all-reduce of the loss checks"
             n_bad, n_skipped = _all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], device)
             any_bad = n_bad > 0
             if n_skipped:  # images that failed to decode at batch time (skip_invalid): report, go on
@@ -661,7 +680,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             if any_bad:
                 ids = [i for part in _gather_objects(bad_ids) for i in part]
                 raise NonFiniteLossError(step_no, ids, "loss", last_ckpt)
-            phase = f"step {step_no}: gradient clipping and the optimiser step"
+            where.phase = f"step {step_no}: gradient clipping and the optimiser step"
             grad_norm = None
             if cfg.grad_clip is not None:
                 norm = accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -677,7 +696,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             state.samples_seen += global_batch
 
             # log: means over micro-batches and processes
-            phase = f"step {step_no}: the all-reduce of the step's metrics"
+            where.phase = f"step {step_no}: the all-reduce of the step's metrics"
             keys = list(sums)
             total = dict(zip(keys, _all_sum([sums[k] for k in keys], device), strict=True))
             per_rank = _all_gather_pair(sums["used"], sums["budget"], device) if world > 1 else None
@@ -712,15 +731,15 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 and (step_no % cfg.eval_every == 0 or at_switch)
                 and step_no != cfg.max_steps
             ):
-                phase = f"step {step_no}: evaluation"
+                where.phase = f"step {step_no}: evaluation"
                 evaluate(step_no)
             if (cfg.save_every and step_no % cfg.save_every == 0 or at_switch) and step_no != cfg.max_steps:
-                phase = f"step {step_no}: writing checkpoint {ckpt.step_dirname(step_no)}"
+                where.phase = f"step {step_no}: writing checkpoint {ckpt.step_dirname(step_no)}"
                 last_ckpt = save(step_no)
                 result.checkpoint = last_ckpt
 
         # 7. the end -----------------------------------------------------------------------------
-        phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(state.step)}, barrier)"
+        where.phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(state.step)}, barrier)"
         if eval_records is not None:
             evaluate(state.step)
         if last_ckpt is None or ckpt.read_trainer_state(last_ckpt)["step"] != state.step:
@@ -731,14 +750,6 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             _replace_dir_with_copy(last_ckpt / ckpt.MODEL_DIR, final)
             result.final_model = final
         accelerator.wait_for_everyone()
-    except Exception as err:
-        ours = (NonFiniteLossError, PreflightError, ckpt.CheckpointError, TrainConfigError)
-        kind = _collective_failure(err) if world > 1 and not isinstance(err, ours) else None
-        if kind == "timeout":
-            raise CollectiveTimeoutError(phase, cfg.dist_timeout_s, rank) from err
-        if kind == "peer":
-            raise CollectiveError(phase, rank) from err
-        raise
     finally:
         metrics.close()
     result.step = state.step
