@@ -126,3 +126,96 @@ def test_fsdp2_two_processes_match_one(setup):
 
     model, _ = load_latent_model(root / "fsdp" / "final")  # the gathered weights form a loadable model
     assert model.config.latent_mode_stage == "C"
+
+
+# ------------------------------------------------------------- text-only batches on some processes
+# Per step (batch 1 per process): which process holds a record with images ("img") or a text-only one
+# (no question image, no CoT image). Stage AC, C from step 3; step 4 has no latent anywhere.
+MIXED_PLAN = [("img", "txt"), ("txt", "img"), ("img", "txt"), ("txt", "txt")]
+
+
+@pytest.fixture(scope="module")
+def mixed_setup(tmp_path_factory):
+    from latentvl.training.data import StreamBatchSampler
+
+    root = tmp_path_factory.mktemp("mixed")
+    make_dataset("shapes", 8, 5, root / "data", size_min=56, size_max=84, max_cot=2, val_fraction=0, test_fraction=0)
+    rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    seed = 3
+    samplers = [StreamBatchSampler(len(rows), 1, 1, 2, r, seed) for r in range(2)]
+    for step, kinds in enumerate(MIXED_PLAN):
+        for rank, kind in enumerate(kinds):
+            (i,) = samplers[rank].micro_batch(step * 2, 0)
+            if kind == "txt":
+                rows[i]["images"], rows[i]["cot_images"] = [], []
+    (root / "data" / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {
+        "train_data": str(root / "data" / "mixed.jsonl"),
+        "stage": "AC",
+        "switch_step": 2,
+        "max_steps": len(MIXED_PLAN),
+        "tiny_hidden_size": 64,
+        "tiny_num_layers": 2,
+        "lr": 2e-3,
+        "threshold_start": 0.6,
+        "threshold_anneal_steps": 2,
+        "progress_bar": False,
+        "tensorboard": False,
+        "seed": seed,
+        "dist_timeout_s": 120,  # a rank that skips a collective fails the test instead of hanging it
+        "latent": {"latent_budget_alpha": 1.0, "latent_budget_max": 4},
+    }
+    single = train(
+        TrainConfig.from_dict(
+            {**options, "batch_size": 1, "grad_accum": 2, "num_threads": 1, "output_dir": str(root / "single")}
+        )
+    )
+    return root, options, single.history
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_text_only_batches_on_some_processes(mixed_setup, engine):
+    root, options, reference = mixed_setup
+    rows = _torchrun(root, options, f"mixed-{engine}", batch_size=1, distributed=engine)
+    assert [r["step"] for r in rows] == list(range(1, len(MIXED_PLAN) + 1))
+    assert rows[-1]["budget"] == 0 and rows[0]["budget"] > 0  # the plan holds: step 4 has no latent
+    for row, ref in zip(rows, reference, strict=True):
+        assert (row["used"], row["budget"]) == (ref["used"], ref["budget"])
+        for key in ("loss", "ce", "align", "stop", "grad_norm"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (row["step"], key)
+
+
+_STALL_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from latentvl.training.config import TrainConfig
+from latentvl.training.trainer import CollectiveTimeoutError, train
+
+class Stall:  # process 1 stops answering before step 2 (as under SIGSTOP)
+    def on_step_begin(self, step, model):
+        if step == 1 and dist.get_rank() == 1:
+            time.sleep(60)
+
+cfg = TrainConfig(train_data=sys.argv[1], output_dir=sys.argv[2], batch_size=1, max_steps=3, tiny_hidden_size=32,
+                  tiny_num_layers=1, progress_bar=False, tensorboard=False, run_checks=False, dist_timeout_s=10,
+                  latent={"latent_budget_max": 2}).validate()
+try:
+    train(cfg, callbacks=[Stall()])
+except CollectiveTimeoutError as err:
+    print(f"rank {dist.get_rank()}: {type(err).__name__}: {err}", flush=True)
+    sys.exit(6)
+"""
+
+
+def test_a_stalled_process_fails_the_others_after_dist_timeout_s(mixed_setup):
+    root = mixed_setup[0]
+    script = root / "stall.py"
+    script.write_text(_STALL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(root / "data" / "train.jsonl"), str(root / "stall")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "rank 0: CollectiveTimeoutError: process 0 waited more than dist_timeout_s=10 s" in out, out[-4000:]
+    assert "during step 2: forward and backward" in out

@@ -412,7 +412,7 @@ class LatentCollator:
             put([self.im_end_id], label=True)
             put(self._newline_ids)
         if self.max_length is not None and len(ids) > self.max_length:
-            raise ValueError(
+            raise CollatorInputError(
                 f"sample {sample_id!r}: sequence length {len(ids)} exceeds max_length {self.max_length} "
                 "(sequences are never truncated)")
         return EncodedSample(sample_id, ids, labels, mm, list(budgets), segments)

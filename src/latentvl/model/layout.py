@@ -137,8 +137,9 @@ def build_layout(
     budgets = [list(map(int, b)) for b in latent_budgets]
     rows = [b for b, segs in enumerate(segments) if segs]
     if not rows:
-        # Nothing to think about. A dummy row keeps a distributed rank able to step with the others.
-        return Layout(segments, budgets, rows=[0], shifts=[0], real_rows=[False], prefix_len=1, num_steps=0)
+        # Nothing to think about. A dummy row keeps a distributed rank able to step with the others; its
+        # prefix is two tokens long, since a one-token call of pass 1 is a latent step, not a prefix.
+        return Layout(segments, budgets, rows=[0], shifts=[0], real_rows=[False], prefix_len=2, num_steps=0)
     firsts = [segments[b][0][0] for b in rows]
     prefix = max(firsts)
     steps = max(segments[b][-1][1] - segments[b][0][0] for b in rows)

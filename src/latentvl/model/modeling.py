@@ -199,10 +199,37 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         )
         return positions
 
+    def _dummy_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest image the vision tower takes: one merged token of zero pixels.
+
+        ``(pixel_values [m*m, C*T*P*P], image_grid_thw [[1, m, m]])`` with ``m = spatial_merge_size``.
+        """
+        v = self.config.vision_config
+        m = int(v.spatial_merge_size)
+        width = int(v.in_channels) * int(v.temporal_patch_size) * int(v.patch_size) ** 2
+        dtype = self.model.visual.patch_embed.proj.weight.dtype
+        pixels = torch.zeros(m * m, width, dtype=dtype, device=device)
+        return pixels, torch.tensor([[1, m, m]], dtype=torch.long, device=device)
+
+    def _vision_everywhere(self) -> bool:
+        """Whether a batch without images still runs the vision tower (on :meth:`_dummy_image`).
+
+        True with autograd on (training: the tower's parameters get a zero gradient instead of none,
+        so one process and several agree, and DDP sees every parameter used) and in a distributed run
+        (every process makes the same vision calls: FSDP gathers the tower's blocks in lockstep).
+        """
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return distributed or torch.is_grad_enabled()
+
     def embed_inputs(
         self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
     ) -> torch.FloatTensor:
-        """Token embeddings with the question images' visual features placed at their image tokens."""
+        """Token embeddings with the question images' visual features placed at their image tokens.
+
+        A batch without question images runs the vision tower on :meth:`_dummy_image` when
+        :meth:`_vision_everywhere` says so, and adds ``0 * sum(features)``: the embeddings are
+        unchanged and every process makes one vision call per batch, images or not.
+        """
         embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             feats = self.model.get_image_features(pixel_values, image_grid_thw).pooler_output
@@ -213,6 +240,9 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                     f"{int(mask.sum())} image tokens in input_ids but {feats.shape[0]} visual features"
                 )
             embeds = embeds.masked_scatter(mask, feats)
+        elif self._vision_everywhere():
+            dummy = self.model.get_image_features(*self._dummy_image(embeds.device)).pooler_output
+            embeds = embeds + 0.0 * torch.cat(dummy, dim=0).sum().to(embeds.dtype)
         return embeds
 
     def _gating_kwargs(self, latent_kv_mask: torch.Tensor | None) -> dict[str, Any]:
@@ -514,11 +544,16 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         zero = ce.new_zeros(())
 
         align = zero
-        if s.latent_align_weight > 0 and p1.ce_patch_pos.shape[0] > 0:
-            align = alignment_loss(p1.ce_patch_vec, self._alignment_targets(batch, p1))
+        if s.latent_align_weight > 0:  # on every process (the CoT features are a vision call)
+            targets = self._alignment_targets(batch, p1)
+            if p1.ce_patch_pos.shape[0] > 0:
+                align = alignment_loss(p1.ce_patch_vec, targets)
 
         stop = cost = zero
-        if stage_c:
+        if stage_c and p1.stop_logits is None:
+            # no latent anywhere in the batch (on any process): nothing to halt, the head stays in the graph
+            stop = cost = 0.0 * sum(p.sum() for p in self.latent_stop_head.parameters()).float()
+        elif stage_c:
             labels, weights = self._stop_label_tensors(batch, p1)
             stop = stop_loss(p1.stop_logits, labels, weights)
             if s.latent_cost_mode == "count":
@@ -532,8 +567,15 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
 
     @torch.no_grad()
     def _cot_features(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The CoT images' visual features (one ``[N_i, H]`` tensor per image), without gradient.
+
+        A batch without CoT images returns ``[]``; in a distributed run it still makes the vision call
+        (on :meth:`_dummy_image`, result dropped) so that every process makes the same calls.
+        """
         pix, grid = batch.get("cot_pixel_values"), batch.get("cot_image_grid_thw")
         if pix is None or grid is None or grid.shape[0] == 0:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                self.model.get_image_features(*self._dummy_image(batch["input_ids"].device))
             return []
         return list(self.model.get_image_features(pix, grid).pooler_output)
 
@@ -549,6 +591,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             for (_s, _e, img), used in zip(sorted(segs), p1.latent_used_lens[b]):
                 targets.append(pool_visual_tokens(feats[k + img], used))
             k += counts[b]
+        if not targets:
+            return p1.ce_patch_vec.new_zeros(0, p1.ce_patch_vec.shape[-1])
         return torch.cat(targets).to(p1.ce_patch_vec.device)
 
     def _stop_label_tensors(self, batch, p1: LatentPassOutput) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,10 @@ Layout of ``<output_dir>/checkpoints/step-00000120/``:
 - ``optimizer.pt`` - optimiser and LR-scheduler state;
 - ``rng/rank-<r>.pt`` - the random states (python, numpy, torch, CUDA) of every process;
 - ``trainer_state.json`` - step, stage, data position (samples consumed), threshold, world size,
-  the config, and the metrics of the last step.
+  the config, and the metrics of the last step;
+- ``manifest.json`` - written last: the size and SHA-256 of every other file. :func:`verify_checkpoint`
+  checks a checkpoint against it before a resume trusts it; :func:`choose_resume` falls back to the
+  newest checkpoint that verifies.
 
 A checkpoint is first written to ``checkpoints/.tmp-step-00000120`` and renamed to its final name only
 when every file (of every process) is on disk; then ``checkpoints/latest`` (a one-line text file) is
@@ -42,8 +45,20 @@ LORA_FILE = "lora_state.safetensors"
 MODEL_DIR = "model"
 
 
+MANIFEST_FILE = "manifest.json"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint fails verification; ``file`` is the first bad file, the message says why."""
+
+    def __init__(self, file: Path, why: str):
+        super().__init__(f"{file}: {why}")
+        self.file = file
+        self.why = why
 
 
 def _dist() -> bool:
@@ -83,6 +98,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _open_for_write(path: Path):
+    return open(path, "wb")
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk raises ``OSError(ENOSPC)`` (torch's own
+    writer reports it as "unexpected pos ...")."""
+    with _open_for_write(path) as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -164,14 +192,14 @@ def save_checkpoint(
     _barrier()
     error: BaseException | None = None
     try:
-        torch.save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
+        _torch_save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
         if rank == 0:
             _write_model(tmp, export_model, processor, model_state_dict)
             if lora_state is not None:
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, tmp / LORA_FILE)
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, tmp / OPTIMIZER_FILE)
+            _torch_save({"optimizer": optimizer_state, "scheduler": scheduler_state}, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, default=str) + "\n")
     except BaseException as err:  # noqa: BLE001 - every process must learn about the failure
         error = err
@@ -180,9 +208,14 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         if error is not None:
-            raise CheckpointError(f"writing checkpoint {final} failed: {error}") from error
+            raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(error)}") from error
         raise CheckpointError(f"writing checkpoint {final} failed on another process")
     if rank == 0:
+        try:  # last: a checkpoint without its manifest is never renamed into place
+            _write_text_atomic(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp), indent=1) + "\n")
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(err)}") from err
         _fsync_dir(tmp)
         old = None
         if final.exists():  # saving the same step again (a resumed run): move the old one aside first
@@ -196,7 +229,11 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:  # prune old checkpoints, never a pinned one (the end of stage A)
             for stale in list_checkpoints(root)[:-keep_last]:
-                if not read_trainer_state(stale).get("pinned"):
+                try:
+                    pinned = read_trainer_state(stale).get("pinned")
+                except CheckpointError:
+                    pinned = False
+                if not pinned:
                     shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
@@ -246,24 +283,159 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
 
 
 def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / STATE_FILE).read_text())
+    """``trainer_state.json`` as a dict; :class:`CorruptCheckpointError` naming the file if unreadable."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptCheckpointError(path, f"cannot be read ({err})") from err
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "samples_seen")):
+        raise CorruptCheckpointError(path, "is not a trainer state (needs integer 'step' and 'samples_seen')")
+    return state
+
+
+def _load(path: Path, loader):
+    try:
+        return loader(path)
+    except Exception as err:  # torch / pickle / safetensors raise many types for a damaged file
+        raise CorruptCheckpointError(path, f"cannot be loaded ({type(err).__name__}: {err})") from err
 
 
 def load_optimizer_state(ckpt: str | Path) -> dict[str, Any]:
-    return torch.load(Path(ckpt) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    return _load(Path(ckpt) / OPTIMIZER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=False))
 
 
 def load_rng_state(ckpt: str | Path, rank: int) -> dict[str, Any] | None:
     path = Path(ckpt) / "rng" / f"rank-{rank}.pt"
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return _load(path, lambda p: torch.load(p, map_location="cpu", weights_only=False))
 
 
 def load_lora_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(ckpt) / LORA_FILE))
+    return _load(Path(ckpt) / LORA_FILE, lambda p: load_file(str(p)))
+
+
+# ------------------------------------------------------------------------------------ verification
+def describe_os_error(err: BaseException) -> str:
+    """The error, with ENOSPC and EROFS spelled out (torch reports a full disk as "unexpected pos")."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None)
+        text = str(e).lower()  # safetensors / torch report the OS error inside their own message
+        if code in (errno.ENOSPC, errno.EDQUOT) or "no space left on device" in text or "storagefull" in text:
+            return f"no space left on the device (ENOSPC): {err}"
+        if code == errno.EROFS or "read-only file system" in text:
+            return f"read-only file system (EROFS): {err}"
+        e = e.__cause__ or e.__context__
+    return str(err)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return {
+        "version": 1,
+        "files": {
+            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+        },
+    }
+
+
+def verify_checkpoint(ckpt: str | Path) -> bool:
+    """Check every file of a checkpoint against ``manifest.json`` (size, then SHA-256), and that
+    ``trainer_state.json`` reads. Raises :class:`CorruptCheckpointError` naming the first bad file.
+
+    Returns True when verified by checksums, False for a checkpoint without a manifest (written by an
+    earlier version), of which only ``trainer_state.json`` is checked.
+    """
+    ckpt = Path(ckpt)
+    manifest_path = ckpt / MANIFEST_FILE
+    if not manifest_path.is_file():
+        read_trainer_state(ckpt)
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CorruptCheckpointError(manifest_path, f"cannot be read ({err})") from err
+    for name, size, digest in entries:
+        path = ckpt / name
+        if not path.is_file():
+            raise CorruptCheckpointError(path, "is missing")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CorruptCheckpointError(path, f"has {actual} bytes, {size} when saved (truncated or damaged)")
+        if _sha256(path) != digest:
+            raise CorruptCheckpointError(path, "does not match its SHA-256 checksum (damaged)")
+    read_trainer_state(ckpt)
+    return True
+
+
+def choose_resume(resume: str, output_dir: str | Path) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from, verified, and what was said about it (sentences).
+
+    ``"latest"`` (or an output folder): the newest checkpoint that verifies; newer ones that do not are
+    named in the notes and skipped. An explicit checkpoint folder that fails verification raises
+    :class:`CorruptCheckpointError`, which names the file and the newest checkpoint that does verify.
+    """
+    path = Path(resume)
+    explicit = resume != "latest" and (path / STATE_FILE).is_file()
+    root = path.parent.parent if explicit else (Path(output_dir) if resume == "latest" else path)
+    if explicit:
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError as err:
+            good = _newest_verified(root, exclude=path)
+            hint = f"; the newest checkpoint that verifies is {good[0]} (resume={good[0]})" if good else ""
+            raise CorruptCheckpointError(err.file, err.why + hint) from err
+        return path, []
+    candidates = list_checkpoints(root)
+    if not candidates:
+        if resume == "latest":
+            raise CheckpointError(f"resume=latest: no checkpoint under {Path(root) / CHECKPOINT_DIRNAME}")
+        raise CheckpointError(f"resume={resume!r}: not a checkpoint directory (no {STATE_FILE})")
+    notes: list[str] = []
+    for candidate in reversed(candidates):
+        try:
+            verify_checkpoint(candidate)
+        except CorruptCheckpointError as err:
+            notes.append(f"checkpoint {candidate.name} is damaged, skipped: {err}")
+            continue
+        if notes:
+            notes.append(f"resuming from {candidate}, the newest checkpoint that verifies")
+        return candidate, notes
+    raise CheckpointError(
+        f"resume={resume!r}: no checkpoint under {Path(root) / CHECKPOINT_DIRNAME} verifies: " + "; ".join(notes)
+    )
+
+
+def _newest_verified(root: Path, exclude: Path) -> tuple[Path] | None:
+    for candidate in reversed(list_checkpoints(root)):
+        if candidate.resolve() == exclude.resolve():
+            continue
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        return (candidate,)
+    return None
 
 
 def model_dir_of(path: str | Path) -> Path:

@@ -19,6 +19,7 @@ the exception's message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,8 +211,6 @@ def check_no_think(
     """§8.4. ``kv_mask`` replaces the all-False-at-latents mask (a test hook to show the check can fail)."""
     name = "4. latent_kv_mask all False at the latent slots gives the no-think output"
     segs = _segments(batch)
-    if not any(segs):
-        return CheckResult(name, None, "no latent segments in this batch")
     settings = LatentSettings.from_config(model.config)
     device = next(model.parameters()).device
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -224,23 +223,26 @@ def check_no_think(
     ids2, att2, mm2, pos2, keep, kept_cols = _drop_latent_slots(batch, pos.cpu())
     if kv_mask is None:
         kv_mask = keep.clone()
+    # Both calls run on every process, latents or not, through embed_inputs (one vision call each, a
+    # dummy image where the batch has none): distributed processes make the same calls in lockstep.
     logits = model(
-        input_ids=ids,
+        inputs_embeds=model.embed_inputs(ids, pix, grid),
         attention_mask=att,
         position_ids=pos,
-        pixel_values=pix,
-        image_grid_thw=grid,
         mm_token_type_ids=mm,
         latent_kv_mask=kv_mask.to(device),
     ).logits.float()
+    ids2 = ids2.to(device)
     logits2 = model(
-        input_ids=ids2.to(device),
+        inputs_embeds=model.embed_inputs(ids2, pix, grid),
         attention_mask=att2.to(device),
         position_ids=pos2.to(device),
-        pixel_values=pix,
-        image_grid_thw=grid,
         mm_token_type_ids=mm2.to(device) if mm2 is not None else None,
     ).logits.float()
+    if not any(segs):
+        return CheckResult(name, None, "no latent segments in this batch")
+    # NaN is a failure: comparisons are written "not (x <= y)" so that a NaN wins every max and fails
+    # the final "rel <= tolerance" (garbled weights give NaN logits, never a difference of 0)
     worst, worst_where, scale = 0.0, "", 1.0
     for b, cols in enumerate(kept_cols):
         real = att[b, cols.to(device)].bool()
@@ -249,10 +251,12 @@ def check_no_think(
         c = logits2[b, :n][real]
         if a.numel() == 0:
             continue
-        scale = max(scale, float(c.abs().max()))
-        diff = (a - c).abs().max(dim=-1).values
-        j = int(diff.argmax())
-        if float(diff[j]) > worst:
+        c_max = float(c.abs().max())
+        if not c_max <= scale and not math.isnan(scale):
+            scale = c_max
+        diff = (a - c).abs().max(dim=-1).values  # max propagates NaN
+        j = int(torch.where(diff.isnan(), float("inf"), diff).argmax())
+        if not float(diff[j]) <= worst and not math.isnan(worst):
             worst = float(diff[j])
             worst_where = f"{_who(batch, b)}, position {int(cols[real.cpu()][j])}"
     rel = worst / scale
@@ -266,7 +270,9 @@ def check_no_think(
             f"latent_null_scale={settings.latent_null_scale} > 0 (soft gating): {detail}; "
             "exact check skipped",
         )
-    return CheckResult(name, rel <= tolerance, detail)
+    if math.isnan(rel):
+        detail += " (not a number: non-finite logits)"
+    return CheckResult(name, bool(rel <= tolerance), detail)
 
 
 # ------------------------------------------------------------------------------------------- all four

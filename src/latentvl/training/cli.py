@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .checks import PreflightError
@@ -71,38 +72,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The config: YAML file, then KEY=VALUE overrides, then the flags (flags win)."""
     overrides = list(args.set_overrides) + list(args.overrides)
+    resume = args.resume
+    if resume is not None and "=" in resume and not Path(resume).exists():
+        # "--resume lr=1e-3": argparse gave the override to --resume; it is an override, resume the latest
+        overrides.append(resume)
+        resume = "latest"
     updates = {}
     for _flag, (key, _typ, _text) in _FLAGS.items():
         value = getattr(args, f"flag_{key}", None)
         if value is not None:
             updates[key] = value
-    if args.resume is not None:
-        updates["resume"] = args.resume
+    if resume is not None:
+        updates["resume"] = resume
     return load_config(args.config, overrides, updates)
+
+
+# exit statuses (docs/training.md): 0 done; 2 the run could not start (config, data, output folder,
+# a refused resume change) or stopped on bad data; 3 a SPEC §8 check failed; 4 non-finite loss;
+# 5 a checkpoint could not be written or read; 6 a collective timed out or lost a process
+EXIT_BAD_INPUT, EXIT_PREFLIGHT, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_TIMEOUT = 2, 3, 4, 5, 6
+
+
+def _fail(text: str, status: int) -> int:
+    print(f"latentvl train: {text}", file=sys.stderr)
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except TrainConfigError as err:
-        print(f"train: config error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {err}", EXIT_BAD_INPUT)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from .trainer import NonFiniteLossError, train
+    from ..data.collator import CollatorInputError
+    from ..data.records import RecordError
+    from .data import TrainDataError
+    from .trainer import CollectiveError, NonFiniteLossError, train
 
     try:
         result = train(cfg)
+    except TrainConfigError as err:
+        return _fail(f"config error: {err}", EXIT_BAD_INPUT)
+    except (RecordError, TrainDataError, CollatorInputError) as err:
+        return _fail(f"data error: {err}", EXIT_BAD_INPUT)
     except PreflightError as err:
-        print(f"train: stopped before the first step:\n{err}", file=sys.stderr)
-        return 3
+        return _fail(f"stopped before the first step:\n{err}", EXIT_PREFLIGHT)
     except NonFiniteLossError as err:
-        print(f"train: stopped: {err}", file=sys.stderr)
-        return 4
+        return _fail(f"stopped: {err}", EXIT_NON_FINITE)
     except CheckpointError as err:
-        print(f"train: checkpoint error: {err}", file=sys.stderr)
-        return 5
+        return _fail(f"checkpoint error: {err}", EXIT_CHECKPOINT)
+    except CollectiveError as err:
+        return _fail(f"stopped: {err}", EXIT_TIMEOUT)
     if result.final_model is not None:
         print(f"final model: {result.final_model}")
     return 0

@@ -28,6 +28,7 @@ it (checked when the model is built).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -114,6 +115,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else no
     distributed: str = "ddp"  # under torchrun / accelerate launch: "ddp" or "fsdp"
     ddp_find_unused_parameters: bool = True
+    dist_timeout_s: float = 600.0  # multi-process: a collective that waits longer than this fails
     gradient_checkpointing: bool = False  # pass 2 only; the model turns it off inside pass 1
     freeze_vision: bool = False  # freeze the vision tower (ViT blocks and patch embedding)
     freeze_vision_merger: bool = True  # with freeze_vision: freeze the patch merger as well
@@ -166,6 +168,14 @@ class TrainConfig:
         def bad(name: str, why: str) -> TrainConfigError:
             return TrainConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+        # non-finite numbers are refused everywhere (NaN passes every "< 0" test; inf trains nothing)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
+        for name, value in self.latent.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainConfigError(f"latent.{name}={value!r}: must be a finite number")
         for name, choices in (
             ("stage", STAGES),
             ("optimizer", OPTIMIZERS),
@@ -232,6 +242,8 @@ class TrainConfig:
             raise bad("lora_alpha", "must be > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
+        if not self.dist_timeout_s > 0:
+            raise bad("dist_timeout_s", "must be > 0 (seconds)")
         if not self.check_tolerance > 0:
             raise bad("check_tolerance", "must be > 0")
         self._validate_latent()
@@ -358,14 +370,19 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return int(value)
         raise TrainConfigError(f"{name}={value!r}: expected an integer")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise TrainConfigError(f"{name}={value!r}: expected a number")
+        if number is None:
+            raise TrainConfigError(f"{name}={value!r}: expected a number")
+        if not math.isfinite(number):
+            raise TrainConfigError(f"{name}={value!r}: must be a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -400,3 +417,88 @@ def load_config(
     for key, value in (updates or {}).items():
         cfg.set(key, value)
     return cfg.validate()
+
+
+# ------------------------------------------------------------------------------------ resume
+# What a resumed run may change (docs/training.md, "What may change on resume"). Every other option is
+# fixed by the checkpoint: data, model, latent fields, stages and thresholds, optimiser, learning-rate
+# schedule, seed, LoRA and freezing. The schedule's base values live in the saved scheduler state, the
+# data order in the seed and the stream position: changing them would run something else than the
+# config says.
+RESUME_FREE = frozenset(
+    {
+        "resume",
+        "output_dir",
+        "eval_data",
+        "eval_every",
+        "eval_max_samples",
+        "eval_batch_size",
+        "save_every",
+        "keep_last",
+        "save_final_model",
+        "log_every",
+        "tensorboard",
+        "progress_bar",
+        "num_workers",
+        "num_threads",
+        "run_checks",
+        "check_tolerance",
+        "dist_timeout_s",
+        "distributed",
+        "ddp_find_unused_parameters",
+        "gradient_checkpointing",
+    }
+)
+# allowed with a warning: the run continues under other numerics
+RESUME_WARN = frozenset({"mixed_precision", "attn_implementation"})
+# allowed under a condition, checked in check_resume_config
+RESUME_CONDITIONAL = frozenset({"max_steps", "batch_size", "grad_accum"})
+
+
+def check_resume_config(
+    saved: dict[str, Any], cfg: TrainConfig, *, step: int, saved_global_batch: int | None, world_size: int
+) -> list[str]:
+    """Compare ``cfg`` with the config a checkpoint was written with (``saved``) before resuming.
+
+    Raises :class:`TrainConfigError` naming every option that may not change (with both values);
+    returns warnings (sentences) for the changes that are allowed but alter the run. ``step`` is the
+    checkpoint's step, ``saved_global_batch`` its samples per step, ``world_size`` the processes now.
+    """
+    now = cfg.to_dict()
+    refused: list[str] = []
+    warnings: list[str] = []
+    for name, value in now.items():
+        if name not in saved or name in RESUME_FREE or saved[name] == value:
+            continue
+        old = saved[name]
+        if name in RESUME_WARN:
+            warnings.append(f"{name} changed from {old!r} to {value!r} on resume")
+        elif name not in RESUME_CONDITIONAL:
+            refused.append(f"{name}={value!r} (checkpoint: {old!r})")
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    if saved_global_batch is not None and global_batch != saved_global_batch:
+        refused.append(
+            f"batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} x {world_size} process(es) = "
+            f"{global_batch} samples per step (checkpoint: {saved_global_batch}; batch_size and grad_accum "
+            "may change only when the global batch stays the same)"
+        )
+    if cfg.max_steps <= step:
+        refused.append(f"max_steps={cfg.max_steps} (the checkpoint is at step {step} already)")
+    elif "max_steps" in saved and saved["max_steps"] != cfg.max_steps and cfg.lr_scheduler != "constant":
+        from .schedules import lr_factor
+
+        def lr_at(max_steps: int) -> float:
+            return cfg.lr * lr_factor(step, cfg.warmup_steps, max_steps, cfg.lr_scheduler, cfg.min_lr_ratio)
+
+        warnings.append(
+            f"max_steps changed from {saved['max_steps']} to {cfg.max_steps}: the {cfg.lr_scheduler} schedule "
+            f"now runs to step {cfg.max_steps} (lr at step {step + 1}: {lr_at(cfg.max_steps):.4g} instead of "
+            f"{lr_at(saved['max_steps']):.4g})"
+        )
+    if refused:
+        raise TrainConfigError(
+            "resume: these options differ from the checkpoint's and cannot change on resume: "
+            + "; ".join(refused)
+            + ". Put them back, or start a new run from the checkpoint's weights with init_from"
+        )
+    return warnings

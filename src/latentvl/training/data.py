@@ -12,13 +12,20 @@ and a resumed run reads exactly the samples it would have read. A run of ``W`` p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.records import Record, RecordDataset, load_records
+from ..data.collator import CollatorInputError
+from ..data.records import Record, RecordDataset, RecordError, load_records
+
+
+class TrainDataError(ValueError):
+    """The training data cannot be used as configured; the message names the file (and record)."""
 
 
 class StreamBatchSampler(Sampler[list[int]]):
@@ -76,22 +83,179 @@ class StreamBatchSampler(Sampler[list[int]]):
         raise TypeError("the stream is endless")
 
 
-def load_split(path: str | Path, skip_invalid: bool = False) -> list[Record]:
-    """Records of a JSONL file; with ``skip_invalid`` invalid ones are reported and left out."""
+SKIPPED_FILE = "skipped_records.json"
+
+
+class SkipReport:
+    """The records left out of a run, kept in ``output_dir/skipped_records.json``.
+
+    The file is one JSON object, ``{"total": N, "records": [{"split", "source", "id", "reason",
+    "when"}, ...]}`` (``when``: ``"load"`` for the load-time check, ``"batch"`` for an image that failed
+    to decode when its batch was built), rewritten atomically whenever a record is added. Only the main
+    process writes (``path=None`` elsewhere). A resumed run keeps the batch-time entries already there.
+    """
+
+    def __init__(self, path: Path | None, keep_batch_entries: bool = False):
+        self.path = path
+        self.entries: list[dict[str, Any]] = []
+        if path is not None and keep_batch_entries and path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                self.entries = [e for e in old.get("records", []) if e.get("when") == "batch"]
+            except (OSError, ValueError, AttributeError):
+                self.entries = []
+
+    def add(self, split: str, entries: list[dict[str, Any]], when: str) -> list[dict[str, Any]]:
+        """Add entries (``source``, ``id``, ``reason``); returns those not seen before."""
+        seen = {(e["split"], e["source"]) for e in self.entries}
+        new = []
+        for e in entries:
+            row = {"split": split, "source": e["source"], "id": e.get("id"), "reason": e["reason"], "when": when}
+            if (split, row["source"]) not in seen:
+                seen.add((split, row["source"]))
+                new.append(row)
+        if new:
+            self.entries.extend(new)
+            self._write()
+        return new
+
+    @property
+    def total(self) -> int:
+        return len(self.entries)
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        from .checkpoint import _write_text_atomic
+
+        payload = {"total": len(self.entries), "records": self.entries}
+        _write_text_atomic(self.path, json.dumps(payload, indent=1) + "\n")
+
+
+def load_split(
+    path: str | Path, skip_invalid: bool = False, report: SkipReport | None = None, split: str = "train"
+) -> list[Record]:
+    """Records of a JSONL file; with ``skip_invalid`` invalid ones are left out, counted and reported
+    (on stdout and in ``report``)."""
     records, skipped = load_records(path, skip_invalid=skip_invalid)
     for s in skipped:
         print(f"skipped {s.source} (id {s.id!r}): {s.reason}")
+    if skipped:
+        where = f", listed in {report.path}" if report is not None and report.path is not None else ""
+        print(f"skipped {len(skipped)} of {len(records) + len(skipped)} records of {path}{where}")
+        if report is not None:
+            report.add(split, [{"source": s.source, "id": s.id, "reason": s.reason} for s in skipped], "load")
     if not records:
-        raise ValueError(f"{path}: no valid records")
+        raise TrainDataError(f"{path}: no valid records" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return records
 
 
-def micro_batches(records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0):
-    """An endless iterator of collated micro-batches in the sampler's order."""
+class BatchTimeDataset(Dataset):
+    """Records as model inputs, decoded when their batch is built.
+
+    An image can pass the load-time check (its header and chunk checksums) and still fail to decode.
+    Without ``skip_invalid`` that raises :class:`~latentvl.data.records.RecordError` naming the record
+    and the file. With it the record is replaced by the next record (in file order) that decodes, and
+    the item carries ``"skipped"``: the records passed over (``source``, ``id``, ``reason``), and
+    ``"record_index"``. The replacement depends only on the index, so a resumed run reads the same
+    samples. :meth:`collatable` does the same for a record the collator rejects (e.g. over
+    ``max_length``).
+    """
+
+    def __init__(self, records: list[Record], skip_invalid: bool = False):
+        self.items = RecordDataset(records)
+        self.skip_invalid = skip_invalid
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self.skip_invalid:
+            return self.items[index]
+        skipped = []
+        n = len(self.items)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                item = self.items[j]
+            except RecordError as err:
+                rec = self.items.records[j]
+                skipped.append({"source": rec.source, "id": rec.id, "reason": str(err)})
+                continue
+            item["skipped"] = skipped
+            item["record_index"] = j
+            return item
+        raise TrainDataError(f"no record can be read: every image failed to decode ({skipped[0]['reason']} ...)")
+
+    def collatable(self, item: dict[str, Any], collator) -> dict[str, Any]:
+        """``item`` if the collator takes it alone, else the next record (in file order) that it takes,
+        with the records passed over added to ``"skipped"``."""
+        skipped = list(item.get("skipped", []))
+        start = int(item["record_index"])
+        n = len(self.items)
+        candidate = item
+        for k in range(n):
+            if k:
+                candidate = self[(start + k) % n]
+                skipped.extend(candidate.get("skipped", []))
+            try:
+                collator([candidate])
+            except CollatorInputError as err:
+                rec = self.items.records[int(candidate["record_index"])]
+                skipped.append({"source": rec.source, "id": rec.id, "reason": str(err)})
+                continue
+            return {**candidate, "skipped": skipped}
+        raise TrainDataError(f"no record can be collated ({skipped[0]['reason']} ...)")
+
+
+def collate_reporting(collator, dataset: BatchTimeDataset | None = None):
+    """Wrap a collator: the batch gets ``"skipped"``, the records its items passed over. With a
+    ``dataset`` that skips invalid records, an item the collator rejects is replaced
+    (:meth:`BatchTimeDataset.collatable`) instead of failing the batch."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            batch = collator(items)
+        except CollatorInputError:
+            if dataset is None or not dataset.skip_invalid:
+                raise
+            items = [dataset.collatable(item, collator) for item in items]
+            batch = collator(items)
+        batch["skipped"] = [s for item in items for s in item.get("skipped", [])]
+        return batch
+
+    return collate
+
+
+def check_latent_data(records: list[Record], path: str | Path, stage: str, use_latents: bool) -> str | None:
+    """Refuse (or warn about) training data without any CoT image when latents are wanted.
+
+    Stage C or AC needs latents to halt: :class:`TrainDataError`. Stage A trains, but as the no-latent
+    baseline: the warning (a sentence) is returned for the caller to show. None when all is well.
+    """
+    if not use_latents or any(r.cot_images for r in records):
+        return None
+    if stage != "A":
+        raise TrainDataError(
+            f"{path}: no record has CoT images, so stage {stage} has no latent to halt on; "
+            "give records with cot_images, or train stage A with use_latents=false"
+        )
+    return (
+        f"{path}: no record has CoT images: stage A trains without latents "
+        "(the no-latent baseline; set use_latents=false to say so)"
+    )
+
+
+def micro_batches(
+    records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0, skip_invalid: bool = False
+):
+    """An endless iterator of collated micro-batches in the sampler's order (see :class:`BatchTimeDataset`:
+    each batch has ``"skipped"``)."""
+    dataset = BatchTimeDataset(records, skip_invalid)
     loader = DataLoader(
-        RecordDataset(records),
+        dataset,
         batch_sampler=sampler,
-        collate_fn=collator,
+        collate_fn=collate_reporting(collator, dataset),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import math
 import os
@@ -39,13 +40,21 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator
-from ..data.records import RecordDataset
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
-from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError
-from .data import StreamBatchSampler, load_split, micro_batches
+from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError, check_resume_config
+from .data import (
+    SKIPPED_FILE,
+    BatchTimeDataset,
+    SkipReport,
+    StreamBatchSampler,
+    check_latent_data,
+    collate_reporting,
+    load_split,
+    micro_batches,
+)
 from .evaluation import evaluate_records
 from .metrics import MetricsWriter
 from .schedules import lr_factor, threshold_at
@@ -67,6 +76,48 @@ class NonFiniteLossError(RuntimeError):
         self.sample_ids = sample_ids
         self.what = what
         self.checkpoint = checkpoint
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed because another process stopped (its connection closed).
+
+    ``phase`` names what this process was doing (and so which collective it was in).
+    """
+
+    def __init__(self, phase: str, rank: int, message: str | None = None):
+        super().__init__(
+            message
+            or f"process {rank}: a collective failed during {phase}: another process stopped (see its log)"
+        )
+        self.phase = phase
+        self.rank = rank
+
+
+class CollectiveTimeoutError(CollectiveError):
+    """A collective waited longer than ``dist_timeout_s``: another process stalled or died."""
+
+    def __init__(self, phase: str, timeout_s: float, rank: int):
+        super().__init__(
+            phase,
+            rank,
+            f"process {rank} waited more than dist_timeout_s={timeout_s:g} s in a collective during {phase}; "
+            "another process stalled or died there (see its log)",
+        )
+
+
+def _collective_failure(err: BaseException) -> str | None:
+    """"timeout" or "peer" when ``err`` (or its cause) is a collective timing out or losing its peer."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if "timed out" in text or "timeout" in text:
+            return "timeout"
+        if "connection closed by peer" in text or "connection reset by peer" in text:
+            return "peer"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @dataclass
@@ -142,7 +193,8 @@ def make_accelerator(cfg: TrainConfig):
     on_gpu = torch.cuda.is_available()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
-        handlers.append(InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo"))
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timeout))
     else:
         # accelerate keeps its state per process; a second run in the same process (the demo, tests)
         # may ask for another precision, so start from a clean state
@@ -186,6 +238,22 @@ def _through_root(module: nn.Module, fsdp: bool, fn):
     return fn(latent_model(inner.model))
 
 
+def _choose_resume(cfg: TrainConfig, out_dir: Path, main: bool) -> tuple[Path, list[str]]:
+    """The verified checkpoint to resume from (rank 0 verifies, every process learns the answer)."""
+    answer: list[Any] = [None]
+    if main:
+        try:
+            path, notes = ckpt.choose_resume(cfg.resume, out_dir)
+            answer = [("ok", str(path), notes)]
+        except ckpt.CheckpointError as err:
+            answer = [("error", err)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if answer[0][0] == "error":
+        raise answer[0][1]
+    return Path(answer[0][1]), answer[0][2]
+
+
 def _source_dir(cfg: TrainConfig) -> Path | None:
     """Where the starting weights come from (None = the tiny model)."""
     if cfg.init_from:
@@ -213,7 +281,12 @@ def build_model(cfg: TrainConfig, stage: str, resume_dir: Path | None = None):
         )
     else:
         with ckpt.quiet_hf_progress():
-            model, processor = load_latent_model(source, attn_implementation=cfg.attn_implementation)
+            try:
+                model, processor = load_latent_model(source, attn_implementation=cfg.attn_implementation)
+            except Exception as err:
+                if resume_dir is None or cfg.lora:
+                    raise
+                raise ckpt.CorruptCheckpointError(source, f"cannot be loaded ({type(err).__name__}: {err})") from err
     set_stage(model, cfg, stage)
     return model, processor
 
@@ -338,7 +411,27 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     simulate a crash).
     """
     cfg = copy.deepcopy(cfg).validate()
-    callbacks = list(callbacks or [])
+    where = _Where()
+    try:
+        return _train(cfg, list(callbacks or []), where)
+    except Exception as err:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ours = (NonFiniteLossError, PreflightError, ckpt.CheckpointError, TrainConfigError)
+        kind = _collective_failure(err) if distributed and not isinstance(err, ours) else None
+        if kind == "timeout":
+            raise CollectiveTimeoutError(where.phase, cfg.dist_timeout_s, dist.get_rank()) from err
+        if kind == "peer":
+            raise CollectiveError(where.phase, dist.get_rank()) from err
+        raise
+
+
+class _Where:
+    """What the processes are doing together, named when a collective times out or fails."""
+
+    phase = "start-up (process group, model wrapping, resume)"
+
+
+def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
@@ -348,11 +441,23 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    resume_dir = ckpt.resolve_resume(cfg.resume, out_dir) if cfg.resume else None
+        _prepare_output_dir(out_dir)
+    resume_dir, resume_notes = _choose_resume(cfg, out_dir, main) if cfg.resume else (None, [])
+    if main:
+        for note in resume_notes:
+            print(f"warning: {note}", flush=True)
     state = TrainState(stage=cfg.stage_at(0))
+    resume_warnings: list[str] = []
     if resume_dir is not None:
         saved = ckpt.read_trainer_state(resume_dir)
+        if isinstance(saved.get("config"), dict):  # refuse changes the run could not honour
+            resume_warnings = check_resume_config(
+                saved["config"],
+                cfg,
+                step=int(saved["step"]),
+                saved_global_batch=saved.get("global_batch"),
+                world_size=world,
+            )
         state = TrainState(
             step=int(saved["step"]),
             samples_seen=int(saved["samples_seen"]),
@@ -370,8 +475,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     lm = latent_model(model)
 
     # 3. the data --------------------------------------------------------------------------------
-    train_records = load_split(cfg.train_data, cfg.skip_invalid)
-    eval_records = load_split(cfg.eval_data, cfg.skip_invalid) if cfg.eval_data else None
+    skips = SkipReport(out_dir / SKIPPED_FILE if main else None, keep_batch_entries=resume_dir is not None)
+    train_records = load_split(cfg.train_data, cfg.skip_invalid, skips, "train")
+    data_warning = check_latent_data(train_records, cfg.train_data, cfg.stage, cfg.use_latents)
+    eval_records = load_split(cfg.eval_data, cfg.skip_invalid, skips, "eval") if cfg.eval_data else None
     collator = LatentCollator(
         processor,
         lm.config,
@@ -382,8 +489,8 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     sampler = StreamBatchSampler(
         len(train_records), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, start=state.samples_seen
     )
-    batches = micro_batches(train_records, collator, sampler, cfg.num_workers)
-    train_items = RecordDataset(train_records)  # random access, for the checks' batch
+    batches = micro_batches(train_records, collator, sampler, cfg.num_workers, cfg.skip_invalid)
+    train_items = BatchTimeDataset(train_records, cfg.skip_invalid)  # random access, for the checks' batch
 
     # 4. optimiser, schedule, engine -------------------------------------------------------------
     fsdp = cfg.distributed == "fsdp" and world > 1
@@ -424,11 +531,15 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         progress_bar=cfg.progress_bar,
     )
     if main:
+        for text in [data_warning, *resume_warnings]:
+            if text:
+                metrics.message(f"warning: {text}")
+    if main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
-        where = f" from {resume_dir} (step {state.step})" if resume_dir else ""
+        resumed_from = f" from {resume_dir} (step {state.step})" if resume_dir else ""
         metrics.message(
             f"training {cfg.max_steps} steps, stage {cfg.stage}, {world} process(es), "
-            f"global batch {cfg.batch_size * cfg.grad_accum * world}{where}"
+            f"global batch {cfg.batch_size * cfg.grad_accum * world}{resumed_from}"
         )
     result = TrainResult(output_dir=out_dir, step=state.step, stage=state.stage)
     last_ckpt = resume_dir
@@ -507,7 +618,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
             # SPEC §8 checks, on this step's first micro-batch, before the stage's first update
             if cfg.run_checks and stage not in checked:
-                first = collator([train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)])
+                where.phase = f"step {step_no}: the SPEC §8 checks (stage {stage})"
+                first = collate_reporting(collator, train_items)(
+                    [train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)]
+                )
                 check = functools.partial(
                     run_checks,
                     batch=_to_device(first, device),
@@ -527,13 +641,16 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                     raise PreflightError(report)
                 checked.add(stage)
 
+            where.phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
             t0 = time.perf_counter()
             sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
             bad_ids: list[str] = []
             step_ids: list[str] = []
+            step_skipped: list[dict[str, Any]] = []
             for micro in range(cfg.grad_accum):
                 batch = _to_device(next(batches), device)
                 step_ids.extend(batch["ids"])
+                step_skipped.extend(batch.get("skipped") or [])
                 sync = micro == cfg.grad_accum - 1
                 skip_sync = not sync and world > 1 and not fsdp  # FSDP2 reduces every micro-batch
                 ctx = accelerator.no_sync(module) if skip_sync else contextlib.nullcontext()
@@ -550,10 +667,20 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 sums["n"] += 1
 
             # stop on a non-finite loss before the update touches the weights
-            any_bad = _all_sum([1.0 if bad_ids else 0.0], device)[0] > 0
+            where.phase = f"step {step_no}: the all-reduce of the loss checks"
+            n_bad, n_skipped = _all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], device)
+            any_bad = n_bad > 0
+            if n_skipped:  # images that failed to decode at batch time (skip_invalid): report, go on
+                found = [e for part in _gather_objects(step_skipped) for e in part]
+                for e in skips.add("train", found, "batch") if main else []:
+                    metrics.message(
+                        f"step {step_no}: skipped {e['source']} (id {e['id']!r}): {e['reason']} "
+                        f"[{skips.total} skipped in all, listed in {skips.path}]"
+                    )
             if any_bad:
                 ids = [i for part in _gather_objects(bad_ids) for i in part]
                 raise NonFiniteLossError(step_no, ids, "loss", last_ckpt)
+            where.phase = f"step {step_no}: gradient clipping and the optimiser step"
             grad_norm = None
             if cfg.grad_clip is not None:
                 norm = accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
@@ -569,6 +696,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             state.samples_seen += global_batch
 
             # log: means over micro-batches and processes
+            where.phase = f"step {step_no}: the all-reduce of the step's metrics"
             keys = list(sums)
             total = dict(zip(keys, _all_sum([sums[k] for k in keys], device), strict=True))
             per_rank = _all_gather_pair(sums["used"], sums["budget"], device) if world > 1 else None
@@ -603,12 +731,15 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 and (step_no % cfg.eval_every == 0 or at_switch)
                 and step_no != cfg.max_steps
             ):
+                where.phase = f"step {step_no}: evaluation"
                 evaluate(step_no)
             if (cfg.save_every and step_no % cfg.save_every == 0 or at_switch) and step_no != cfg.max_steps:
+                where.phase = f"step {step_no}: writing checkpoint {ckpt.step_dirname(step_no)}"
                 last_ckpt = save(step_no)
                 result.checkpoint = last_ckpt
 
         # 7. the end -----------------------------------------------------------------------------
+        where.phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(state.step)}, barrier)"
         if eval_records is not None:
             evaluate(state.step)
         if last_ckpt is None or ckpt.read_trainer_state(last_ckpt)["step"] != state.step:
@@ -629,6 +760,18 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
 
 # ------------------------------------------------------------------------------------ small pieces
+def _prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and make sure it takes files; a :class:`TrainConfigError` naming it if not."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        why = ckpt.describe_os_error(err)
+        raise TrainConfigError(f"output_dir={str(out_dir)!r}: cannot write there ({why})") from err
+
+
 def _replace_dir_with_copy(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` atomically (copy beside it, then swap)."""
     import os
