@@ -1,9 +1,9 @@
 """The one place where the supported transformers versions differ for latentvl (resolved at import).
 
-transformers 5.17 calls the KV cache ``past_key_values`` (forward keyword and output field); later 5.x
-releases call it ``cache`` (the old name warns and goes away in 5.40). ``generate()`` passes the cache
-under the installed version's name, so the model's forward accepts both and hands it on under
-:data:`CACHE_KWARG`.
+transformers 5.17 calls the KV cache ``past_key_values`` (forward keyword and output field); newer 5.x
+releases (5.24 is tested) call it ``cache``: the old name warns there and goes away in 5.40.
+``generate()`` passes the cache under the installed version's name, so the model's forward accepts
+both and hands it on under :data:`CACHE_KWARG`.
 """
 
 from __future__ import annotations
