@@ -26,6 +26,7 @@ from latent_pass import build, sync, synthetic_batch
 from transformers.cache_utils import DynamicCache
 
 from latentvl import set_latent_fields
+from latentvl.model.compat import CACHE_KWARG
 
 
 def growing_cache_pass(model, input_ids, embeds, position_ids, segments) -> torch.Tensor:
@@ -33,13 +34,13 @@ def growing_cache_pass(model, input_ids, embeds, position_ids, segments) -> torc
     lm = model.model.language_model
     first, end = segments[0][0][0], segments[0][-1][1]
     cache = DynamicCache(config=model.config.text_config)
-    h = lm(inputs_embeds=embeds[:, :first], position_ids=position_ids[..., :first], past_key_values=cache,
+    h = lm(inputs_embeds=embeds[:, :first], position_ids=position_ids[..., :first], **{CACHE_KWARG: cache},
            use_cache=True).last_hidden_state[:, -1:]
     vecs = []
     for col in range(first, end):
         is_latent = any(s <= col < e for s, e, _ in segments[0])
         x = h if is_latent else embeds[:, col : col + 1]
-        h = lm(inputs_embeds=x, position_ids=position_ids[..., col : col + 1], past_key_values=cache,
+        h = lm(inputs_embeds=x, position_ids=position_ids[..., col : col + 1], **{CACHE_KWARG: cache},
                use_cache=True).last_hidden_state
         if is_latent:
             vecs.append(x)

@@ -29,6 +29,7 @@ from transformers import Qwen2_5_VLConfig
 from transformers.cache_utils import DynamicCache
 
 from latentvl import LatentQwen2_5_VLForConditionalGeneration, build_tiny_model, set_latent_fields
+from latentvl.model.compat import CACHE_KWARG
 
 
 def qwen25_vl_3b_config(vocab_size: int = 151_936) -> Qwen2_5_VLConfig:
@@ -125,12 +126,12 @@ def per_sample_loop(model, input_ids, segments, threshold: float) -> None:
         first = segments[b][0][0]
         cache = DynamicCache(config=model.config.text_config)
         pos = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
-        h = lm(inputs_embeds=embeds[:, :first], position_ids=pos[..., :first], past_key_values=cache,
+        h = lm(inputs_embeds=embeds[:, :first], position_ids=pos[..., :first], **{CACHE_KWARG: cache},
                use_cache=True).last_hidden_state[:, -1:]
         for col in range(first, segments[b][-1][1]):
             is_latent = any(s <= col < e for s, e, _ in segments[b])
             x = h if is_latent else embeds[:, col : col + 1]
-            h = lm(inputs_embeds=x, position_ids=pos[..., col : col + 1], past_key_values=cache,
+            h = lm(inputs_embeds=x, position_ids=pos[..., col : col + 1], **{CACHE_KWARG: cache},
                    use_cache=True).last_hidden_state
             if is_latent and torch.sigmoid(model.latent_stop_head(h)).item() >= threshold:
                 pass  # the loop style reads the decision on the host every step

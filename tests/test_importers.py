@@ -298,6 +298,63 @@ def test_image_root_option(mirage_file, tmp_path):
     assert [r["id"] for r in check_contract(tmp_path / "b" / "data.jsonl")] == ["mirage-000001", "keep-me"]
 
 
+@pytest.fixture()
+def mirage_repo(tmp_path) -> Path:
+    """Mirage's published layout: the JSONL under data/examples/, image paths relative to the repository
+    root (the directory its scripts run from), written as ./data/..."""
+    repo = tmp_path / "Mirage"
+    save_png(repo / "data" / "images" / "q1.png", "red")
+    save_png(repo / "data" / "images" / "h1.png", "blue")
+    save_png(repo / "data" / "examples" / "local.png", "green")  # next to the JSONL
+    save_png(repo / "local.png", "white")  # the same relative name under the root: the JSONL's folder wins
+    rows = [
+        {"text_input": "Q1?", "text_output": "<answer>A</answer>", "image_input": ["./data/images/q1.png"],
+         "image_output": ["./data/images/h1.png"]},
+        {"text_input": "Q2?", "text_output": "B", "image_input": "local.png", "image_output": "./data/images/h1.png"},
+        {"text_input": "Q3?", "text_output": "C", "image_input": "./data/images/absent.png"},
+    ]
+    (repo / "data" / "examples" / "sample.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return repo
+
+
+def test_mirage_paths_relative_to_the_working_directory(mirage_repo, tmp_path, monkeypatch, capsys):
+    """Run from the repository root as Mirage's README does: paths missing under the JSONL's folder
+    are found under the working directory, and the command says which root it used."""
+    from latentvl.cli import main
+
+    monkeypatch.chdir(mirage_repo)
+    out = tmp_path / "out"
+    rc = main(["import", "--format", "mirage", "data/examples/sample.jsonl", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    records = check_contract(out / "data.jsonl")
+    assert [r["question"] for r in records] == ["Q1?", "Q2?"]
+    first, second = records
+    assert [pixel(out / p) for p in first["images"] + first["cot_images"]] == [COLORS["red"], COLORS["blue"]]
+    assert [pixel(out / p) for p in second["images"]] == [COLORS["green"]]  # the JSONL's folder first
+    cwd, folder = mirage_repo.resolve(), (mirage_repo / "data" / "examples").resolve()
+    assert f"{cwd} (the working directory): 3 image(s)" in text
+    assert f"{folder}: 1 image(s)" in text
+    [skip] = read_jsonl(out / "data.skipped.jsonl")
+    assert "absent.png" in skip["reason"] and "--image-root" in skip["reason"]
+    assert str(folder / "data" / "images" / "absent.png") in skip["reason"]
+    assert str(mirage_repo / "data" / "images" / "absent.png") in skip["reason"]
+
+
+def test_mirage_image_root_turns_the_working_directory_lookup_off(mirage_repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(mirage_repo)
+    jsonl = Path("data/examples/sample.jsonl")
+    report = import_dataset("mirage", jsonl, tmp_path / "a", image_root=mirage_repo / "data" / "examples")
+    # only the JSONL's folder is looked at: "./data/..." is not under it
+    assert report.converted == 0 and report.image_roots == {}
+    assert all("not found" in s.reason for s in report.skipped)
+    report = import_dataset("mirage", jsonl, tmp_path / "b", image_root=mirage_repo)
+    assert report.converted == 2 and report.image_roots == {mirage_repo: 4}
+    second = read_jsonl(tmp_path / "b" / "data.jsonl")[1]
+    assert pixel(tmp_path / "b" / second["images"][0]) == COLORS["white"]  # local.png under the root given
+
+
 # ---------------------------------------------------------------------------------------------- Monet
 
 

@@ -69,11 +69,25 @@ class ImportReport:
     skipped_path: Path
     converted: int = 0
     skipped: list[ImportSkip] = field(default_factory=list)
+    #: directory -> number of image files of converted records whose relative path was resolved against it
+    image_roots: dict[Path, int] = field(default_factory=dict)
+
+    def roots_summary(self) -> str:
+        """Which directories relative image paths were resolved against (empty if none were relative)."""
+        if not self.image_roots:
+            return ""
+        cwd = Path.cwd().resolve()
+        parts = []
+        for root, n in sorted(self.image_roots.items(), key=lambda kv: -kv[1]):
+            what = " (the working directory)" if root.resolve() == cwd else ""
+            parts.append(f"{root.resolve()}{what}: {n} image(s)")
+        return "relative image paths resolved against " + "; ".join(parts)
 
     def summary(self) -> str:
+        roots = self.roots_summary()
         return (
             f"converted {self.converted} record(s) from {self.format} {self.source} -> {self.output_path}; "
-            f"skipped {len(self.skipped)}"
+            f"skipped {len(self.skipped)}" + (f"; {roots}" if roots else "")
         )
 
 
@@ -88,6 +102,8 @@ class _Image:
     label: str
     data: bytes | None = None
     path: Path | None = None
+    root: Path | None = None  # the directory a relative path was resolved against
+    tried: tuple[Path, ...] = ()  # every location looked at for a relative path that exists nowhere
 
 
 @dataclass
@@ -231,14 +247,47 @@ def _generated_id(prefix: str, src: Path, file: Path, number: int) -> str:
     return f"{prefix}-{_slug(rel.as_posix())}-{number:06d}"
 
 
-def _path_image(label: str, raw: Any, base: Path) -> _Image:
+@dataclass(frozen=True)
+class _Roots:
+    """Where relative image paths are looked up: ``primary`` (``--image-root``, else the folder of the
+    file that names them), then, only without ``--image-root``, ``fallback`` (the working directory):
+    public datasets write paths relative to the directory their own scripts run from."""
+
+    primary: Path
+    fallback: Path | None = None
+
+    @classmethod
+    def for_file(cls, file: Path, image_root: Path | None) -> _Roots:
+        if image_root is not None:
+            return cls(Path(image_root))
+        cwd = Path.cwd()
+        folder = file.parent
+        same = folder.resolve() == cwd.resolve()
+        return cls(folder, None if same else cwd)
+
+    def locate(self, rel: Path) -> tuple[Path, Path, tuple[Path, ...]]:
+        """(path, the root it lies under, locations tried when it exists under none)."""
+        first = self.primary / rel
+        if self.fallback is None or first.exists():
+            return first, self.primary, ()
+        second = self.fallback / rel
+        if second.exists():
+            return second, self.fallback, ()
+        return first, self.primary, (first.absolute(), second.absolute())
+
+
+def _path_image(label: str, raw: Any, base: _Roots) -> _Image:
     if not isinstance(raw, str) or not raw.strip():
         raise _RowError(f"{label}: expected a path string, got {raw!r}")
     p = Path(raw.strip())
-    return _Image(label=f"{label} {raw.strip()!r}", path=p if p.is_absolute() else base / p)
+    label = f"{label} {raw.strip()!r}"
+    if p.is_absolute():
+        return _Image(label=label, path=p)
+    path, root, tried = base.locate(p)
+    return _Image(label=label, path=path, root=root, tried=tried)
 
 
-def _path_list(label: str, value: Any, base: Path) -> list[_Image]:
+def _path_list(label: str, value: Any, base: _Roots) -> list[_Image]:
     """A path, a list of paths, or nothing (None / missing / empty list)."""
     if value is None:
         return []
@@ -261,7 +310,7 @@ _ZEBRA_TRACE = "Text Reasoning Trace"
 _ZEBRA_ANSWER = "Final Answer"
 
 
-def _zebra_cell_image(label: str, cell: Any, base: Path) -> _Image | None:
+def _zebra_cell_image(label: str, cell: Any, base: _Roots) -> _Image | None:
     """An image cell as HF datasets store it (struct with bytes/path), raw bytes, a path, or null."""
     if cell is None:
         return None
@@ -279,7 +328,7 @@ def _zebra_cell_image(label: str, cell: Any, base: Path) -> _Image | None:
     raise _RowError(f"{label}: unsupported image cell of type {type(cell).__name__}")
 
 
-def _zebra_row(row: dict, location: str, row_id: str, base: Path, image_cols: dict) -> _Row:
+def _zebra_row(row: dict, location: str, row_id: str, base: _Roots, image_cols: dict) -> _Row:
     out = _Row(location=location, id=_as_id(row.get("id")) or row_id)
     question = _as_text(row.get(_ZEBRA_QUESTION))
     if question is None:
@@ -323,7 +372,7 @@ def _read_zebra(src: Path, exclude: frozenset[Path], image_root: Path | None) ->
             f"reading Zebra-CoT parquet files needs pyarrow, which is not installed: {_INSTALL_HINT}"
         ) from err
     for file in _input_files(src, (".parquet",), exclude):
-        base = image_root or file.parent
+        base = _Roots.for_file(file, image_root)
         try:
             pf = pq.ParquetFile(file)
             names = pf.schema_arrow.names
@@ -370,7 +419,7 @@ def _read_zebra(src: Path, exclude: frozenset[Path], image_root: Path | None) ->
 _ID_KEYS = ("id", "qid", "sample_id", "uid", "question_id")
 
 
-def _mirage_row(obj: Any, location: str, row_id: str, base: Path) -> _Row:
+def _mirage_row(obj: Any, location: str, row_id: str, base: _Roots) -> _Row:
     if not isinstance(obj, dict):
         raise _RowError(f"expected a JSON object, got {type(obj).__name__}")
     out = _Row(location=location, id=_first_id(obj, _ID_KEYS) or row_id)
@@ -401,7 +450,7 @@ def _read_jsonl_objects(file: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 def _read_mirage(src: Path, exclude: frozenset[Path], image_root: Path | None) -> Iterator[_Row | ImportSkip]:
     for file in _input_files(src, (".jsonl",), exclude):
-        base = image_root or file.parent
+        base = _Roots.for_file(file, image_root)
         try:
             for number, obj, problem in _read_jsonl_objects(file):
                 location = f"{file}:{number}"
@@ -442,7 +491,7 @@ def _monet_parts(message: Any, where: str) -> tuple[str, list[dict]]:
     return role, content
 
 
-def _monet_row(item: Any, location: str, row_id: str, base: Path) -> _Row:
+def _monet_row(item: Any, location: str, row_id: str, base: _Roots) -> _Row:
     if isinstance(item, list):  # a bare message list, without metadata
         messages, metadata = item, None
     elif isinstance(item, dict):
@@ -508,7 +557,7 @@ def _monet_row(item: Any, location: str, row_id: str, base: Path) -> _Row:
 
 def _read_monet(src: Path, exclude: frozenset[Path], image_root: Path | None) -> Iterator[_Row | ImportSkip]:
     for file in _input_files(src, (".json", ".jsonl"), exclude):
-        base = image_root or file.parent
+        base = _Roots.for_file(file, image_root)
         if file.suffix.lower() == ".jsonl":
             entries: Iterable[tuple[str, int, Any, str | None]] = (
                 (f"{file}:{n}", n, obj, problem) for n, obj, problem in _read_jsonl_objects(file)
@@ -564,6 +613,10 @@ def _check_image(img: _Image) -> str:
     """Decode the image fully; return its PIL format name. Raises _RowError with the reason."""
     if img.path is not None:
         if not img.path.exists():
+            if img.tried:
+                where = " or ".join(str(p) for p in img.tried)
+                raise _RowError(f"{img.label}: file not found (looked for {where}; --image-root DIR sets "
+                                "the directory relative paths start from)")
             raise _RowError(f"{img.label}: file not found ({img.path})")
         if not img.path.is_file():
             raise _RowError(f"{img.label}: not a file ({img.path})")
@@ -662,8 +715,10 @@ def import_dataset(
     Writes ``out_dir/<split_name>.jsonl`` and ``out_dir/<split_name>.skipped.jsonl`` atomically, images
     under ``out_dir/images/``. ``link`` hard-links (else symlinks, else copies) image files instead of
     copying them; inline images are always written. ``limit`` stops after that many converted records.
-    ``image_root`` overrides the directory that relative image paths are resolved against (default: the
-    directory of the file that names them).
+    ``image_root`` overrides the directory that relative image paths are resolved against. Without it a
+    relative path is looked up under the directory of the file that names it, and, when it is not there,
+    under the working directory (Mirage's JSONL names images relative to the directory its scripts run
+    from); ``ImportReport.image_roots`` counts the images resolved against each.
 
     Raises ``ValueError`` for an unknown format or bad arguments, ``FileNotFoundError`` for a missing
     input and :class:`DatasetImportError` when the input cannot be imported at all.
@@ -714,6 +769,9 @@ def import_dataset(
                 report.skipped.append(ImportSkip(item.location, item.id, str(err)))
                 continue
             first_seen[item.id] = item.location
+            for img in (*item.images, *item.cot_images):
+                if img.root is not None:
+                    report.image_roots[img.root] = report.image_roots.get(img.root, 0) + 1
             out.write(record)
             report.converted += 1
             if limit is not None and report.converted >= limit:
@@ -755,7 +813,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="resolve relative image paths against DIR instead of the input file's directory",
+        help="resolve relative image paths against DIR (default: the input file's directory, then the "
+        "working directory for a path that is not there)",
     )
 
 
@@ -774,6 +833,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"latentvl import: error: {err}", file=sys.stderr)
         return 2
     print(f"converted {report.converted} record(s) -> {report.output_path}")
+    if report.image_roots:
+        print(report.roots_summary())
     if report.skipped:
         print(f"skipped {len(report.skipped)} record(s) (also in {report.skipped_path}):")
         for skip in report.skipped:

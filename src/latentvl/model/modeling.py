@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import LatentSettings
 from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # importing registers the functions
+from .compat import CACHE_KWARG, output_cache, resolve_cache
 from .kv_store import LatentKVStore
 from .layout import LatentInputError, Layout, build_layout
 from .losses import alignment_loss, expected_length, pool_visual_tokens, stop_labels, stop_loss
@@ -275,6 +276,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         ce_patch_vec: torch.FloatTensor | None = None,
         latent_kv_mask: torch.BoolTensor | None = None,
         latent_threshold: float | None = None,
+        cache=None,
         **kwargs,
     ):
         """Pass 1 when ``latent_mode=True`` (returns :class:`LatentPassOutput`), else pass 2.
@@ -282,8 +284,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         Pass 2 patches ``ce_patch_vec`` at ``ce_patch_pos`` (only on a call that starts from an empty
         cache, i.e. the prefill of ``generate()``) and applies ``latent_kv_mask`` ``[B, S_kv]`` in every
         text attention layer. Without ``position_ids`` on an empty cache, positions are computed over
-        the full-budget sequence (D2).
+        the full-budget sequence (D2). The KV cache may come as ``cache`` or ``past_key_values``
+        (transformers renamed it; :mod:`latentvl.model.compat`).
         """
+        cache = resolve_cache(cache, past_key_values)
         if latent_mode:
             if input_ids is None:
                 raise LatentInputError("latent_mode=True needs input_ids (they locate the latent segments)")
@@ -295,7 +299,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             return self.latent_pass(input_ids, attention_mask, embeds, position_ids, latent_segments,
                                     latent_budgets, threshold=latent_threshold)
 
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = cache.get_seq_length() if cache is not None else 0
         if ce_patch_pos is not None and past_len == 0:
             if inputs_embeds is None:
                 inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
@@ -309,7 +313,6 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             input_ids=input_ids if inputs_embeds is None or pixel_values is not None else None,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -317,12 +320,13 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             logits_to_keep=logits_to_keep,
+            **{CACHE_KWARG: cache},
             **self._gating_kwargs(latent_kv_mask),
             **kwargs,
         )
         return LatentCausalLMOutput(
-            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions, latent_kv_mask=latent_kv_mask,
+            loss=out.loss, logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            latent_kv_mask=latent_kv_mask, **{CACHE_KWARG: output_cache(out)},
         )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
