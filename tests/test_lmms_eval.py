@@ -118,6 +118,12 @@ def test_bad_model_arguments_raise_before_loading(tmp_path):
         LatentVLChat(pretrained=str(tmp_path))
 
 
+def test_data_parallel_launch_is_refused_with_a_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2.*one process"):
+        LatentVLChat(pretrained=str(tmp_path))
+
+
 def test_segment_plan_model_arguments_win_then_the_document(ckpt):
     doc = {"cot_image_sizes": [[84, 84], [112, 112]], "latent_budgets": None}
     lm = LatentVLSimple(pretrained=str(ckpt))
@@ -213,9 +219,9 @@ def test_loglikelihood_is_exact_against_generate(lm, data):
             reqs.append(_ll_request(doc, b, text))
             expected.append((ref, is_greedy))
     got = lm.loglikelihood(reqs)
-    for (score, greedy), (ref, ref_greedy) in zip(got, expected, strict=True):
+    for (nll, greedy), (ref, ref_greedy) in zip(got, expected, strict=True):
         assert greedy == ref_greedy
-        assert score == pytest.approx(ref, abs=1e-4)
+        assert -nll == pytest.approx(ref, abs=1e-4)
 
 
 def test_loglikelihood_takes_a_target_function_and_rejects_bad_samples(lm, data):
@@ -223,7 +229,7 @@ def test_loglikelihood_takes_a_target_function_and_rejects_bad_samples(lm, data)
     lm.task_dict = {TASK: {SPLIT: docs}}
     [(a, _)] = lm.loglikelihood([_ll_request(docs[0], 0, "D")])
     [(b, _)] = lm.loglikelihood([_ll_request(docs[0], 0, lambda doc: "D")])
-    assert a == b and a < 0
+    assert a == b and a > 0  # a negative log-likelihood
     missing = Instance("loglikelihood", ("q", "D", lambda doc: [str(data / "missing.png")], 0, TASK, SPLIT), 0,
                        metadata={"task": TASK, "doc_id": 0, "repeats": 1})
     with pytest.raises(ValueError, match=rf"loglikelihood request {TASK}/{SPLIT}/0: .*does not exist"):
@@ -245,6 +251,8 @@ def test_lmms_task_writes_yaml_and_rows(data, tmp_path, capsys):
     assert cli_main(["lmms-task", "--data", str(data / "test.jsonl"), "--out", str(out), "--task", "maze_t"]) == 2
     assert "already holds" in capsys.readouterr().err
     assert cli_main(["lmms-task", "--data", str(data / "test.jsonl"), "--out", str(out), "--task", "../x"]) == 2
+    assert cli_main(["lmms-task", "--data", str(data / "test.jsonl"), "--out", str(out), "--choices", "U,D"]) == 2
+    assert "is not one of the choices" in capsys.readouterr().err
     assert lmms_task.process_results({"answer": "Left."}, [" left "]) == {"exact_match": 1.0}
     assert lmms_task.process_results({"answer": "L"}, ["R"]) == {"exact_match": 0.0}
 
@@ -276,22 +284,50 @@ def test_lmms_eval_command_line_matches_latentvl_eval(ckpt, data, tmp_path):
 
     assert cli_main(["lmms-task", "--data", str(relabelled), "--out", str(tmp_path / "task"), "--task", "latentvl_toy",
                      "--max-new-tokens", "4"]) == 0
-    exe = Path(sys.executable).parent / "lmms-eval"
-    assert exe.is_file(), f"{exe} is missing: install lmms-eval (docs/lmms-eval.md)"
-    src = str(Path(latentvl.__file__).resolve().parents[1])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    out_dir = tmp_path / "lmms"
-    proc = subprocess.run(
-        [str(exe), "eval", "--model", "latentvl", "--model_args",
-         f"pretrained={ckpt},threshold={THRESHOLD},dtype=float32", "--tasks", "latentvl_toy",
-         "--include_path", str(tmp_path / "task"), "--batch_size", "3", "--output_path", str(out_dir),
-         "--log_samples", "--verbosity", "WARNING"],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out_dir = _lmms_eval(tmp_path, ["--model_args", f"pretrained={ckpt},threshold={THRESHOLD},dtype=float32",
+                                    "--tasks", "latentvl_toy", "--include_path", str(tmp_path / "task"),
+                                    "--batch_size", "3"])
     [results] = list(out_dir.rglob("*_results.json"))
     [samples] = list(out_dir.rglob("*_samples_latentvl_toy.jsonl"))
     lmms_acc = json.loads(results.read_text())["results"]["latentvl_toy"]["exact_match,none"]
     logged = sorted((json.loads(x) for x in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
     assert [s["filtered_resps"] for s in logged] == [p["prediction"] for p in predictions]
     assert lmms_acc == pytest.approx(report["accuracy"])
+
+
+def _lmms_eval(tmp_path, args):
+    """Run the `lmms-eval eval --model latentvl` command line offline; return its output directory."""
+    exe = Path(sys.executable).parent / "lmms-eval"
+    assert exe.is_file(), f"{exe} is missing: install lmms-eval (docs/lmms-eval.md)"
+    src = str(Path(latentvl.__file__).resolve().parents[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out_dir = tmp_path / "lmms"
+    proc = subprocess.run([str(exe), "eval", "--model", "latentvl", *args, "--output_path", str(out_dir),
+                           "--log_samples", "--verbosity", "WARNING"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out_dir
+
+
+def test_lmms_eval_multiple_choice_scores_by_latent_loglikelihood(ckpt, data, tmp_path):
+    """A multiple_choice task (`latentvl lmms-task --choices`, `--force_simple`): lmms-eval picks, for every
+    record, the choice with the lowest negative log-likelihood that the model computes in process."""
+    choices = ["U", "D", "L", "R"]
+    assert cli_main(["lmms-task", "--data", str(data / "test.jsonl"), "--out", str(tmp_path / "task"),
+                     "--task", "latentvl_mc", "--choices", ",".join(choices)]) == 0
+    docs = [json.loads(x) for x in (tmp_path / "task" / "latentvl_mc.jsonl").read_text().splitlines()]
+    lm = LatentVLSimple(pretrained=str(ckpt), batch_size=4)
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    nll = [n for n, _ in lm.loglikelihood([_ll_request(d, i, c) for i, d in enumerate(docs) for c in choices])]
+    picks = [min(range(4), key=lambda k, i=i: nll[4 * i + k]) for i in range(len(docs))]
+    expected_acc = sum(choices[p] == d["answer"] for p, d in zip(picks, docs)) / len(docs)
+
+    out_dir = _lmms_eval(tmp_path, ["--force_simple", "--model_args", f"pretrained={ckpt}", "--tasks", "latentvl_mc",
+                                    "--include_path", str(tmp_path / "task"), "--batch_size", "4"])
+    [results] = list(out_dir.rglob("*_results.json"))
+    [samples] = list(out_dir.rglob("*_samples_latentvl_mc.jsonl"))
+    logged = sorted((json.loads(x) for x in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
+    got = [float(r[0]) for s in logged for r in s["filtered_resps"]]
+    assert got == pytest.approx(nll, abs=1e-4)
+    assert json.loads(results.read_text())["results"]["latentvl_mc"]["acc,none"] == pytest.approx(expected_acc)

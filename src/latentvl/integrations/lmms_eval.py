@@ -9,7 +9,8 @@ answered in batches of ``--batch_size`` in the order lmms-eval hands them over.
 Two classes share one implementation: :class:`LatentVLChat` (the default; lmms-eval hands it chat
 messages) and :class:`LatentVLSimple` (``--force_simple``; context string plus ``doc_to_visual``).
 ``loglikelihood`` is exact (pass 1 on the prompt, then one pass-2 forward over prompt + continuation
-with the same patches and mask, positions of the full-budget sequence); lmms-eval 0.7.3 sends
+with the same patches and mask, positions of the full-budget sequence) and returns the negative
+log-likelihood, as lmms-eval's own models do (its ``multiple_choice`` scoring takes the argmin); lmms-eval 0.7.3 sends
 loglikelihood requests (``multiple_choice`` tasks) to simple models only, so such tasks need
 ``--force_simple``.
 
@@ -20,22 +21,48 @@ because ``,`` separates the arguments.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
 from ..inference.cli import DTYPES
 from ..inference.generate import GenerationSettings, LatentInference, Patches, SampleError
 
-__all__ = ["TESTED_LMMS_EVAL", "LatentVLChat", "LatentVLSimple", "parse_budgets", "parse_sizes"]
+__all__ = ["TESTED_LMMS_EVAL", "LatentVLChat", "LatentVLSimple", "LoglikelihoodResult", "parse_budgets", "parse_sizes"]
 
 TESTED_LMMS_EVAL = "0.7.3"
 _ATTN = ("sdpa", "eager", "flash_attention_2")
+
+
+class LoglikelihoodResult(GenerationResult):
+    """One loglikelihood answer: the pair ``(nll, greedy)``; unpacks and indexes like a 2-tuple.
+
+    ``nll`` is ``-log p(continuation | context)`` (summed over the continuation's tokens), the loss
+    that lmms-eval's own models return and that its ``multiple_choice`` scoring minimises. lmms-eval
+    0.7.3's evaluator keeps the ``text`` of a :class:`GenerationResult` as the response and turns a
+    plain tuple into a string, so the pair travels as ``text``.
+    """
+
+    def __init__(self, nll: float, greedy: bool) -> None:
+        super().__init__(text=(float(nll), bool(greedy)))  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return iter(self.text)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Any:
+        return self.text[i]
+
+    def __repr__(self) -> str:
+        return f"LoglikelihoodResult(nll={self.text[0]!r}, greedy={self.text[1]!r})"
 
 
 def parse_budgets(value: Any) -> list[int] | None:
@@ -163,6 +190,13 @@ class _LatentVLBase(lmms):
         self.doc_plan = _flag("doc_plan", doc_plan)
         self.use_latents = _flag("use_latents", use_latents)
         self.system_prompt = system_prompt or None
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:
+            raise RuntimeError(
+                f"latentvl: lmms-eval runs with WORLD_SIZE={world}, but the latentvl model runs in one process: "
+                "the latent pass agrees on its step count across processes (SPEC D8), which can deadlock when "
+                "processes answer different numbers of batches. Run one process per device, each on a shard "
+                "of the task (--limit/--offset), or one process.")
         self._check_version()
 
         from ..model.attention import LATENT_ATTENTION
@@ -304,9 +338,11 @@ class _LatentVLBase(lmms):
         raise NotImplementedError("latentvl: multi-round generation is not supported (one question, one answer)")
 
     # ------------------------------------------------------------------ loglikelihood
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """``(log p(continuation | context), greedy)`` per request, through the latent pass.
+    def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
+        """``(nll, greedy)`` per request (a :class:`LoglikelihoodResult`), through the latent pass.
 
+        ``nll = -log p(continuation | context)``, summed over the continuation's tokens: lmms-eval's
+        models return a loss here and its ``multiple_choice`` scoring picks the choice with the lowest.
         Exact: pass 1 runs on the prompt exactly as for generation (same segments, threshold and
         latents); then one pass-2 forward runs over prompt + continuation tokens with the latent
         patches and the latent mask (kept for the continuation), so every continuation token is
@@ -314,7 +350,7 @@ class _LatentVLBase(lmms):
         the argmax. The continuation is tokenized on its own, as an answer is in training. A sample
         that cannot run raises (a missing score would bias a multiple-choice pick).
         """
-        out: list[tuple[float, bool]] = []
+        out: list[LoglikelihoodResult] = []
         items = [self._loglikelihood_request(r) for r in requests]
         for start in range(0, len(items), self.batch_size):
             out.extend(self._loglikelihood_batch(items[start:start + self.batch_size], start))
@@ -322,7 +358,7 @@ class _LatentVLBase(lmms):
 
     @torch.no_grad()
     def _loglikelihood_batch(self, items: list[tuple[dict[str, Any], str]], offset: int
-                             ) -> list[tuple[float, bool]]:
+                             ) -> list[LoglikelihoodResult]:
         engine = self.engine
         conts: list[list[int]] = []
         prepared = []
@@ -361,12 +397,12 @@ class _LatentVLBase(lmms):
         results = []
         for b, c in enumerate(conts):
             if not c:
-                results.append((0.0, True))
+                results.append(LoglikelihoodResult(0.0, True))
                 continue
             target = cont_ids[b, :len(c)]
             rows = logp[b, :len(c)]
-            score = float(rows.gather(-1, target[:, None]).sum())
-            results.append((score, bool((rows.argmax(-1) == target).all())))
+            nll = -float(rows.gather(-1, target[:, None]).sum())
+            results.append(LoglikelihoodResult(nll, bool((rows.argmax(-1) == target).all())))
         return results
 
 

@@ -96,8 +96,8 @@ def task_rows(records: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _task_yaml(task: str, data_file: str, max_new_tokens: int) -> str:
-    return "\n".join([
+def _task_yaml(task: str, data_file: str, max_new_tokens: int, choices: list[str] | None = None) -> str:
+    head = [
         "# lmms-eval task over latentvl records (written by `latentvl lmms-task`)",
         f"task: {task}",
         "dataset_path: json",
@@ -105,23 +105,34 @@ def _task_yaml(task: str, data_file: str, max_new_tokens: int) -> str:
         "  data_files:",
         f"    test: {data_file}",
         "test_split: test",
-        "output_type: generate_until",
         f"doc_to_visual: {_FN}doc_to_visual",
         f"doc_to_text: {_FN}doc_to_text",
         f"doc_to_target: {_FN}doc_to_target",
-        f"process_results: {_FN}process_results",
-        "metric_list:",
-        "  - metric: exact_match",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "generation_kwargs:",
-        f"  max_new_tokens: {max_new_tokens}",
-        "  do_sample: false",
-        "  temperature: 0",
-        "metadata:",
-        "  version: 1.0",
-        "",
-    ])
+    ]
+    if choices is not None:  # scored by loglikelihood: needs lmms-eval's --force_simple
+        body = [
+            "output_type: multiple_choice",
+            f"doc_to_choice: {json.dumps(choices)}",
+            'target_delimiter: ""',
+            "metric_list:",
+            "  - metric: acc",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+        ]
+    else:
+        body = [
+            "output_type: generate_until",
+            f"process_results: {_FN}process_results",
+            "metric_list:",
+            "  - metric: exact_match",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "generation_kwargs:",
+            f"  max_new_tokens: {max_new_tokens}",
+            "  do_sample: false",
+            "  temperature: 0",
+        ]
+    return "\n".join([*head, *body, "metadata:", "  version: 1.0", ""])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -140,10 +151,16 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_task(
     data: str | os.PathLike[str], out_dir: str | os.PathLike[str], task: str | None = None,
     max_new_tokens: int = 16, limit: int | None = None, overwrite: bool = False,
+    choices: list[str] | None = None,
 ) -> Path:
     """Write ``<task>.yaml`` and ``<task>.jsonl`` for the records of ``data`` into ``out_dir``; return
     the YAML path. ``task`` defaults to ``latentvl_<data file stem>``. Every record is validated
     (:func:`~latentvl.data.records.load_records`); an invalid one raises ``RecordError`` naming it.
+
+    Without ``choices`` the task generates answers (``generate_until``, exact match). With ``choices``
+    it is a ``multiple_choice`` task: each choice is scored by loglikelihood as the whole answer
+    (no delimiter) and ``acc`` counts the records whose answer scores best; every answer must be one
+    of the choices.
     """
     from ..data.records import load_records
 
@@ -159,6 +176,14 @@ def write_task(
         records = records[:limit]
     if not records:
         raise ValueError(f"{data}: no records")
+    if choices is not None:
+        choices = [str(c) for c in choices]
+        if len(choices) < 2 or len(set(choices)) != len(choices) or not all(choices):
+            raise ValueError(f"choices {choices!r} must be at least two distinct non-empty strings")
+        for rec in records:
+            if rec.answer not in choices:
+                raise ValueError(f"{rec.source} (id {rec.id!r}): answer {rec.answer!r} is not one of the choices "
+                                 f"{choices}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     yaml_path, rows_path = out / f"{task}.yaml", out / f"{task}.jsonl"
@@ -167,7 +192,7 @@ def write_task(
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass overwrite=True (--overwrite)")
     rows = task_rows(records)
     _write_atomic(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(yaml_path, _task_yaml(task, rows_path.name, max_new_tokens))
+    _write_atomic(yaml_path, _task_yaml(task, rows_path.name, max_new_tokens, choices))
     return yaml_path
 
 
@@ -180,6 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default: 16)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
     parser.add_argument("--overwrite", action="store_true", help="replace a task of the same name")
+    parser.add_argument("--choices", default=None,
+                        help="comma-separated answers, e.g. U,D,L,R: a multiple_choice task scored by "
+                             "loglikelihood (run lmms-eval with --force_simple)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,12 +215,14 @@ def run(args: argparse.Namespace) -> int:
     from ..data.records import RecordError
 
     try:
-        path = write_task(args.data, args.out, args.task, args.max_new_tokens, args.limit, args.overwrite)
+        choices = args.choices.split(",") if args.choices is not None else None
+        path = write_task(args.data, args.out, args.task, args.max_new_tokens, args.limit, args.overwrite, choices)
     except (RecordError, OSError, ValueError) as err:
         print(f"lmms-task: error: {err}", file=sys.stderr)
         return 2
     task = path.stem
+    simple = " --force_simple" if args.choices is not None else ""
     print(f"wrote {path} and {path.with_suffix('.jsonl')}\n"
-          f"run: lmms-eval eval --model latentvl --model_args pretrained=CHECKPOINT --tasks {task} "
+          f"run: lmms-eval eval --model latentvl{simple} --model_args pretrained=CHECKPOINT --tasks {task} "
           f"--include_path {path.parent}")
     return 0
