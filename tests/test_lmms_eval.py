@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmms_eval.api.instance import Instance
+from hypothesis import given
+from hypothesis import strategies as st
+from lmms_eval.api.instance import Instance, unwrap_generation_output
 
 import latentvl
 from latentvl import build_tiny_model, set_latent_fields
@@ -18,7 +20,13 @@ from latentvl.data.records import load_records, open_rgb
 from latentvl.data.synthetic import make_dataset
 from latentvl.inference.generate import GenerationSettings, LatentInference, Patches
 from latentvl.integrations import lmms_task
-from latentvl.integrations.lmms_eval import LatentVLChat, LatentVLSimple, parse_budgets, parse_sizes
+from latentvl.integrations.lmms_eval import (
+    LatentVLChat,
+    LatentVLSimple,
+    LoglikelihoodResult,
+    parse_budgets,
+    parse_sizes,
+)
 from latentvl.model.loading import save_latent_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,6 +111,22 @@ def test_list_arguments_parse_and_bad_ones_are_named():
     for bad in ("84", "0x5", "axb"):
         with pytest.raises(ValueError, match="cot_image_sizes"):
             parse_sizes(bad)
+
+
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=8),
+       st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), min_size=1, max_size=8))
+def test_list_arguments_round_trip(budgets, sizes):
+    assert parse_budgets(":".join(map(str, budgets))) == budgets
+    assert parse_sizes(":".join(f"{w}x{h}" for w, h in sizes)) == sizes
+
+
+def test_loglikelihood_result_is_a_pair_that_lmms_eval_keeps():
+    res = LoglikelihoodResult(1.5, True)
+    nll, greedy = res
+    assert (nll, greedy) == (1.5, True) and res[0] == 1.5 and len(res) == 2
+    # lmms-eval 0.7.3 stores unwrap_generation_output(x)[0] as the response; a plain tuple becomes a string
+    assert unwrap_generation_output(res)[0] == (1.5, True)
+    assert isinstance(unwrap_generation_output((1.5, True))[0], str)
 
 
 def test_bad_model_arguments_raise_before_loading(tmp_path):
