@@ -180,7 +180,12 @@ class _LatentVLBase(lmms):
         if attn not in _ATTN:
             raise ValueError(f"latentvl: attn={attn!r}; choose from {list(_ATTN)}")
         if threshold is not None:
-            threshold = float(threshold)
+            try:
+                threshold = float(threshold)
+            except ValueError as err:
+                raise ValueError(f"latentvl: threshold={threshold!r} must be a number in [0, 1]") from err
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"latentvl: threshold={threshold!r} must be in [0, 1]")
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.budgets = parse_budgets(budgets)
