@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "demo": "latentvl.demo",
     "infer": "latentvl.inference.cli",
     "eval": "latentvl.inference.evaluate",
+    "lmms-task": "latentvl.integrations.lmms_task",
 }
 
 
