@@ -1,5 +1,6 @@
 """latentvl as an lmms-eval model: entry point, requests, exact loglikelihood, and the command line."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -324,14 +325,15 @@ def test_lmms_eval_command_line_matches_latentvl_eval(ckpt, data, tmp_path):
 
 def _lmms_eval(tmp_path, args):
     """Run the `lmms-eval eval --model latentvl` command line offline; return its output directory."""
-    exe = Path(sys.executable).parent / "lmms-eval"
-    assert exe.is_file(), f"{exe} is missing: install lmms-eval (docs/lmms-eval.md)"
+    # `python -m lmms_eval` is the `lmms-eval` console script's dispatcher, run by this interpreter (so it
+    # works in an environment that sees lmms-eval through another one's site-packages, as CI's high end does)
+    assert importlib.util.find_spec("lmms_eval") is not None, "lmms-eval is missing: install it (docs/lmms-eval.md)"
     src = str(Path(latentvl.__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     out_dir = tmp_path / "lmms"
-    proc = subprocess.run([str(exe), "eval", "--model", "latentvl", *args, "--output_path", str(out_dir),
-                           "--log_samples", "--verbosity", "WARNING"],
+    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "eval", "--model", "latentvl", *args,
+                           "--output_path", str(out_dir), "--log_samples", "--verbosity", "WARNING"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out_dir
