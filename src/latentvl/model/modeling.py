@@ -503,13 +503,22 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         return torch.cat(targets).to(p1.ce_patch_vec.device)
 
     def _stop_label_tensors(self, batch, p1: LatentPassOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, S]`` stop labels and weights: every slot of every segment is labelled (weight 1).
+
+        Pass 1 steps every slot of a segment, the slots after a stop as well (their logits are
+        computed), so the design note's per-step labels apply to all of them, not only to the steps up
+        to ``used_len``.
+        """
         B, S = batch["input_ids"].shape
         labels = torch.zeros(B, S)
+        weights = torch.zeros(B, S)
         ratio = self.config.latent_stop_target_ratio
         for b, segs in enumerate(batch["latent_segments"]):
             for start, end, _img in segs:
                 labels[b, start:end] = torch.tensor(stop_labels(end - start, ratio))
-        return labels.to(p1.stop_logits.device), p1.stop_step_active
+                weights[b, start:end] = 1.0
+        device = p1.stop_logits.device
+        return labels.to(device), weights.to(device)
 
     def _expected_cost(self, batch, p1: LatentPassOutput) -> torch.Tensor:
         probs = torch.sigmoid(p1.stop_logits)
