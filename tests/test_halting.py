@@ -206,10 +206,15 @@ def _tolerance_away_from_every_gap(full, trunc) -> float:
     return (lo + hi) / 2
 
 
+# points=2: budgets 4 and 5 are searched on the grid [1, 3] and [1, 4]; budget 2 tries its one length
+GRID = {2: {1: [], 2: [1], 4: [1, 3], 5: [1, 4]}}
+
+
+@pytest.mark.parametrize("points", [8, 2])
 @torch.no_grad()
-def test_answer_targets_and_labels_inside_latent_loss_recomputed_independently(tiny):
+def test_answer_targets_and_labels_inside_latent_loss_recomputed_independently(tiny, points):
     model, processor = tiny
-    _stage_c(model, latent_stop_target_mode="answer")
+    _stage_c(model, latent_stop_target_mode="answer", latent_stop_target_points=points)
     try:
         batch = _batch(model, processor)
         full, trunc = _independent_answer_losses(model, batch)
@@ -220,7 +225,8 @@ def test_answer_targets_and_labels_inside_latent_loss_recomputed_independently(t
         for b, segs in enumerate(batch["latent_segments"]):
             row = []
             for (start, end, _img), losses in zip(segs, trunc[b]):
-                good = [n for n, loss in losses.items() if loss <= full[b] + tol]
+                tried = GRID[points][end - start] if points in GRID else range(1, end - start)
+                good = [n for n in tried if losses[n] <= full[b] + tol]
                 row.append(min(good, default=end - start))
             expected.append(row)
         assert out.stop_targets == expected

@@ -56,11 +56,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "K": (20, 20, 20),
     "W": (250, 250, 250),
 }
+RULES = ("table", "fixed")
 RELAY_BANDS_DEFAULTS: dict[str, Any] = {
     "colours": 5,
     "min_hops": 1,
     "max_hops": 4,
     "cells": None,  # CoT strip length in tokens; None = max_hops
+    "rule": "table",  # "table": a random cycle drawn per sample; "fixed": one cycle for every sample, not drawn
     "val_fraction": 0.1,
     "test_fraction": 0.1,
 }
@@ -81,6 +83,8 @@ def _check(knobs: dict[str, Any]) -> dict[str, Any]:
     if k["max_hops"] >= k["colours"]:
         raise ValueError(
             f"relay_bands: max_hops={k['max_hops']} must be < colours={k['colours']} (the chain must not repeat)")
+    if k["rule"] not in RULES:
+        raise ValueError(f"relay_bands: rule={k['rule']!r} must be one of {RULES}")
     if k["cells"] is None:
         k["cells"] = k["max_hops"]
     if isinstance(k["cells"], bool) or not isinstance(k["cells"], int) or k["cells"] < k["max_hops"]:
@@ -106,7 +110,8 @@ def relay_bands_sample(rng: random.Random, hops: int, target: str, knobs: dict[s
     if not k["min_hops"] <= hops <= k["max_hops"]:
         raise ValueError(f"relay_bands: hops={hops} outside [{k['min_hops']}, {k['max_hops']}]")
     order = letters[:]
-    rng.shuffle(order)
+    if k["rule"] == "table":
+        rng.shuffle(order)
     f = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # a single C-cycle
     # start where the chain of `hops` steps ends at the target
     c0 = target
@@ -119,13 +124,17 @@ def relay_bands_sample(rng: random.Random, hops: int, target: str, knobs: dict[s
         raise RuntimeError(f"relay_bands: chain {chain} does not end at {target!r}")
 
     n = len(letters)
-    question = Image.new("RGB", (TOKEN_PX * (n + 1), TOKEN_PX))
-    _fill(question, 0, TOKEN_PX, PALETTE[c0])
-    sources = letters[:]
-    rng.shuffle(sources)
-    for pos, a in enumerate(sources, start=1):
-        _fill(question, pos * TOKEN_PX, HALF_PX, PALETTE[a])
-        _fill(question, pos * TOKEN_PX + HALF_PX, HALF_PX, PALETTE[f[a]])
+    if k["rule"] == "table":
+        question = Image.new("RGB", (TOKEN_PX * (n + 1), TOKEN_PX))
+        _fill(question, 0, TOKEN_PX, PALETTE[c0])
+        sources = letters[:]
+        rng.shuffle(sources)
+        for pos, a in enumerate(sources, start=1):
+            _fill(question, pos * TOKEN_PX, HALF_PX, PALETTE[a])
+            _fill(question, pos * TOKEN_PX + HALF_PX, HALF_PX, PALETTE[f[a]])
+    else:  # the rule is the palette order itself, learned from the data: the image is the start tile alone
+        question = Image.new("RGB", (2 * TOKEN_PX, 2 * TOKEN_PX), PALETTE[c0])
+        sources = []
     cells = k["cells"]
     strip = Image.new("RGB", (TOKEN_PX * cells, TOKEN_PX))
     for j in range(cells):
@@ -214,12 +223,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colours", type=int, default=RELAY_BANDS_DEFAULTS["colours"])
     parser.add_argument("--min-hops", type=int, default=RELAY_BANDS_DEFAULTS["min_hops"])
     parser.add_argument("--max-hops", type=int, default=RELAY_BANDS_DEFAULTS["max_hops"])
+    parser.add_argument("--rule", choices=RULES, default=RELAY_BANDS_DEFAULTS["rule"])
     parser.add_argument("--overwrite", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     meta = make_relay_bands(args.n, args.seed, args.out, overwrite=args.overwrite, colours=args.colours,
-                            min_hops=args.min_hops, max_hops=args.max_hops)
+                            min_hops=args.min_hops, max_hops=args.max_hops, rule=args.rule)
     print(f"wrote {meta['n']} relay_bands records to {args.out} (chance {meta['chance_accuracy']:.3f})")
     return 0
 

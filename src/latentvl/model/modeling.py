@@ -578,9 +578,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
            it never stops. A segment truncated to ``L`` keeps the first ``L`` of them, exactly what a
            pass that halts at ``L`` produces for that segment (pass 1 is causal).
         2. The answer CE of every sample with all slots active (the reference), one call.
-        3. For each segment index ``i`` (the maximum over processes), one call on ``points`` copies of the
-           batch: copy ``j`` masks slots ``[start + L_j, end)`` of segment ``i`` only
-           (:func:`answer_target_candidates`), every other segment at full budget.
+        3. For each segment index ``i`` (the maximum over processes), one call on ``K`` copies of the
+           samples that have a segment ``i``: copy ``j`` masks slots ``[start + L_j, end)`` of segment ``i``
+           only (:func:`answer_target_candidates`), every other segment at full budget.
+           ``K = min(latent_stop_target_points, largest budget - 1)`` (at least 1).
         4. Target of a segment: the shortest length within ``latent_stop_target_tolerance`` of the
            reference CE (:func:`answer_stop_target`).
 
@@ -605,25 +606,30 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             t = torch.tensor([M], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             M = int(t[0])
-        K = s.latent_stop_target_points
+        P = s.latent_stop_target_points
         targets = [[0] * len(segs) for segs in segments]
         for i in range(M):
-            masks = keep.repeat_interleave(K, dim=0)  # row b * K + j
+            rows = [b for b, segs in enumerate(segments) if i < len(segs)]
+            # P copies, or fewer when every budget here is small (then every length is tried anyway). A
+            # process with no segment i still makes the call, on one untruncated row.
+            K = max(1, min(P, max([segments[b][i][1] - segments[b][i][0] - 1 for b in rows], default=1)))
+            pick = torch.tensor(rows or [0], device=device)
+            masks = keep[pick].repeat_interleave(K, dim=0)  # row r * K + j
             lengths: dict[int, list[int]] = {}
-            for b, segs in enumerate(segments):
-                if i < len(segs):
-                    start, end, _img = segs[i]
-                    lengths[b] = answer_target_candidates(end - start, K)
-                    for j, length in enumerate(lengths[b]):
-                        masks[b * K + j, start + length:end] = False
-            ce = self._answer_ce_per_sample(
-                patched.repeat_interleave(K, dim=0), attention_mask.repeat_interleave(K, dim=0),
-                position_ids.repeat_interleave(K, dim=1), masks, labels.repeat_interleave(K, dim=0),
-            ).view(B, K).tolist()
-            calls += 1
-            for b, cand in lengths.items():
+            for r, b in enumerate(rows):
                 start, end, _img = segments[b][i]
-                targets[b][i] = answer_stop_target(cand, ce[b], ref[b], end - start, s.latent_stop_target_tolerance)
+                lengths[b] = answer_target_candidates(end - start, K)
+                for j, length in enumerate(lengths[b]):
+                    masks[r * K + j, start + length:end] = False
+            ce = self._answer_ce_per_sample(
+                patched[pick].repeat_interleave(K, dim=0), attention_mask[pick].repeat_interleave(K, dim=0),
+                position_ids[:, pick].repeat_interleave(K, dim=1), masks, labels[pick].repeat_interleave(K, dim=0),
+            ).view(len(pick), K).tolist()
+            calls += 1
+            for r, b in enumerate(rows):
+                start, end, _img = segments[b][i]
+                targets[b][i] = answer_stop_target(lengths[b], ce[r], ref[b], end - start,
+                                                   s.latent_stop_target_tolerance)
         return targets, calls
 
     def _expected_cost(self, batch, p1: LatentPassOutput) -> torch.Tensor:
