@@ -67,3 +67,26 @@ def test_full_budget_switch_restores_the_stage():
         assert model.config.latent_mode_stage == "A" and model.config.latent_stop_loss_weight == 0.0
     assert model.config.latent_mode_stage == "C" and model.config.latent_stop_loss_weight == 1.0
     assert model.config.latent_stop_target_mode == "answer"
+
+
+def test_evaluate_halting_compares_learned_halting_with_full_budget(tmp_path):
+    from latentvl import LatentCollator
+    from latentvl.data.records import load_records
+    from latentvl.data.relay_bands import make_relay_bands
+    from latentvl.inference.halting import evaluate_halting
+
+    make_relay_bands(40, 0, tmp_path, rule="fixed", test_fraction=0.2)
+    records, _ = load_records(tmp_path / "test.jsonl")
+    model, processor = build_tiny_model(seed=0)
+    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=1.0, latent_budget_max=4,
+                      latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
+    result = evaluate_halting(model, LatentCollator(processor, model.config), records,
+                              read_difficulties(tmp_path / "test.jsonl"), threshold=0.0, batch_size=4)
+    learned, full = result["learned"], result["full_budget"]
+    assert learned["n"] == full["n"] == len(records) == 8
+    assert learned["used_ratio"] == pytest.approx(0.25)  # threshold 0: every segment stops after its first latent
+    assert full["used_ratio"] == 1.0
+    assert sorted(learned["by_difficulty"]) == [1, 2, 3, 4]
+    assert learned["spearman_used_difficulty"] is None  # constant used length
+    assert result["accuracy_drop"] == pytest.approx(full["accuracy"] - learned["accuracy"])
+    assert model.config.latent_mode_stage == "C"

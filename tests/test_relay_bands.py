@@ -81,3 +81,22 @@ def test_dataset_is_balanced_deterministic_and_loadable(tmp_path):
 def test_bad_knobs_are_named(tmp_path, knobs, message):
     with pytest.raises(ValueError, match=message):
         make_relay_bands(10, 0, tmp_path, **knobs)
+
+
+def test_command_line(tmp_path, capsys):
+    from latentvl.cli import main
+
+    assert main(["make-relay-bands", "--n", "20", "--out", str(tmp_path), "--rule", "fixed"]) == 0
+    assert "wrote 20 relay_bands records" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["knobs"]["rule"] == "fixed"
+
+
+def test_fixed_rule_is_one_cycle_for_every_sample():
+    rules = {str(relay_bands_sample(random.Random(s), 2, "G", {"rule": "fixed"}).annotation["f"]) for s in range(20)}
+    assert len(rules) == 1
+    s = relay_bands_sample(random.Random(0), 2, "G", {"rule": "fixed"})
+    assert s.annotation["f"] == {"R": "G", "G": "B", "B": "Y", "Y": "M", "M": "R"}  # the palette order
+    assert s.annotation["chain"] == ["M", "R", "G"]
+    colours = np.asarray(s.images[0]).reshape(-1, 3)
+    assert s.images[0].size == (56, 56) and {tuple(c) for c in colours} == {PALETTE["M"]}  # the start tile alone

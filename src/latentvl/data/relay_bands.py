@@ -24,6 +24,13 @@ decides where its segment ends, so its content cannot depend on the used length.
 driven rule should find. Pooled into fewer groups (stage C's alignment, D4) the last group is still the
 final colour whenever ``used >= m``.
 
+Knob ``rule``: ``"table"`` (default) draws a random ``C``-cycle per sample in the question image, as above:
+a hop is a lookup in the image, which no single forward can chain. ``"fixed"`` uses one cycle for every
+sample (the palette order R -> G -> B -> Y -> M -> R), learned into the weights; the question image is then
+the start tile alone (56 x 56 px). The fixed rule is learnable within minutes on the tiny model, the
+drawn table is not (at chance after 600 stage-A steps), but a fixed rule can also be applied ``m`` times in
+one forward, so the latents are not necessary for it.
+
 ``annotations.jsonl`` holds the palette order, ``f``, ``c0``, the chain and ``m`` per record; each record
 also carries ``"difficulty": m`` (records ignore unknown keys; evaluation reads it).
 """
