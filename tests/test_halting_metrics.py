@@ -90,3 +90,28 @@ def test_evaluate_halting_compares_learned_halting_with_full_budget(tmp_path):
     assert learned["spearman_used_difficulty"] is None  # constant used length
     assert result["accuracy_drop"] == pytest.approx(full["accuracy"] - learned["accuracy"])
     assert model.config.latent_mode_stage == "C"
+
+
+def test_command_line(tmp_path, capsys):
+    from latentvl.cli import main
+    from latentvl.data.relay_bands import make_relay_bands
+    from latentvl.model.loading import save_latent_checkpoint
+
+    make_relay_bands(20, 0, tmp_path / "data", rule="fixed", test_fraction=0.2)
+    model, processor = build_tiny_model(seed=0)
+    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=1.0, latent_budget_max=4)
+    save_latent_checkpoint(model, processor, tmp_path / "stage_a")
+    args = ["halting", "--data", str(tmp_path / "data" / "test.jsonl"), "--threshold", "0"]
+    assert main([*args, "--model", str(tmp_path / "stage_a")]) == 2  # a stage-A model has no halting
+    assert "stage-A model" in capsys.readouterr().err
+    set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
+    save_latent_checkpoint(model, processor, tmp_path / "stage_c")
+    assert main([*args, "--model", str(tmp_path / "stage_c"), "--out", str(tmp_path / "out")]) == 0
+    assert "Spearman(used, difficulty)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "halting.json").read_text())
+    assert saved["learned"]["used_ratio"] == pytest.approx(0.25) and saved["full_budget"]["used_ratio"] == 1.0
+    assert (tmp_path / "out" / "used_by_difficulty.png").stat().st_size > 0
+    no_difficulty = tmp_path / "data" / "plain.jsonl"
+    no_difficulty.write_text((tmp_path / "data" / "test.jsonl").read_text().replace('"difficulty"', '"level"'))
+    assert main(["halting", "--data", str(no_difficulty), "--model", str(tmp_path / "stage_c")]) == 2
+    assert "carries a numeric 'difficulty'" in capsys.readouterr().err

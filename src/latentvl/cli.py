@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "demo": "latentvl.demo",
     "infer": "latentvl.inference.cli",
     "eval": "latentvl.inference.evaluate",
+    "halting": "latentvl.inference.halting",
 }
 
 

@@ -1,5 +1,6 @@
-"""How halting follows difficulty: latents used per difficulty, Spearman(used, difficulty), accuracy at learned
-halting against the same model at full budget.
+"""Halting against difficulty: latents used per difficulty, Spearman(used, difficulty), accuracy vs full budget.
+
+How halting follows difficulty, measured on the same stage-C model at learned halting and at full budget.
 
 Records may carry a ``difficulty`` value (any number: hops, moves, ...). Everything here works on per-sample
 rows ``{"id", "correct", "budgets", "used_lens"}`` (what :func:`latentvl.training.evaluation.evaluate_records`
@@ -8,9 +9,13 @@ returns with ``per_sample=True``) plus a ``difficulty`` per id.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
+import os
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +23,14 @@ from typing import Any
 from ..config import LatentSettings
 
 __all__ = [
+    "add_arguments",
     "evaluate_halting",
     "full_budget",
     "halting_markdown",
     "halting_summary",
     "plot_used_by_difficulty",
     "read_difficulties",
+    "run",
     "spearman",
 ]
 
@@ -183,3 +190,58 @@ def plot_used_by_difficulty(results: Mapping[str, Mapping[str, Any]], path: str 
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``latentvl halting``."""
+    parser.add_argument("--model", required=True, help="a stage-C model directory (e.g. a checkpoint's model/)")
+    parser.add_argument("--data", required=True, help="records JSONL whose lines carry a numeric 'difficulty'")
+    parser.add_argument("--out", default=None, help="folder for halting.json, halting.md, used_by_difficulty.png")
+    parser.add_argument("--threshold", type=float, default=None, help="stop threshold (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-samples", type=int, default=None)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``latentvl halting``: the model at learned halting and at full budget, against difficulty."""
+    from ..data.collator import LatentCollator
+    from ..data.records import load_records
+    from ..model.loading import load_latent_model
+
+    try:
+        records, _ = load_records(args.data)
+        difficulty = read_difficulties(args.data)
+    except (OSError, ValueError) as err:  # RecordError is a ValueError
+        print(f"halting: error: {err}", file=sys.stderr)
+        return 2
+    if args.max_samples is not None:
+        records = records[: args.max_samples]
+    if not difficulty:
+        print(f"halting: error: no record of {args.data} carries a numeric 'difficulty'", file=sys.stderr)
+        return 2
+    model, processor = load_latent_model(args.model)
+    if model.config.latent_mode_stage != "C":
+        print(f"halting: error: {args.model} is a stage-{model.config.latent_mode_stage} model; "
+              "halting needs a stage-C model", file=sys.stderr)
+        return 2
+    result = evaluate_halting(model, LatentCollator(processor, model.config), records, difficulty,
+                              threshold=args.threshold, batch_size=args.batch_size)
+    text = halting_markdown(f"{args.model} on {args.data}", result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "halting.json", json.dumps(result, indent=2) + "\n")
+        _write_atomic(out / "halting.md", text)
+        plot_used_by_difficulty({"learned halting": result}, out / "used_by_difficulty.png")
+    return 0
