@@ -9,12 +9,14 @@ import sys
 # subcommand name -> module that defines ``add_arguments(parser)`` and ``run(args) -> int``
 SUBCOMMANDS = {
     "make-data": "latentvl.data.synthetic",
+    "make-relay-bands": "latentvl.data.relay_bands",
     "import": "latentvl.data.importers",
     "train": "latentvl.training.cli",
     "demo": "latentvl.demo",
     "infer": "latentvl.inference.cli",
     "eval": "latentvl.inference.evaluate",
     "lmms-task": "latentvl.integrations.lmms_task",
+    "halting": "latentvl.inference.halting",
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 STAGES = ("A", "C")
 COST_MODES = ("count", "expected")
+STOP_TARGET_MODES = ("ratio", "answer")
 
 
 class LatentConfigError(ValueError):
@@ -47,6 +48,9 @@ class LatentSettings:
     latent_end_token_id: int = -1
     latent_align_weight: float = 1.0
     latent_stop_target_ratio: float = 0.7
+    latent_stop_target_mode: str = "ratio"
+    latent_stop_target_tolerance: float = 0.1
+    latent_stop_target_points: int = 8
     latent_cost_mode: str = "count"
     latent_detach_step_inputs: bool = False
     latent_prefix_grad: bool = True
@@ -76,6 +80,14 @@ class LatentSettings:
             raise bad("latent_null_scale", "must be in [0, 1]")
         if not 0.0 < self.latent_stop_target_ratio <= 1.0:
             raise bad("latent_stop_target_ratio", "must be in (0, 1]")
+        if self.latent_stop_target_mode not in STOP_TARGET_MODES:
+            raise bad("latent_stop_target_mode", f"must be one of {STOP_TARGET_MODES}")
+        tol = self.latent_stop_target_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise bad("latent_stop_target_tolerance", "must be a number >= 0 (nats of answer CE)")
+        points = self.latent_stop_target_points
+        if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+            raise bad("latent_stop_target_points", "must be an integer >= 1")
         if self.latent_cost_mode not in COST_MODES:
             raise bad("latent_cost_mode", f"must be one of {COST_MODES}")
         for name in ("latent_detach_step_inputs", "latent_prefix_grad"):

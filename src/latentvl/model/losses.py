@@ -15,8 +15,54 @@ def stop_target_length(budget: int, ratio: float) -> int:
 
 def stop_labels(budget: int, ratio: float) -> list[float]:
     """Per-step stop labels of a segment: 0 for steps ``k < t-1``, 1 for steps ``k >= t-1``."""
-    t = stop_target_length(budget, ratio)
-    return [0.0 if k < t - 1 else 1.0 for k in range(budget)]
+    return stop_labels_for_length(budget, stop_target_length(budget, ratio))
+
+
+def stop_labels_for_length(budget: int, target: int) -> list[float]:
+    """Per-step stop labels of a segment of ``budget`` slots whose target length is ``target`` (1..budget)."""
+    if not 1 <= target <= budget:
+        raise ValueError(f"stop target {target} must be in [1, budget={budget}]")
+    return [0.0 if k < target - 1 else 1.0 for k in range(budget)]
+
+
+def answer_target_candidates(budget: int, points: int) -> list[int]:
+    """The truncated lengths tried for a segment of ``budget`` slots: exactly ``points`` values.
+
+    Every length ``1..budget-1`` when there are at most ``points`` of them (the list is then padded
+    with ``budget``, a repeat of the reference, so that every segment costs the same rows);
+    otherwise an even grid from 1 to ``budget-1``: ``1 + round(j * (budget-2) / (points-1))`` for
+    ``j < points`` (just ``[1]`` when ``points`` is 1). Deterministic: every process of a run tries the
+    same lengths for the same budget.
+    """
+    if budget < 1 or points < 1:
+        raise ValueError(f"need budget >= 1 and points >= 1, got budget={budget}, points={points}")
+    if budget - 1 <= points:
+        return list(range(1, budget)) + [budget] * (points - budget + 1)
+    if points == 1:
+        return [1]
+    return [1 + (2 * j * (budget - 2) + points - 1) // (2 * (points - 1)) for j in range(points)]
+
+
+def answer_stop_target(
+    lengths: list[int], losses: list[float], full_loss: float, budget: int, tolerance: float
+) -> int:
+    """The shortest used length whose answer loss is within ``tolerance`` of the full budget's.
+
+    ``losses[j]`` is the answer CE with the segment truncated to ``lengths[j]``; ``full_loss`` the CE
+    with all ``budget`` slots. The full budget always qualifies, so the result is in ``[1, budget]``.
+    When no length changes the loss (nothing helps), the shortest tried length is returned: latents that
+    do not lower the loss are not worth spending. Ties go to the shorter length; the loss need not be
+    monotone in the length.
+    """
+    if len(lengths) != len(losses):
+        raise ValueError(f"{len(lengths)} lengths but {len(losses)} losses")
+    best = budget
+    for length, loss in zip(lengths, losses):
+        if not 1 <= length <= budget:
+            raise ValueError(f"truncated length {length} must be in [1, budget={budget}]")
+        if loss <= full_loss + tolerance and length < best:
+            best = length
+    return best
 
 
 def pool_visual_tokens(features: torch.Tensor, groups: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -33,7 +34,16 @@ from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # impo
 from .compat import CACHE_KWARG, output_cache, resolve_cache
 from .kv_store import LatentKVStore
 from .layout import LatentInputError, Layout, build_layout
-from .losses import alignment_loss, expected_length, pool_visual_tokens, stop_labels, stop_loss
+from .losses import (
+    alignment_loss,
+    answer_stop_target,
+    answer_target_candidates,
+    expected_length,
+    pool_visual_tokens,
+    stop_labels,
+    stop_labels_for_length,
+    stop_loss,
+)
 
 
 def _register_checkpoint_mapping(class_name: str) -> None:
@@ -92,6 +102,8 @@ class LatentLossOutput:
     cost: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     latent: LatentPassOutput | None = None
+    stop_targets: list[list[int]] | None = None
+    target_model_calls: int = 0
 
 
 def _select_gated_attention(config) -> None:
@@ -351,8 +363,12 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         latent_budgets: list[list[int]] | None,
         threshold: float | None = None,
         sample_ids: list[str] | None = None,
+        full_budget: bool = False,
     ) -> LatentPassOutput:
         """Fill the latent slots of a batch (SPEC §5.4, D8). See :class:`LatentPassOutput`.
+
+        ``full_budget=True`` steps every slot as active whatever the stage (no stop head, no halting):
+        the latents a segment would have if it never stopped, as in stage A.
 
         All samples advance together: each sample is shifted right so that its first latent slot
         falls on the same column, one prefix call covers everything before it, then one model call
@@ -363,7 +379,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         """
         self._require_gated_attention("the latent pass (latent_mode=True)")
         settings = self.latent_settings
-        stage = settings.latent_mode_stage
+        stage = "A" if full_budget else settings.latent_mode_stage
         thr = settings.latent_stop_threshold if threshold is None else float(threshold)
         if not 0.0 <= thr <= 1.0:
             raise LatentInputError(f"latent stop threshold {thr} must be in [0, 1]")
@@ -554,11 +570,14 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 align = alignment_loss(p1.ce_patch_vec, targets)
 
         stop = cost = zero
+        targets, target_calls = None, 0
         if stage_c and p1.stop_logits is None:
             # no latent anywhere in the batch (on any process): nothing to halt, the head stays in the graph
             stop = cost = 0.0 * sum(p.sum() for p in self.latent_stop_head.parameters()).float()
         elif stage_c:
-            labels, weights = self._stop_label_tensors(batch, p1)
+            if s.latent_stop_target_mode == "answer":
+                targets, target_calls = self._answer_stop_targets(batch, embeds, position_ids)
+            labels, weights = self._stop_label_tensors(batch, p1, targets)
             stop = stop_loss(p1.stop_logits, labels, weights)
             if s.latent_cost_mode == "count":
                 cost = p1.used_lens.sum(dim=1).float().mean()  # D7: no gradient, logged
@@ -567,7 +586,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         w_stop, w_cost = s.loss_weights()  # (0, 0) in stage A
         loss = ce + s.latent_align_weight * align + w_stop * stop + w_cost * cost
         return LatentLossOutput(loss=loss, ce=ce.detach(), align=align.detach(), stop=stop.detach(),
-                                cost=cost.detach(), logits=out.logits, latent=p1)
+                                cost=cost.detach(), logits=out.logits, latent=p1, stop_targets=targets,
+                                target_model_calls=target_calls)
 
     @torch.no_grad()
     def _cot_features(self, batch: dict[str, Any]) -> list[torch.Tensor]:
@@ -599,14 +619,115 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             return p1.ce_patch_vec.new_zeros(0, p1.ce_patch_vec.shape[-1])
         return torch.cat(targets).to(p1.ce_patch_vec.device)
 
-    def _stop_label_tensors(self, batch, p1: LatentPassOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stop_label_tensors(
+        self, batch, p1: LatentPassOutput, targets: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, S]`` stop labels and weights: every slot of every segment is labelled (weight 1).
+
+        Pass 1 steps every slot of a segment, the slots after a stop as well (their logits are
+        computed), so the design note's per-step labels apply to all of them, not only to the steps up
+        to ``used_len``. The target length of segment ``i`` of sample ``b`` is ``targets[b][i]`` (in
+        ``latent_segments`` order) when given, else the ratio target ``max(1, round(rho * B))``.
+        """
         B, S = batch["input_ids"].shape
         labels = torch.zeros(B, S)
+        weights = torch.zeros(B, S)
         ratio = self.config.latent_stop_target_ratio
         for b, segs in enumerate(batch["latent_segments"]):
-            for start, end, _img in segs:
-                labels[b, start:end] = torch.tensor(stop_labels(end - start, ratio))
-        return labels.to(p1.stop_logits.device), p1.stop_step_active
+            for i, (start, end, _img) in enumerate(segs):
+                if targets is None:
+                    row = stop_labels(end - start, ratio)
+                else:
+                    row = stop_labels_for_length(end - start, targets[b][i])
+                labels[b, start:end] = torch.tensor(row)
+                weights[b, start:end] = 1.0
+        device = p1.stop_logits.device
+        return labels.to(device), weights.to(device)
+
+    def _answer_ce_per_sample(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        kv_mask: torch.Tensor, labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[R]`` mean answer CE of each row (0 for a row without labels); one language-model call.
+
+        The LM head runs on the labelled positions only (a real vocabulary is large).
+        """
+        hidden = self.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **self._gating_kwargs(kv_mask),
+        ).last_hidden_state
+        target = labels[:, 1:]
+        r, c = (target != -100).nonzero(as_tuple=True)
+        logits = self.lm_head(hidden[r, c]).float()
+        tok = F.cross_entropy(logits, target[r, c], reduction="none")
+        rows = embeds.shape[0]
+        total = tok.new_zeros(rows).index_add_(0, r, tok)
+        count = tok.new_zeros(rows).index_add_(0, r, torch.ones_like(tok))
+        return total / count.clamp_min(1.0)
+
+    @torch.no_grad()
+    def _answer_stop_targets(
+        self, batch: dict[str, Any], embeds: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[list[list[int]], int]:
+        """Content-aware stop targets (``latent_stop_target_mode="answer"``) and the model calls spent.
+
+        1. Pass 1 at full budget, without gradient (every slot active): the latents a segment has if
+           it never stops. A segment truncated to ``L`` keeps the first ``L`` of them, exactly what a
+           pass that halts at ``L`` produces for that segment (pass 1 is causal).
+        2. The answer CE of every sample with all slots active (the reference), one call.
+        3. For each segment index ``i`` (the maximum over processes), one call on ``K`` copies of the
+           samples that have a segment ``i``: copy ``j`` masks slots ``[start + L_j, end)`` of segment ``i``
+           only (:func:`answer_target_candidates`), every other segment at full budget.
+           ``K = min(latent_stop_target_points, largest budget - 1)`` (at least 1).
+        4. Target of a segment: the shortest length within ``latent_stop_target_tolerance`` of the
+           reference CE (:func:`answer_stop_target`).
+
+        The number of calls is ``(1 + pass-1 steps) + 1 + max segments``: it depends on the batch's
+        layout only (maxima over processes), never on where samples halt.
+        """
+        s = self.latent_settings
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        segments = batch["latent_segments"]
+        B, S = input_ids.shape
+        device = input_ids.device
+        full = self.latent_pass(input_ids, attention_mask, embeds, position_ids, segments,
+                                batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True)
+        calls = full.num_model_calls
+        patched = embeds.index_put((full.ce_patch_pos[:, 0], full.ce_patch_pos[:, 1]),
+                                   full.ce_patch_vec.to(embeds.dtype))
+        keep = torch.ones(B, S, dtype=torch.bool, device=device)
+        ref = self._answer_ce_per_sample(patched, attention_mask, position_ids, keep, labels).tolist()
+        calls += 1
+        M = max((len(segs) for segs in segments), default=0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([M], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            M = int(t[0])
+        P = s.latent_stop_target_points
+        targets = [[0] * len(segs) for segs in segments]
+        for i in range(M):
+            rows = [b for b, segs in enumerate(segments) if i < len(segs)]
+            # P copies, or fewer when every budget here is small (then every length is tried anyway). A
+            # process with no segment i still makes the call, on one untruncated row.
+            K = max(1, min(P, max([segments[b][i][1] - segments[b][i][0] - 1 for b in rows], default=1)))
+            pick = torch.tensor(rows or [0], device=device)
+            masks = keep[pick].repeat_interleave(K, dim=0)  # row r * K + j
+            lengths: dict[int, list[int]] = {}
+            for r, b in enumerate(rows):
+                start, end, _img = segments[b][i]
+                lengths[b] = answer_target_candidates(end - start, K)
+                for j, length in enumerate(lengths[b]):
+                    masks[r * K + j, start + length:end] = False
+            ce = self._answer_ce_per_sample(
+                patched[pick].repeat_interleave(K, dim=0), attention_mask[pick].repeat_interleave(K, dim=0),
+                position_ids[:, pick].repeat_interleave(K, dim=1), masks, labels[pick].repeat_interleave(K, dim=0),
+            ).view(len(pick), K).tolist()
+            calls += 1
+            for r, b in enumerate(rows):
+                start, end, _img = segments[b][i]
+                targets[b][i] = answer_stop_target(lengths[b], ce[r], ref[b], end - start,
+                                                   s.latent_stop_target_tolerance)
+        return targets, calls
 
     def _expected_cost(self, batch, p1: LatentPassOutput) -> torch.Tensor:
         probs = torch.sigmoid(p1.stop_logits)
