@@ -116,11 +116,11 @@ def main() -> None:
             runs[f"stage {stage} step, {tag}"] = variant(latent_step, stage, compiled)
             runs[f"stage {stage} pass 1 fwd+bwd, {tag}"] = variant(pass1, stage, compiled)
     if not args.no_inference:
-        for compiled in (False, True):
-            tag = "compiled" if compiled else "eager"
-            runs[f"inference pass 1, budget {args.budget}, {tag}"] = variant(inference(args.budget), "C", compiled)
-            runs[f"inference pass 1, budget {2 * args.budget}, {tag}"] = variant(
-                inference(2 * args.budget), "C", compiled)
+        for stage in ("A", "C"):
+            for compiled in (False, True):
+                tag = f"stage {stage}, {'compiled' if compiled else 'eager'}"
+                for budget in (args.budget, 2 * args.budget):
+                    runs[f"inference pass 1, budget {budget}, {tag}"] = variant(inference(budget), stage, compiled)
 
     first = {name: timed(fn, device) for name, fn in runs.items()}  # warm-up; builds the compiled graphs
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -149,18 +149,24 @@ def main() -> None:
         print(f"stage {stage}: compiled over eager: step {speed:.2f}x, pass 1 fwd+bwd {speed1:.2f}x")
     if not args.no_inference:
         ds = args.segments * args.budget
-        per_step = {}
-        for tag in ("eager", "compiled"):
-            a = med[f"inference pass 1, budget {args.budget}, {tag}"]
-            b = med[f"inference pass 1, budget {2 * args.budget}, {tag}"]
-            per_step[tag] = (b - a) / ds
-            compile_s = ""
-            if tag == "compiled":
-                compile_s = (f"; compile {first[f'inference pass 1, budget {args.budget}, {tag}'] - a:.1f} s + "
-                             f"{first[f'inference pass 1, budget {2 * args.budget}, {tag}'] - b:.1f} s")
-            print(f"inference (no grad, stage C), {tag}: whole pass {b * 1e3:.1f} ms, per latent step "
-                  f"{per_step[tag] * 1e3:.2f} ms{compile_s}")
-        print(f"inference: compiled over eager per latent step {per_step['eager'] / per_step['compiled']:.2f}x")
+        for stage in ("A", "C"):
+            per_step = {}
+            for how in ("eager", "compiled"):
+                tag = f"stage {stage}, {how}"
+                a = med[f"inference pass 1, budget {args.budget}, {tag}"]
+                b = med[f"inference pass 1, budget {2 * args.budget}, {tag}"]
+                per_step[how] = (b - a) / ds
+                compile_s = ""
+                if how == "compiled":
+                    compile_s = (f"; compile {first[f'inference pass 1, budget {args.budget}, {tag}'] - a:.1f} s + "
+                                 f"{first[f'inference pass 1, budget {2 * args.budget}, {tag}'] - b:.1f} s")
+                print(f"inference (no grad), {tag}: whole pass {b * 1e3:.1f} ms, per latent step "
+                      f"{per_step[how] * 1e3:.2f} ms{compile_s}")
+            whole = {how: med[f"inference pass 1, budget {2 * args.budget}, stage {stage}, {how}"]
+                     for how in ("eager", "compiled")}
+            print(f"inference, stage {stage}: compiled over eager per latent step "
+                  f"{per_step['eager'] / per_step['compiled']:.2f}x, whole pass "
+                  f"{whole['eager'] / whole['compiled']:.2f}x")
 
 
 if __name__ == "__main__":

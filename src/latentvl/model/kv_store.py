@@ -106,9 +106,7 @@ class LatentKVStore:
             key, value = key * s, value * s
         keys.index_copy_(2, column, key.to(keys.dtype))
         values.index_copy_(2, column, value.to(values.dtype))
-        groups = query.shape[1] // keys.shape[1]
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scaling,
-                                              enable_gqa=groups > 1)
+        return _one_token_attention(query, keys, values, bias, scaling)
 
     def _write_and_attend(self, layer, query, key, value, bias, scaling, scale) -> torch.Tensor:
         keys, values = self._buffers(layer, key)
@@ -144,6 +142,18 @@ class LatentKVStore:
             self.grad_keys[layer] = torch.zeros(k.shape, dtype=dtype, device=k.device)
             self.grad_values[layer] = torch.zeros(k.shape, dtype=dtype, device=k.device)
         return self.grad_keys[layer], self.grad_values[layer]
+
+
+def _one_token_attention(query, keys, values, bias, scaling: float) -> torch.Tensor:
+    """Attention of one query token ``[R, H, 1, D]`` over ``keys``/``values`` ``[R, H_kv, n, D]`` under the
+    additive ``bias`` ``[R, 1, 1, n]``, written out (two matmuls and a float32 softmax, heads grouped by
+    K/V head) so that a compiler fuses it instead of calling a fused sdpa kernel per layer."""
+    R, H, _, D = query.shape
+    Hkv = keys.shape[1]
+    q = query.reshape(R, Hkv, H // Hkv, D)
+    scores = (q @ keys.transpose(-1, -2)) * scaling + bias  # [R, Hkv, G, n]
+    p = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
+    return (p @ values).reshape(R, H, 1, D)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
