@@ -89,7 +89,7 @@ class LatentKVStore:
         """The static-shape form of :meth:`attend_step`: write column ``column`` (a ``[1]`` long tensor),
         attend over all ``width`` columns. ``bias`` ``[R, 1, 1, width]`` must be -inf on every column
         after ``column`` (and wherever the step may not attend). The layer's column counter is not used
-        or advanced, so the steps of a pass may mix neither form. Returns ``[R, H, 1, D]``."""
+        or advanced: the steps of one pass all take one form. Returns ``[R, H, 1, D]``."""
         if bias.shape[-1] != self.width:
             raise RuntimeError(f"layer {layer}: a static step needs a mask over all {self.width} columns, "
                                f"got {bias.shape[-1]}")
