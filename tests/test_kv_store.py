@@ -27,9 +27,12 @@ def _reference(q_steps, k_all, v_all, biases, scaling):
 @given(
     rows=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]),
     dim=st.sampled_from([4, 8]), prefix=st.integers(1, 5), steps=st.integers(1, 6), soft=st.booleans(),
-    seed=st.integers(0, 10_000),
+    seed=st.integers(0, 10_000), static=st.booleans(),
 )
-def test_store_matches_plain_attention_values_and_gradients(rows, kv_heads, groups, dim, prefix, steps, soft, seed):
+def test_store_matches_plain_attention_values_and_gradients(rows, kv_heads, groups, dim, prefix, steps, soft, seed,
+                                                            static):
+    """Both step forms: ``attend_step`` (mask over the columns so far) and ``attend_step_at`` (static
+    shapes: column as a tensor, mask over the full width, -inf after the column)."""
     g = torch.Generator().manual_seed(seed)
     heads, width, scaling = kv_heads * groups, prefix + steps, dim ** -0.5
 
@@ -54,7 +57,14 @@ def test_store_matches_plain_attention_values_and_gradients(rows, kv_heads, grou
     got = []
     for j in range(steps):
         store.write_scale = step_scales[j] if soft else None
-        got.append(store.attend_step(0, q_steps[j], k_new[j], v_new[j], biases[j], scaling))
+        if static:
+            col = prefix + j
+            full = bias_full.clone()
+            full[:, col + 1 :] = float("-inf")
+            got.append(store.attend_step_at(0, q_steps[j], k_new[j], v_new[j], full[:, None, None, :],
+                                            torch.tensor([col]), scaling))
+        else:
+            got.append(store.attend_step(0, q_steps[j], k_new[j], v_new[j], biases[j], scaling))
     store.close()
     got = torch.cat(got, dim=2) + 0 * (kp.sum() + vp.sum())  # the prefix output joins the graph
 

@@ -14,6 +14,7 @@ from typing import Any
 STAGES = ("A", "C")
 COST_MODES = ("count", "expected")
 STOP_TARGET_MODES = ("ratio", "answer")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 class LatentConfigError(ValueError):
@@ -25,6 +26,9 @@ class LatentSettings:
     """Every latent field, with SPEC defaults.
 
     SPEC §1 fields come first; the rest are latentvl's own additions.
+
+    ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile`` (True: the
+    inductor backend; a string names the backend, one of :data:`COMPILE_BACKENDS`); False runs them eagerly.
 
     ``latent_stop_loss_weight`` (1.0) and ``latent_cost_weight`` (1e-3) are stage C's weights, the design
     note's defaults. Stage A trains both at 0 whatever they hold: the loss applies them only in stage C
@@ -54,6 +58,7 @@ class LatentSettings:
     latent_cost_mode: str = "count"
     latent_detach_step_inputs: bool = False
     latent_prefix_grad: bool = True
+    latent_compile: bool | str = False
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -93,6 +98,8 @@ class LatentSettings:
         for name in ("latent_detach_step_inputs", "latent_prefix_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if not (isinstance(self.latent_compile, bool) or self.latent_compile in COMPILE_BACKENDS):
+            raise bad("latent_compile", f"must be true, false or a torch.compile backend in {COMPILE_BACKENDS}")
         return self
 
     def loss_weights(self) -> tuple[float, float]:

@@ -22,6 +22,12 @@ Gradient bookkeeping (exact, no approximation):
 
 With ``latent_null_scale > 0`` (soft gating) the key/value of an inactive slot is written already
 scaled (its gate is known when it is written and never changes), and its gradient is scaled alike.
+
+Static-shape steps (``latent_compile``): :meth:`LatentKVStore.attend_step_at` takes the column as a
+``[1]`` long tensor, writes it with ``index_copy_`` and attends over the buffers' full width under a
+key mask that is -inf on the columns not yet written. Every step then has the same shapes and no
+Python value that depends on the step, so ``torch.compile`` captures one step and replays it. Its
+values and gradients equal :meth:`~LatentKVStore.attend_step`'s (the masked columns get probability 0).
 """
 
 from __future__ import annotations
@@ -76,6 +82,32 @@ class LatentKVStore:
                                                       scaling, self.write_scale)
         return out
 
+    def attend_step_at(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+        column: torch.Tensor, scaling: float,
+    ) -> torch.Tensor:
+        """The static-shape form of :meth:`attend_step`: write column ``column`` (a ``[1]`` long tensor),
+        attend over all ``width`` columns. ``bias`` ``[R, 1, 1, width]`` must be -inf on every column
+        after ``column`` (and wherever the step may not attend). The layer's column counter is not used
+        or advanced: the steps of one pass all take one form. Returns ``[R, H, 1, D]``."""
+        if bias.shape[-1] != self.width:
+            raise RuntimeError(f"layer {layer}: a static step needs a mask over all {self.width} columns, "
+                               f"got {bias.shape[-1]}")
+        if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+            return self._write_and_attend_at(layer, query, key, value, bias, column, scaling, self.write_scale)
+        out, self.order[layer] = _StaticStepAttention.apply(query, key, value, self.order[layer], self, layer, bias,
+                                                            column, scaling, self.write_scale)
+        return out
+
+    def _write_and_attend_at(self, layer, query, key, value, bias, column, scaling, scale) -> torch.Tensor:
+        keys, values = self._buffers(layer, key)
+        if scale is not None:
+            s = scale.to(key.dtype)[:, None, None, None]
+            key, value = key * s, value * s
+        keys.index_copy_(2, column, key.to(keys.dtype))
+        values.index_copy_(2, column, value.to(values.dtype))
+        return _one_token_attention(query, keys, values, bias, scaling)
+
     def _write_and_attend(self, layer, query, key, value, bias, scaling, scale) -> torch.Tensor:
         keys, values = self._buffers(layer, key)
         col = self.written[layer]
@@ -110,6 +142,18 @@ class LatentKVStore:
             self.grad_keys[layer] = torch.zeros(k.shape, dtype=dtype, device=k.device)
             self.grad_values[layer] = torch.zeros(k.shape, dtype=dtype, device=k.device)
         return self.grad_keys[layer], self.grad_values[layer]
+
+
+def _one_token_attention(query, keys, values, bias, scaling: float) -> torch.Tensor:
+    """Attention of one query token ``[R, H, 1, D]`` over ``keys``/``values`` ``[R, H_kv, n, D]`` under the
+    additive ``bias`` ``[R, 1, 1, n]``, written out (two matmuls and a float32 softmax, heads grouped by
+    K/V head) so that a compiler fuses it instead of calling a fused sdpa kernel per layer."""
+    R, H, _, D = query.shape
+    Hkv = keys.shape[1]
+    q = query.reshape(R, Hkv, H // Hkv, D)
+    scores = (q @ keys.transpose(-1, -2)) * scaling + bias  # [R, Hkv, G, n]
+    p = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(values.dtype)
+    return (p @ values).reshape(R, H, 1, D)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -160,28 +204,64 @@ class _StepAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_token):
         (query,) = ctx.saved_tensors
-        store, layer, col, scaling = ctx.store, ctx.layer, ctx.col, ctx.scaling
-        dtype = _accumulate_dtype(query.dtype)
-        keys = store.keys[layer][:, :, : col + 1].to(dtype)
-        values = store.values[layer][:, :, : col + 1].to(dtype)
-        R, H, _, D = query.shape
-        Hkv, n = keys.shape[1], col + 1
-        G = H // Hkv
-        q = query.reshape(R, Hkv, G, D).to(dtype)  # one query token: its heads grouped by K/V head
-        g = grad_out.reshape(R, Hkv, G, D).to(dtype)
-        scores = (q * scaling) @ keys.transpose(-1, -2) + ctx.bias.to(dtype)  # [R, Hkv, G, n]
-        p = torch.softmax(scores, dim=-1)
-        dp = g @ values.transpose(-1, -2)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scaling
-        grad_query = (ds @ keys).reshape(R, H, 1, D).to(query.dtype)
-        # The accumulators hold, per column, its key/value gradient from every step whose backward has
-        # run: this step adds its share to columns 0..col in place, and column col is then complete.
+        store, layer, col = ctx.store, ctx.layer, ctx.col
         acc_k, acc_v = store._grad_buffers(layer)
-        acc_k.view(R * Hkv, -1, D)[:, :n].baddbmm_(ds.reshape(R * Hkv, G, n).transpose(1, 2), q.reshape(R * Hkv, G, D))
-        acc_v.view(R * Hkv, -1, D)[:, :n].baddbmm_(p.reshape(R * Hkv, G, n).transpose(1, 2), g.reshape(R * Hkv, G, D))
+        n = col + 1
+        grad_query = _step_backward(query, grad_out, store.keys[layer][:, :, :n], store.values[layer][:, :, :n],
+                                    ctx.bias, ctx.scaling, acc_k[:, :, :n], acc_v[:, :, :n])
         grad_key, grad_value = acc_k[:, :, col : col + 1], acc_v[:, :, col : col + 1]  # [R, Hkv, 1, D]
-        if ctx.scale is not None:
-            s = ctx.scale.to(dtype)[:, None, None, None]
-            grad_key, grad_value = grad_key * s, grad_value * s
-        kv_dtype = store.keys[layer].dtype
-        return grad_query, grad_key.to(kv_dtype), grad_value.to(kv_dtype), None, None, None, None, None, None
+        return _own_grads(query, grad_query, grad_key, grad_value, ctx.scale, store.keys[layer].dtype)
+
+
+class _StaticStepAttention(torch.autograd.Function):
+    """:class:`_StepAttention` with the column as a tensor and attention over the full width (the bias
+    masks the columns not yet written): the same values and gradients, static shapes."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, token, store: LatentKVStore, layer: int, bias, column, scaling: float,
+                scale):
+        out = store._write_and_attend_at(layer, query, key, value, bias, column, scaling, scale)
+        ctx.save_for_backward(query, column)
+        ctx.store, ctx.layer, ctx.bias, ctx.scaling, ctx.scale = store, layer, bias, scaling, scale
+        return out, query.new_zeros(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_token):
+        query, column = ctx.saved_tensors
+        store, layer = ctx.store, ctx.layer
+        acc_k, acc_v = store._grad_buffers(layer)
+        grad_query = _step_backward(query, grad_out, store.keys[layer], store.values[layer], ctx.bias, ctx.scaling,
+                                    acc_k, acc_v)
+        grad_key, grad_value = acc_k.index_select(2, column), acc_v.index_select(2, column)  # [R, Hkv, 1, D]
+        return (*_own_grads(query, grad_query, grad_key, grad_value, ctx.scale, store.keys[layer].dtype), None)
+
+
+def _step_backward(query, grad_out, keys, values, bias, scaling: float, acc_k, acc_v) -> torch.Tensor:
+    """Recompute one query token's attention over ``keys``/``values`` ``[R, Hkv, n, D]`` (float32 at
+    least), add every key's/value's gradient into ``acc_k``/``acc_v`` (views ``[R, Hkv, n, D]`` of the
+    accumulators) in place, and return the query's gradient ``[R, H, 1, D]`` in the query's dtype."""
+    dtype = _accumulate_dtype(query.dtype)
+    keys, values = keys.to(dtype), values.to(dtype)
+    R, H, _, D = query.shape
+    Hkv, n = keys.shape[1], keys.shape[2]
+    G = H // Hkv
+    q = query.reshape(R, Hkv, G, D).to(dtype)  # one query token: its heads grouped by K/V head
+    g = grad_out.reshape(R, Hkv, G, D).to(dtype)
+    scores = (q * scaling) @ keys.transpose(-1, -2) + bias.to(dtype)  # [R, Hkv, G, n]
+    p = torch.softmax(scores, dim=-1)
+    dp = g @ values.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scaling
+    # The accumulators hold, per column, its key/value gradient from every step whose backward has
+    # run: this step adds its share to the columns it attended to in place; its own column is then complete.
+    acc_k.view(R * Hkv, n, D).baddbmm_(ds.reshape(R * Hkv, G, n).transpose(1, 2), q.reshape(R * Hkv, G, D))
+    acc_v.view(R * Hkv, n, D).baddbmm_(p.reshape(R * Hkv, G, n).transpose(1, 2), g.reshape(R * Hkv, G, D))
+    return (ds @ keys).reshape(R, H, 1, D).to(query.dtype)
+
+
+def _own_grads(query, grad_query, grad_key, grad_value, scale, kv_dtype):
+    """The step's backward results: query, own key/value (scaled as written), then ``None`` for the rest."""
+    if scale is not None:
+        s = scale.to(grad_key.dtype)[:, None, None, None]
+        grad_key, grad_value = grad_key * s, grad_value * s
+    return grad_query, grad_key.to(kv_dtype), grad_value.to(kv_dtype), None, None, None, None, None, None

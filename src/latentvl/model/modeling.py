@@ -19,6 +19,7 @@ prefix of pass 1 without autograd (the question's activations are not kept): che
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,45 @@ def _select_gated_attention(config) -> None:
     vision = config.vision_config
     vision._attn_implementation_internal = stock_attention(vision._attn_implementation)
     config._attn_implementation_internal = stock_attention(config._attn_implementation)
+
+
+def _eager_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor, c: int, store: LatentKVStore,
+                layer_types: tuple[str, ...]) -> torch.Tensor:
+    """One latent step: ``x`` ``[R, H]`` fed at column ``c`` (positions ``pos`` ``[3, R, 1]``); returns the
+    last hidden state ``[R, H]``. A one-token step needs no causal mask: the ``[R, 1, 1, c+1]`` key mask
+    is the whole mask, handed to the attention layers as is (contiguous: sdpa is slower on a strided one)."""
+    step_bias = key_bias[:, None, None, : c + 1].contiguous()
+    out = lm(inputs_embeds=x[:, None], attention_mask={t: step_bias for t in layer_types}, position_ids=pos,
+             use_cache=False, latent_kv_store=store)
+    return out.last_hidden_state[:, 0]
+
+
+def _static_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor, column: torch.Tensor,
+                 store: LatentKVStore, layer_types: tuple[str, ...]) -> torch.Tensor:
+    """:func:`_eager_step` with static shapes: the column is a ``[1]`` long tensor and the key mask covers
+    the store's full width, -inf after the column. Every step of a pass has the same shapes."""
+    future = torch.arange(key_bias.shape[-1], device=key_bias.device) > column
+    step_bias = key_bias.masked_fill(future, float("-inf"))[:, None, None, :]
+    out = lm(inputs_embeds=x[:, None], attention_mask={t: step_bias for t in layer_types}, position_ids=pos,
+             use_cache=False, latent_kv_store=store, latent_step_column=column)
+    return out.last_hidden_state[:, 0]
+
+
+@functools.cache
+def compiled_latent_step(backend: str = "inductor"):
+    """:func:`_static_step` through ``torch.compile`` with ``backend`` (one compiled function per backend;
+    its graphs are built on first use and reused by every later step and pass of the same shapes)."""
+    return torch.compile(_static_step, backend=backend, dynamic=False)
+
+
+def _step_runner(lm, store: LatentKVStore, key_bias: torch.Tensor, layer_types: tuple[str, ...],
+                 compile_option: bool | str):
+    """``run(x, pos, c) -> h``: the pass's step function, eager or (``latent_compile``) static and compiled."""
+    if compile_option is False:
+        return lambda x, pos, c: _eager_step(lm, x, pos, key_bias, c, store, layer_types)
+    step = compiled_latent_step("inductor" if compile_option is True else compile_option)
+    device = key_bias.device
+    return lambda x, pos, c: step(lm, x, pos, key_bias, torch.tensor([c], device=device), store, layer_types)
 
 
 @contextlib.contextmanager
@@ -434,7 +474,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         # and never changes after. Additive, so sdpa need not convert a boolean mask in every layer.
         key_bias = torch.zeros(att.shape, dtype=emb.dtype, device=device).masked_fill_(att == 0, float("-inf"))
         null_scale = att.new_full((len(layout.rows),), settings.latent_null_scale, dtype=torch.float32)
-        layer_types = set(text.layer_types)
+        run_step = _step_runner(lm, store, key_bias, tuple(sorted(set(text.layer_types))), settings.latent_compile)
         calls = 0
         with _no_gradient_checkpointing(self), contextlib.closing(store):
             # latent_prefix_grad=False: the prefix (question, images) runs without autograd in pass 1, so
@@ -464,14 +504,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 # (<|latent_pad|>), as in pass 2 and generate(), where only active slots are patched: with
                 # latent_null_scale > 0 its scaled K/V are then the same in every pass.
                 x = torch.where(active[:, None], step_in, emb[:, c])
-                # A one-token step needs no causal mask: the [R, 1, 1, c+1] key mask is the whole mask,
-                # handed to the attention layers as is (contiguous: sdpa is slower on a strided one).
-                step_bias = key_bias[:, None, None, : c + 1].contiguous()
-                step_mask = {t: step_bias for t in layer_types}
-                out = lm(inputs_embeds=x[:, None], attention_mask=step_mask, position_ids=pos[:, :, c : c + 1],
-                         use_cache=False, latent_kv_store=store)
+                h = run_step(x, pos[:, :, c : c + 1], c)
                 calls += 1
-                h = out.last_hidden_state[:, 0]
                 vecs.append(x)
                 active_steps.append(active)
                 if stage_c:

@@ -260,7 +260,7 @@ class TrainConfig:
                     f"{where}={value!r}: disagrees with stage={self.stage!r} (the top-level 'stage' decides: "
                     "A, C or AC)"
                 )
-            self.latent[name] = _coerce(value, type(getattr(LatentSettings, name)), where)
+            self.latent[name] = _coerce(value, typing.get_type_hints(LatentSettings)[name], where)
         try:
             self.latent_settings("C")
             self.latent_settings("A")

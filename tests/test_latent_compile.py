@@ -1,0 +1,165 @@
+"""``latent_compile``: pass 1's static-shape step under ``torch.compile`` equals the eager pass.
+
+Graph capture is checked with dynamo alone (backend "eager") and, in training, through AOTAutograd
+(backend "aot_eager", forward and backward graphs); one test runs inductor. Compile times stay small:
+the tiny model, three rows, a few steps.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from latentvl import LatentSettings, build_tiny_model, set_latent_fields
+from latentvl.config import LatentConfigError
+
+
+def _rms_norm_in_input_dtype(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _model(dtype: torch.dtype):
+    model, _ = build_tiny_model(seed=3)
+    with torch.no_grad():  # a stop head that fires at some slots and not at others
+        model.latent_stop_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        model.latent_stop_head.bias.zero_()
+    if dtype == torch.float64:  # the stock RMSNorm computes in float32 whatever its input
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.forward = types.MethodType(_rms_norm_in_input_dtype, m)
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    return _model(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return _model(torch.float64)
+
+
+def _batch(model):
+    """Three rows, right-padded: different prompt lengths, two segments of different budgets, text between."""
+    cfg = model.config
+    rows, segs, budgets = [], [], []
+    for r, (prompt, b1, b2) in enumerate([(5, 3, 2), (7, 2, 3), (4, 3, 3)]):
+        ids = [10 + (3 * i + r) % 60 for i in range(prompt)]
+        spans = []
+        for k, b in enumerate((b1, b2)):
+            ids.append(cfg.latent_start_token_id)
+            spans.append((len(ids), len(ids) + b, k))
+            ids += [cfg.latent_token_id] * b + [cfg.latent_end_token_id] + [20 + r]
+        rows.append(ids)
+        segs.append(spans)
+        budgets.append([b1, b2])
+    width = max(map(len, rows))
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
+    ids = torch.tensor([x + [0] * (width - len(x)) for x in rows])
+    return ids, mask, segs, budgets
+
+
+def _pass1(model, batch, compile_option, weights=None):
+    """Pass 1 with ``latent_compile=compile_option``; with ``weights`` also the gradient of every parameter
+    of a fixed linear function of the latents and stop logits."""
+    ids, mask, segs, budgets = batch
+    set_latent_fields(model.config, latent_compile=compile_option)
+    try:
+        with torch.set_grad_enabled(weights is not None):
+            embeds = model.get_input_embeddings()(ids)
+            pos = model.compute_position_ids(ids, mask, None, None)
+            p1 = model.latent_pass(ids, mask, embeds, pos, segs, budgets)
+            grads = None
+            if weights is not None:
+                w, u = weights
+                loss = (p1.ce_patch_vec * w[p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]]).sum()
+                if p1.stop_logits is not None:
+                    loss = loss + (p1.stop_logits * u).sum()
+                params = [p for p in model.parameters() if p.requires_grad]
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        set_latent_fields(model.config, latent_compile=False)
+    return p1, grads
+
+
+def _stage(model, stage: str, **extra) -> None:
+    set_latent_fields(model.config, latent_mode_stage=stage, latent_stop_loss_weight=1.0, **extra)
+
+
+def _assert_same_pass(a, b, rtol: float, atol: float) -> None:
+    assert torch.equal(a.ce_patch_pos, b.ce_patch_pos)
+    assert torch.equal(a.latent_kv_mask, b.latent_kv_mask)
+    assert torch.equal(a.used_lens, b.used_lens)
+    torch.testing.assert_close(a.ce_patch_vec, b.ce_patch_vec, rtol=rtol, atol=atol)
+    assert (a.stop_logits is None) == (b.stop_logits is None)
+    if a.stop_logits is not None:
+        torch.testing.assert_close(a.stop_logits, b.stop_logits, rtol=rtol, atol=atol)
+        assert torch.equal(a.stop_step_active, b.stop_step_active)
+
+
+def test_latent_compile_setting_is_validated():
+    assert LatentSettings().latent_compile is False
+    for ok in (False, True, "inductor", "aot_eager", "eager"):
+        LatentSettings(latent_compile=ok).validate()
+    for bad in ("fast", 1, None):
+        with pytest.raises(LatentConfigError, match="latent_compile"):
+            LatentSettings(latent_compile=bad).validate()
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_compiled_inference_is_one_graph_and_equals_eager(tiny32, stage, one_thread):
+    """No gradient: every step of every pass of one shape replays a single captured graph (no graph
+    break, no recompilation), and latents, stop logits, halting and the kv mask equal the eager pass."""
+    model = tiny32
+    _stage(model, stage)
+    batch = _batch(model)
+    want, _ = _pass1(model, batch, False)
+    if stage == "C":  # the batch exercises halting: some segment stops before its budget
+        assert any(u < b for used, bud in zip(want.latent_used_lens, batch[3]) for u, b in zip(used, bud))
+    torch._dynamo.reset()
+    counters.clear()
+    got, _ = _pass1(model, batch, "eager")
+    again, _ = _pass1(model, batch, "eager")
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert counters["stats"]["calls_captured"] > 0
+    _assert_same_pass(got, want, rtol=1e-5, atol=1e-6)
+    _assert_same_pass(again, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage, extra", [
+    ("A", {}), ("C", {}), ("C", {"latent_null_scale": 0.3}), ("C", {"latent_detach_step_inputs": True}),
+])
+def test_compiled_training_pass_gives_the_eager_values_and_gradients(tiny64, stage, extra, one_thread):
+    """Under autograd the compiled step (forward and backward graphs through AOTAutograd around the K/V
+    store's autograd function) gives the eager pass's latents, stop logits and the gradient of every
+    parameter (float64, to 1e-9)."""
+    model = tiny64
+    _stage(model, stage, **{"latent_null_scale": 0.0, "latent_detach_step_inputs": False, **extra})
+    batch = _batch(model)
+    g = torch.Generator().manual_seed(1)
+    shape = batch[0].shape
+    w = torch.randn(*shape, model.config.text_config.hidden_size, generator=g, dtype=torch.float64)
+    u = torch.randn(*shape, generator=g, dtype=torch.float64)
+    want, grads_want = _pass1(model, batch, False, (w, u))
+    got, grads_got = _pass1(model, batch, "aot_eager", (w, u))
+    _assert_same_pass(got, want, rtol=1e-9, atol=1e-12)
+    assert sum(x is not None for x in grads_want) > 10
+    for a, b in zip(grads_got, grads_want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_inductor_compiled_inference_equals_eager(tiny32, one_thread):
+    """The default backend (``latent_compile=True``: inductor, generated C++ on CPU) to float32 precision."""
+    model = tiny32
+    _stage(model, "C")
+    batch = _batch(model)
+    want, _ = _pass1(model, batch, False)
+    got, _ = _pass1(model, batch, True)
+    _assert_same_pass(got, want, rtol=1e-5, atol=1e-5)
