@@ -44,6 +44,7 @@ class LatentSettings:
     latent_cost_mode: str = "count"
     latent_detach_step_inputs: bool = False
     latent_prefix_grad: bool = True
+    latent_feedback: bool = True
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -76,7 +77,7 @@ class LatentSettings:
             raise bad("latent_stop_target_ratio", "must be in (0, 1]")
         if self.latent_cost_mode not in COST_MODES:
             raise bad("latent_cost_mode", f"must be one of {COST_MODES}")
-        for name in ("latent_detach_step_inputs", "latent_prefix_grad"):
+        for name in ("latent_detach_step_inputs", "latent_prefix_grad", "latent_feedback"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         return self
