@@ -13,8 +13,9 @@ Tasks (answers are balanced within each split, so chance is known exactly):
 ``relay``
     A serial lookup task. The question image is a grid of 28 px tiles (each tile is exactly one merged
     visual token): for each of C colours a one rule tile whose left half is ``a`` and right half
-    ``f(a)``, with ``f`` a random single C-cycle, and one solid start tile of colour ``c0``; positions
-    are shuffled. The question gives the number of hops k; the answer is the letter of ``f^k(c0)``.
+    ``f(a)``, with ``f`` a random single C-cycle, and one start tile (left half grey, right half the
+    start colour ``c0``); positions are shuffled. The question gives the number of hops k; the answer
+    is the letter of ``f^k(c0)``.
     The CoT images are plain swatches of ``c0, f(c0), ..., f^k(c0)`` (k + 1 images, one per state), so
     each latent segment can carry one colour and each step does one lookup. There is no shortcut:
     every colour is once a source and once a target, positions are random and the ``f^j(c0)`` are
@@ -405,6 +406,7 @@ RELAY_COLOURS: dict[str, tuple[int, int, int]] = {
     "K": (20, 20, 20),
     "O": (255, 130, 0),
 }
+RELAY_START = (128, 128, 128)  # left half of the start tile
 RELAY_TILE = SIDE_STEP  # one rule tile = one merged visual token (2x2 patches of 14 px)
 RELAY_SWATCH = 2 * SIDE_STEP  # CoT swatch side: 4 visual tokens (the tiny processor's minimum)
 
@@ -438,13 +440,14 @@ def _relay_sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sam
     tiles = []
     for cell, source in zip(cells, [*sorted(letters), None], strict=True):
         x0, y0 = (cell % g) * RELAY_TILE, (cell // g) * RELAY_TILE
-        if source is None:  # the start tile: one solid colour (a rule tile never is: f has no fixed point)
-            draw.rectangle((x0, y0, x0 + RELAY_TILE - 1, y0 + RELAY_TILE - 1), RELAY_COLOURS[c0])
-            tiles.append({"cell": cell, "start": c0})
-        else:
-            draw.rectangle((x0, y0, x0 + half - 1, y0 + RELAY_TILE - 1), RELAY_COLOURS[source])
-            draw.rectangle((x0 + half, y0, x0 + RELAY_TILE - 1, y0 + RELAY_TILE - 1), RELAY_COLOURS[rule[source]])
-            tiles.append({"cell": cell, "from": source, "to": rule[source]})
+        # The start tile reads like a rule "start -> c0": its left half is grey, a colour no rule uses, so
+        # finding it is the same operation as every hop (match the left half, read the right half).
+        left = RELAY_START if source is None else RELAY_COLOURS[source]
+        right = RELAY_COLOURS[c0 if source is None else rule[source]]
+        draw.rectangle((x0, y0, x0 + half - 1, y0 + RELAY_TILE - 1), left)
+        draw.rectangle((x0 + half, y0, x0 + RELAY_TILE - 1, y0 + RELAY_TILE - 1), right)
+        tiles.append({"cell": cell, "start": c0} if source is None else
+                     {"cell": cell, "from": source, "to": rule[source]})
     cot = [Image.new("RGB", (RELAY_SWATCH, RELAY_SWATCH), RELAY_COLOURS[c]) for c in chain]
     annotation = {"side": side, "grid": g, "hops": k, "cycle": cycle, "chain": chain, "tiles": tiles}
     fields = {"difficulty": k, "cot_states": chain, "rule": rule}
@@ -513,7 +516,8 @@ TASKS: dict[str, _Task] = {
     "relay": _Task(
         relay_answers(int(DEFAULT_KNOBS["colours"])),
         RELAY_QUESTION.format(k="k"),
-        "letter of f^k(c0): follow the rule tiles (left half -> right half) k times from the solid start tile",
+        "letter of f^k(c0): follow the rule tiles (left half -> right half) k times from the start tile "
+        "(grey -> c0)",
         _relay_sample,
     ),
 }
