@@ -82,6 +82,7 @@ def test_every_latent_field_can_be_set():
         "latent_cost_mode": "expected",
         "latent_detach_step_inputs": True,
         "latent_prefix_grad": False,
+        "latent_feedback": False,
     }
     assert set(values) == set(settable)
     cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])

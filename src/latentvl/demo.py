@@ -55,8 +55,8 @@ DEFAULTS: dict[str, Any] = {
             "maze": {"size_min": 84, "size_max": 168, "grid_max": 5, "max_cot": 3},
         },
         "curriculum": [1, 2, 3],  # stage-A phases: records of difficulty <= each value ([] = all at once)
-        "steps_a": 600,
-        "steps_c": 100,
+        "steps_a": 480,  # 160 per curriculum phase
+        "steps_c": 80,
         "eval_batch_size": 32,
         "probe_records": 256,  # train records whose latents fit the linear probe
         "bars": {
@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
         },
     },
     "quick": {"n": 60, "steps_a": 4, "steps_c": 3, "curriculum": [], "probe_records": 16},
-    "full": {"n": 4800, "steps_a": 2000, "steps_c": 300},
+    "full": {"n": 4800, "steps_a": 1500, "steps_c": 200},
     "train": {
         "model": "tiny",
         "tiny_hidden_size": 128,
