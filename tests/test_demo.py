@@ -1,13 +1,14 @@
-"""The demo end to end at reduced size (--quick): data, three trainings, evaluation, report files."""
+"""The demo end to end at reduced size (--quick): data, five arms, evaluation with instruments, report files."""
 
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
 from latentvl.cli import main
-from latentvl.demo import DEFAULTS, alignment_table, load_demo_settings, results_table
+from latentvl.demo import ARMS, DEFAULTS, alignment_table, difficulty_table, load_demo_settings, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,26 +19,50 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed
     md = (out / "report.md").read_text()
-    assert "| model | train steps | test accuracy | mean used/budget |" in md
-    for row in ("| chance", "| stage A (fixed budgets) | 4 |", "| stage C (learned halting", "| no latents"):
-        assert row in md, row
     report = json.loads((out / "report.json").read_text())
-    assert set(report["results"]) == {"stage_a", "stage_c", "baseline_no_latents"}
-    assert report["steps"] == {"stage_a": 4, "stage_c": 3, "baseline": 7}
+    assert report["task"] == "relay"
+    # the report leads with accuracy against difficulty for every arm, with the chance line
+    assert md.index("## Accuracy against difficulty") < md.index("## Arms") < md.index("## Bars")
+    assert difficulty_table(report) in md and "chance" in difficulty_table(report)
+    assert "| model | train steps | test accuracy | mean used/budget |" in md
+    assert results_table(report) in md and alignment_table(report) in md
+    assert set(report["results"]) == set(ARMS)
+    assert report["steps"] == {"stage_a": 4, "stage_c": 3, "baseline_no_latents": 7, "pause": 7,
+                               "latents_no_align": 7}
+    assert isinstance(report["test_chance_accuracy"], float)
+    n_test = report["splits"]["test"]
+    for arm in ARMS:
+        res = report["results"][arm]
+        assert res["n"] == n_test > 0 and 0.0 <= res["accuracy"] <= 1.0
+        by_k = res["accuracy_by_difficulty"]
+        assert by_k and sum(v["n"] for v in by_k.values()) == n_test
+    assert report["hardest_difficulty"] == max(report["results"]["stage_a"]["accuracy_by_difficulty"], key=int)
     assert report["results"]["stage_a"]["used_ratio"] == 1.0  # stage A uses every latent
     assert report["results"]["baseline_no_latents"]["budget"] == 0
-    n_test = report["splits"]["test"]
-    assert report["results"]["stage_c"]["n"] == n_test and n_test > 0
-    assert results_table(report) in md
-    assert alignment_table(report) in md
+    assert report["results"]["pause"]["budget"] == report["results"]["stage_a"]["budget"]  # the same slots
+    a = report["results"]["stage_a"]
+    assert 0.0 <= a["causal"]["mask"]["accuracy"] <= 1.0
+    assert a["implant"]["n"] > 0 and 0.0 <= a["implant"]["follow_rate"] <= 1.0
+    assert a["truncation"] and a["probe"]
+    assert set(report["checks"]) == {
+        "stage_a_over_no_latents_at_hardest", "stage_a_over_pause_at_hardest", "masking_latents_costs_stage_a",
+        "implant_followed", "stage_c_within_5_points_of_a", "stage_c_used_ratio_below_1"}
+    assert report["all_bars_met"] == all(report["checks"].values())
     for key in ("stage_a", "stage_c"):  # every test record lists its CoT images: each segment is measured
         al = report["results"][key]["alignment"]
         used = sum(sum(x["used_lens"]) for x in report["per_sample"][key])
         assert al["n_latents"] == used > 0 and -1 <= al["mean_cosine"] <= 1
     assert all(s["ok"] for runs in report["preflight"].values() for s in runs)
-    for png in ("loss_curves.png", "latents.png"):
+    for png in ("accuracy_vs_difficulty.png", "loss_curves.png", "latents.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 500
+
+
+def test_quick_and_full_exclude_each_other_and_full_lengthens():
+    full = load_demo_settings(None, full=True)
+    assert full["demo"]["steps_a"] == DEFAULTS["full"]["steps_a"] > DEFAULTS["demo"]["steps_a"]
+    with pytest.raises(ValueError, match="exclude"):
+        load_demo_settings(None, quick=True, full=True)
 
 
 def test_example_config_matches_the_built_in_settings(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for the synthetic maze and shapes tasks and the ``make-data`` command."""
+"""Tests for the synthetic relay, maze and shapes tasks and the ``make-data`` command."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def shapes_dir(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- files and metadata
 
 
-@pytest.mark.parametrize("task", ["maze", "shapes"])
+@pytest.mark.parametrize("task", ["maze", "shapes", "relay"])
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, task: str) -> None:
     make_dataset(task, 24, 11, tmp_path / "a")
     make_dataset(task, 24, 11, tmp_path / "b")
@@ -397,3 +397,88 @@ def test_atomic_write_cleans_up_on_failure(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.undo()
     assert target.read_bytes() == b"old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------- relay
+
+
+@pytest.fixture(scope="module")
+def relay_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("relay")
+    make_dataset("relay", 60, 5, out, colours=6, hops_min=1, hops_max=4)
+    return out
+
+
+def test_relay_records_follow_the_rule_k_times(relay_dir: Path) -> None:
+    annotations = _annotations(relay_dir)
+    records = _all_records(relay_dir)
+    assert Counter(r["answer"] for r in records) == {c: 10 for c in "RGBYCM"}
+    assert {r["difficulty"] for r in records} == {1, 2, 3, 4}
+    for r in records:
+        rule, states, k = r["rule"], r["cot_states"], r["difficulty"]
+        # f is one cycle through all six colours (no shorter cycle, no fixed point)
+        x, seen = "R", []
+        for _ in range(6):
+            seen.append(x)
+            x = rule[x]
+        assert x == "R" and sorted(seen) == sorted("RGBYCM")
+        assert len(states) == k + 1 == len(r["cot_images"]) and r["question"] == f"Relay hops: {k}"
+        assert all(rule[a] == b for a, b in zip(states, states[1:]))
+        assert states[-1] == r["answer"] and len(set(states)) == k + 1
+        assert annotations[r["id"]]["chain"] == states
+    meta = load_metadata(relay_dir / "train.jsonl")
+    assert meta["answer_set"] == list("RGBYCM") and meta["chance_accuracy"] == pytest.approx(1 / 6)
+    assert sum(meta["difficulty_counts"].values()) == 60
+
+
+def test_relay_pictures_show_whole_token_rule_tiles_and_swatches(relay_dir: Path) -> None:
+    colours = synthetic.RELAY_COLOURS
+    for r in _all_records(relay_dir)[:12]:
+        a = _annotations(relay_dir)[r["id"]]
+        q = Image.open(relay_dir / r["images"][0]).convert("RGB")
+        assert q.size == (84, 84)  # 3 x 3 tiles of 28 px: one merged visual token each
+        for tile in a["tiles"]:
+            x0, y0 = (tile["cell"] % 3) * 28, (tile["cell"] // 3) * 28
+            left = {q.getpixel((x0 + dx, y0 + dy)) for dx in range(14) for dy in range(28)}
+            right = {q.getpixel((x0 + 14 + dx, y0 + dy)) for dx in range(14) for dy in range(28)}
+            if "start" in tile:
+                assert left == {synthetic.RELAY_START} and right == {colours[tile["start"]]}
+                assert tile["start"] == r["cot_states"][0]
+            else:
+                assert left == {colours[tile["from"]]} and right == {colours[tile["to"]]}
+                assert r["rule"][tile["from"]] == tile["to"]
+        for path, state in zip(r["cot_images"], r["cot_states"]):
+            swatch = Image.open(relay_dir / path).convert("RGB")
+            assert swatch.size == (56, 56) and {c for _, c in swatch.getcolors()} == {colours[state]}
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 59), st.integers(0, 4), st.sampled_from(list("RGBYCM")))
+def test_relay_implied_answer_follows_the_remaining_hops(relay_dir: Path, index: int, j: int, state: str) -> None:
+    r = _all_records(relay_dir)[index]
+    k = r["difficulty"]
+    if j > k:
+        assert synthetic.implied_answer("relay", r, j, state) is None
+        return
+    implied = synthetic.implied_answer("relay", r, j, state)
+    assert synthetic.implied_answer("relay", r, j, r["cot_states"][j]) == r["answer"]
+    assert (implied == r["answer"]) == (state == r["cot_states"][j])  # f^(k-j) is a bijection
+    assert synthetic.implied_answer("maze", r, j, state) is None
+    assert synthetic.implied_answer("relay", {"question": "?"}, j, state) is None
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [({"colours": 2}, "colours"), ({"colours": 9}, "colours"), ({"hops_max": 6}, "hops_max < colours"),
+     ({"hops_min": 0}, "hops_min")],
+)
+def test_relay_knobs_are_checked(tmp_path: Path, knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_dataset("relay", 12, 0, tmp_path / "d", **knobs)
+
+
+def test_relay_cli_flags(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    assert synthetic.run(_args(task="relay", n=12, seed=1, out=out, colours=4, hops_min=2, hops_max=3)) == 0
+    records = _all_records(out)
+    assert {r["answer"] for r in records} == set("RGBY") and {r["difficulty"] for r in records} <= {2, 3}

@@ -86,6 +86,7 @@ def test_every_latent_field_can_be_set():
         "latent_detach_step_inputs": True,
         "latent_prefix_grad": False,
         "latent_compile": "aot_eager",
+        "latent_feedback": False,
     }
     assert set(values) == set(settable)
     cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])

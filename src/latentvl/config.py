@@ -59,6 +59,7 @@ class LatentSettings:
     latent_detach_step_inputs: bool = False
     latent_prefix_grad: bool = True
     latent_compile: bool | str = False
+    latent_feedback: bool = True
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -95,7 +96,7 @@ class LatentSettings:
             raise bad("latent_stop_target_points", "must be an integer >= 1")
         if self.latent_cost_mode not in COST_MODES:
             raise bad("latent_cost_mode", f"must be one of {COST_MODES}")
-        for name in ("latent_detach_step_inputs", "latent_prefix_grad"):
+        for name in ("latent_detach_step_inputs", "latent_prefix_grad", "latent_feedback"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         if not (isinstance(self.latent_compile, bool) or self.latent_compile in COMPILE_BACKENDS):

@@ -1,6 +1,6 @@
-"""Generate a synthetic visual chain-of-thought dataset (maze or shapes) as JSONL records.
+"""Generate a synthetic visual chain-of-thought dataset (relay, maze or shapes) as JSONL records.
 
-``latentvl make-data --task maze --n 1000 --seed 0 --out data/maze`` writes ``images/*.png``,
+``latentvl make-data --task relay --n 1000 --seed 0 --out data/maze`` writes ``images/*.png``,
 ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (the format of :mod:`latentvl.data.records`, paths relative
 to the output directory), ``annotations.jsonl`` (the generator's ground-truth structure per record) and
 ``meta.json`` (task, sizes, answer set, chance accuracy, knobs). The output is byte-identical for the same
@@ -9,6 +9,19 @@ killed run never leaves a half-written file behind; ``meta.json`` is written las
 overwriting), so a folder without it holds an incomplete dataset.
 
 Tasks (answers are balanced within each split, so chance is known exactly):
+
+``relay``
+    A serial lookup task. The question image is a grid of 28 px tiles (each tile is exactly one merged
+    visual token): for each of C colours a one rule tile whose left half is ``a`` and right half
+    ``f(a)``, with ``f`` a random single C-cycle, and one start tile (left half grey, right half the
+    start colour ``c0``); positions are shuffled. The question gives the number of hops k; the answer
+    is the letter of ``f^k(c0)``.
+    The CoT images are plain swatches of ``c0, f(c0), ..., f^k(c0)`` (k + 1 images, one per state), so
+    each latent segment can carry one colour and each step does one lookup. There is no shortcut:
+    every colour is once a source and once a target, positions are random and the ``f^j(c0)`` are
+    distinct, so a model that resolves fewer than k hops is near chance. Records carry ``difficulty``
+    (k), ``cot_states`` (the colour letter of each CoT image) and ``rule`` (``{a: f(a)}``), which the
+    implant instrument of ``latentvl eval`` uses (:func:`implied_answer`).
 
 ``maze``
     A perfect maze (exactly one path between any two cells) on a g x g grid, a green start disc and a red
@@ -40,15 +53,19 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "DEFAULT_KNOBS",
+    "IMPLIED_ANSWERS",
     "MAZE_ANSWERS",
+    "RELAY_COLOURS",
     "SHAPES_ANSWERS",
     "TASKS",
     "Sample",
     "add_arguments",
     "carve_maze",
     "generate_sample",
+    "implied_answer",
     "make_dataset",
     "maze_neighbours",
+    "relay_implied_answer",
     "run",
     "solve_maze",
 ]
@@ -94,10 +111,14 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "grid_max": 6,
     "min_moves": 2,
     "max_shapes": 4,
+    "colours": 6,
+    "hops_min": 1,
+    "hops_max": 4,
 }
 _TASK_KNOBS = {
     "maze": ("min_cot", "max_cot", "size_min", "size_max", "grid_min", "grid_max", "min_moves"),
     "shapes": ("min_cot", "max_cot", "size_min", "size_max", "max_shapes"),
+    "relay": ("colours", "hops_min", "hops_max"),
 }
 _IMAGE_NAME = re.compile(r"^[a-z]+-\d+-(q|cot)\d+\.png$")
 
@@ -111,6 +132,7 @@ class Sample:
     images: list[Image.Image]
     cot_images: list[Image.Image]
     annotation: dict[str, Any] = field(default_factory=dict)
+    record_fields: dict[str, Any] = field(default_factory=dict)  # extra keys of the JSONL record
 
 
 # ----------------------------------------------------------------------------------------------- maze
@@ -370,6 +392,101 @@ def _shapes_sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sa
     )
 
 
+# ---------------------------------------------------------------------------------------------- relay
+
+RELAY_QUESTION = "Relay hops: {k}"
+# Well-separated colours; the answer is the letter. ``colours`` takes the first C of them.
+RELAY_COLOURS: dict[str, tuple[int, int, int]] = {
+    "R": (230, 25, 25),
+    "G": (0, 170, 0),
+    "B": (30, 60, 230),
+    "Y": (240, 200, 0),
+    "C": (0, 200, 210),
+    "M": (200, 0, 200),
+    "K": (20, 20, 20),
+    "O": (255, 130, 0),
+}
+RELAY_START = (128, 128, 128)  # left half of the start tile
+RELAY_TILE = SIDE_STEP  # one rule tile = one merged visual token (2x2 patches of 14 px)
+RELAY_SWATCH = 2 * SIDE_STEP  # CoT swatch side: 4 visual tokens (the tiny processor's minimum)
+
+
+def relay_answers(colours: int) -> tuple[str, ...]:
+    """The answer letters of a relay task over ``colours`` colours."""
+    return tuple(RELAY_COLOURS)[:colours]
+
+
+def _relay_grid(colours: int) -> int:
+    return math.ceil(math.sqrt(colours + 1))
+
+
+def _relay_sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
+    letters = list(relay_answers(knobs["colours"]))
+    k = rng.randint(knobs["hops_min"], knobs["hops_max"])
+    cycle = letters[:]
+    rng.shuffle(cycle)  # f(cycle[i]) = cycle[i + 1]: one C-cycle
+    rule = {cycle[i]: cycle[(i + 1) % len(cycle)] for i in range(len(cycle))}
+    # start k steps before the target on the cycle, so that f^k(c0) = target
+    c0 = cycle[(cycle.index(target) - k) % len(cycle)]
+    chain = [c0]
+    for _ in range(k):
+        chain.append(rule[chain[-1]])
+    g = _relay_grid(len(letters))
+    side = g * RELAY_TILE
+    cells = rng.sample(range(g * g), len(letters) + 1)
+    img = Image.new("RGB", (side, side), WHITE)
+    draw = ImageDraw.Draw(img)
+    half = RELAY_TILE // 2
+    tiles = []
+    for cell, source in zip(cells, [*sorted(letters), None], strict=True):
+        x0, y0 = (cell % g) * RELAY_TILE, (cell // g) * RELAY_TILE
+        # The start tile reads like a rule "start -> c0": its left half is grey, a colour no rule uses, so
+        # finding it is the same operation as every hop (match the left half, read the right half).
+        left = RELAY_START if source is None else RELAY_COLOURS[source]
+        right = RELAY_COLOURS[c0 if source is None else rule[source]]
+        draw.rectangle((x0, y0, x0 + half - 1, y0 + RELAY_TILE - 1), left)
+        draw.rectangle((x0 + half, y0, x0 + RELAY_TILE - 1, y0 + RELAY_TILE - 1), right)
+        tiles.append({"cell": cell, "start": c0} if source is None else
+                     {"cell": cell, "from": source, "to": rule[source]})
+    cot = [Image.new("RGB", (RELAY_SWATCH, RELAY_SWATCH), RELAY_COLOURS[c]) for c in chain]
+    annotation = {"side": side, "grid": g, "hops": k, "cycle": cycle, "chain": chain, "tiles": tiles}
+    fields = {"difficulty": k, "cot_states": chain, "rule": rule}
+    return Sample(RELAY_QUESTION.format(k=k), chain[-1], [img], cot, annotation, fields)
+
+
+def relay_implied_answer(record: dict[str, Any], segment: int, state: Any) -> str | None:
+    """The answer a relay record implies when its CoT state ``segment`` is ``state`` (a colour letter).
+
+    ``f^(k - segment)(state)`` with ``f`` the record's ``rule`` and ``k = len(cot_states) - 1``; None
+    when the record lacks the fields or ``state`` is not a colour of its rule.
+    """
+    rule, states = record.get("rule"), record.get("cot_states")
+    if not isinstance(rule, dict) or not isinstance(states, list) or state not in rule:
+        return None
+    if not 0 <= segment < len(states):
+        return None
+    x = state
+    for _ in range(len(states) - 1 - segment):
+        x = rule[x]
+    return x
+
+
+# task name -> f(record, segment, state) -> the answer implied when CoT state `segment` is `state`
+IMPLIED_ANSWERS: dict[str, Callable[[dict[str, Any], int, Any], str | None]] = {
+    "relay": relay_implied_answer,
+}
+
+
+def implied_answer(task: str | None, record: dict[str, Any], segment: int, state: Any) -> str | None:
+    """The answer ``record`` implies if its CoT state ``segment`` were ``state``; None if unknown.
+
+    ``task`` (a record's ``task`` field or its dataset's ``meta.json`` ``task``) selects the function in
+    :data:`IMPLIED_ANSWERS`; a task without one gives None.
+    """
+    fn = IMPLIED_ANSWERS.get(task or "")
+    return fn(record, segment, state) if fn is not None else None
+
+
 # ---------------------------------------------------------------------------------------------- tasks
 
 
@@ -396,7 +513,20 @@ TASKS: dict[str, _Task] = {
         "colour (R/G/B/Y) of the largest shape; colours are distinct within an image",
         _shapes_sample,
     ),
+    "relay": _Task(
+        relay_answers(int(DEFAULT_KNOBS["colours"])),
+        RELAY_QUESTION.format(k="k"),
+        "letter of f^k(c0): follow the rule tiles (left half -> right half) k times from the start tile "
+        "(grey -> c0)",
+        _relay_sample,
+    ),
 }
+
+
+def _answers(task: str, knobs: dict[str, Any]) -> tuple[str, ...]:
+    if task == "relay":
+        return relay_answers(int(knobs["colours"]))
+    return TASKS[task].answers
 
 
 def _check_knobs(task: str, knobs: dict[str, Any]) -> dict[str, Any]:
@@ -426,6 +556,13 @@ def _check_knobs(task: str, knobs: dict[str, Any]) -> dict[str, Any]:
         longest = 2 * (k["grid_min"] - 1)
         if max(k["min_moves"], k["min_cot"]) > longest:
             raise ValueError(f"min_moves/min_cot {max(k['min_moves'], k['min_cot'])} impossible on a small grid")
+    if task == "relay":
+        if not 3 <= k["colours"] <= len(RELAY_COLOURS):
+            raise ValueError(f"colours={k['colours']} must be in [3, {len(RELAY_COLOURS)}]")
+        if not 1 <= k["hops_min"] <= k["hops_max"] < k["colours"]:
+            raise ValueError(
+                f"need 1 <= hops_min <= hops_max < colours, got {k['hops_min']}, {k['hops_max']}, {k['colours']}"
+            )
     if task == "shapes":
         if not 2 <= k["max_shapes"] <= len(SHAPE_COLOURS):
             raise ValueError(f"max_shapes={k['max_shapes']} must be in [2, {len(SHAPE_COLOURS)}]")
@@ -439,9 +576,10 @@ def generate_sample(task: str, rng: random.Random, target: str, knobs: dict[str,
     """One sample of ``task`` whose answer is ``target`` (one of the task's answers)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    if target not in TASKS[task].answers:
+    checked = _check_knobs(task, knobs or {})
+    if target not in _answers(task, checked):
         raise ValueError(f"target {target!r} is not an answer of task {task!r}")
-    return TASKS[task].make(rng, target, _check_knobs(task, knobs or {}))
+    return TASKS[task].make(rng, target, checked)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -494,6 +632,11 @@ def _chance(counts: Counter, size: int) -> float | None:
     return max(counts.values()) / size if size else None
 
 
+def _difficulty_counts(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    values = Counter(r["difficulty"] for split_rows in rows.values() for r in split_rows if "difficulty" in r)
+    return {"difficulty_counts": {str(v): values[v] for v in sorted(values)}} if values else {}
+
+
 def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **knobs: Any) -> dict[str, Any]:
     """Generate ``n`` records of ``task`` into ``out`` and return the metadata written to ``meta.json``.
 
@@ -510,6 +653,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
     overwrite = bool(knobs.get("overwrite", False))
     k = _check_knobs(task, knobs)
     spec = TASKS[task]
+    answers = _answers(task, k)
     out = Path(out)
     sizes = _split_sizes(n, k["val_fraction"], k["test_fraction"])
     existing = [
@@ -529,7 +673,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
     annotations: list[dict[str, Any]] = []
     index = 0
     for split, size in sizes.items():
-        targets = _balanced_targets(spec.answers, size, random.Random(f"{task}:{seed}:targets:{split}"))
+        targets = _balanced_targets(answers, size, random.Random(f"{task}:{seed}:targets:{split}"))
         for target in targets:
             rec_id = f"{task}-{index:05d}"
             sample = spec.make(random.Random(f"{task}:{seed}:sample:{index}"), target, k)
@@ -545,6 +689,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
                     "images": [f"images/{x}" for x in names],
                     "cot_images": [f"images/{x}" for x in cot_names],
                     "answer": sample.answer,
+                    **sample.record_fields,
                 }
             )
             annotations.append({"id": rec_id, "split": split, "answer": sample.answer, **sample.annotation})
@@ -562,7 +707,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
         splits_meta[split] = {
             "file": f"{split}.jsonl",
             "size": len(split_rows),
-            "answer_counts": {a: counts.get(a, 0) for a in spec.answers},
+            "answer_counts": {a: counts.get(a, 0) for a in answers},
             "chance_accuracy": _chance(counts, len(split_rows)),
         }
     meta = {
@@ -571,8 +716,8 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
         "seed": seed,
         "question": spec.question,
         "answer_rule": spec.rule,
-        "answer_set": list(spec.answers),
-        "answer_counts": {a: all_counts.get(a, 0) for a in spec.answers},
+        "answer_set": list(answers),
+        "answer_counts": {a: all_counts.get(a, 0) for a in answers},
         "chance_accuracy": _chance(all_counts, n),
         "chance_method": (
             "rate of the most frequent answer over all records (per split under 'splits'); answers are "
@@ -581,6 +726,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
         ),
         "splits": splits_meta,
         "cot_images_per_record": {str(m): cot_counts[m] for m in sorted(cot_counts)},
+        **_difficulty_counts(rows),
         "image_side_px": {"min": min(sides), "max": max(sides)},
         "knobs": {key: k[key] for key in ("val_fraction", "test_fraction", *_TASK_KNOBS[task])},
         "annotations": "annotations.jsonl",
@@ -634,6 +780,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-shapes", type=int, default=d["max_shapes"], help="shapes: most shapes (2..4) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--colours", type=int, default=d["colours"], help="relay: number of colours (3..8) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--hops-min", type=int, default=d["hops_min"], help="relay: fewest hops k (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--hops-max", type=int, default=d["hops_max"], help="relay: most hops k (< colours) (default: %(default)s)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 

@@ -12,6 +12,10 @@ the prompt, positions and step 1 itself are untouched.
   none, the first one with as many segments, each at least as long, gives the first vectors of each
   of its segments. A sample without a donor is left out of this check (its count shows in ``n``).
 - **noise**: each latent vector is replaced by Gaussian noise rescaled to that vector's norm.
+- **truncate** (:func:`truncate_latents`): only the latents of the first j segments are kept, the later
+  segments' slots are masked as in *mask*.
+- **implant** (:func:`step_overrides`): the inputs of chosen latent slots are replaced *during* step 1,
+  so every later latent step builds on the implanted vectors (see ``latentvl.inference.instruments``).
 
 A model that relies on its latents changes answers (and usually loses accuracy) under all three.
 :func:`effective_rank` measures how many directions the latent vectors actually span.
@@ -19,14 +23,17 @@ A model that relies on its latents changes answers (and usually loses accuracy) 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from .generate import Patches
 
 __all__ = [
-    "CHECKS", "CHECK_RULES", "DonorPool", "effective_rank", "mask_latents", "noise_latents", "swap_latents",
+    "CHECKS", "CHECK_RULES", "DonorPool", "effective_rank", "mask_latents", "noise_latents", "step_overrides",
+    "swap_latents", "truncate_latents",
 ]
 
 CHECKS = ("mask", "swap", "noise")
@@ -51,6 +58,50 @@ def mask_latents(patches: Patches, input_ids: torch.Tensor, latent_token_id: int
     if kv is None:
         kv = torch.ones_like(slots)
     return Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv & ~slots)
+
+
+def truncate_latents(
+    patches: Patches, input_ids: torch.Tensor, segments: list[list[tuple[int, int, int]]], keep: int
+) -> Patches:
+    """``latent_kv_mask`` False at the latent slots of every segment whose image index is ``>= keep``.
+
+    ``segments`` are the collator's ``latent_segments`` (``(start, end, img_idx)`` per row); ``keep=0``
+    masks every latent, like :func:`mask_latents`.
+    """
+    kv = patches.latent_kv_mask
+    kv = torch.ones_like(input_ids, dtype=torch.bool) if kv is None else kv.clone()
+    for b, segs in enumerate(segments):
+        for start, end, img in segs:
+            if img >= keep:
+                kv[b, start:end] = False
+    return Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
+
+
+@contextlib.contextmanager
+def step_overrides(model, vectors: Mapping[tuple[int, int], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, step 1 uses ``vectors[(row, column)]`` as the input of that latent slot.
+
+    Later steps attend to (and, through the hidden state, continue from) the replaced inputs, and the
+    replaced vectors are what step 2 receives at those slots. ``row``/``column`` index the collated batch.
+    """
+    if getattr(model, "latent_step_override", "missing") == "missing":
+        raise TypeError(f"{type(model).__name__} has no latent_step_override hook (not a latentvl model)")
+    by_key = dict(vectors)
+
+    def override(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        hits = [(r, by_key[key]) for r, key in enumerate(zip(rows.tolist(), cols.tolist())) if key in by_key]
+        if not hits:
+            return x
+        idx = torch.tensor([r for r, _ in hits], device=x.device)
+        new = torch.stack([v.to(x.device, x.dtype) for _, v in hits])
+        return x.index_put((idx,), new)
+
+    before = model.latent_step_override
+    model.latent_step_override = override
+    try:
+        yield
+    finally:
+        model.latent_step_override = before
 
 
 def noise_latents(patches: Patches, generator: torch.Generator | None = None) -> Patches:

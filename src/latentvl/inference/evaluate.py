@@ -14,7 +14,7 @@ import json
 import math
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,15 @@ from .generate import (
     Patches,
     normalize_answer,
 )
+from .instruments import (
+    InstrumentRunner,
+    accuracy_by_difficulty,
+    collect_segment_latents,
+    fit_linear_probe,
+    read_record_fields,
+    record_fields,
+    task_of_data,
+)
 
 __all__ = ["add_arguments", "chance_from_metadata", "evaluate", "run"]
 
@@ -39,6 +48,7 @@ REPORT_FILES = {
     "predictions": "predictions.jsonl",
     "used_hist": "used_latents_hist.png",
     "accuracy_vs_latents": "accuracy_vs_latents.png",
+    "accuracy_by_difficulty": "accuracy_by_difficulty.png",
 }
 
 
@@ -139,6 +149,11 @@ def evaluate(
     default_num_segments: int = 1,
     seed: int = 0,
     extra_errors: Sequence[dict[str, Any]] = (),
+    fields: Mapping[str, Mapping[str, Any]] | None = None,
+    task: str | None = None,
+    instruments: bool = True,
+    probe_records: Sequence[Any] | None = None,
+    probe_fields: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Answer every record greedily and report; with ``out_dir``, also write the report files.
 
@@ -146,6 +161,12 @@ def evaluate(
     answer). ``use_latents=False`` evaluates a model trained without latent segments (no step 1, no
     causal checks). ``extra_errors`` (``{"id", "kind", "error"}``) are samples that failed before this
     call (e.g. invalid JSONL lines) and are counted as errors.
+
+    Instruments (``latentvl.inference.instruments``): ``fields`` maps a record id to its raw JSON
+    object (for records that are not dicts), whose optional ``difficulty`` and ``cot_states`` enable
+    accuracy by difficulty, the implant's follow rate and the linear probe; ``task`` names the task for
+    the implied answers. With ``instruments`` (and latents and causal checks on), truncation and implant
+    run; with ``probe_records`` (and ``probe_fields``), the linear probe is fit on their latents.
 
     Returns the report (see ``docs/inference.md`` for every key) with ``predictions`` (one dict per
     record, in order) added.
@@ -156,6 +177,8 @@ def evaluate(
     do_causal = causal_checks and use_latents
     causal = _CausalRunner(engine, gen, seed) if do_causal else None
     alignment = AlignmentProbe(model, engine.collator.image_processor) if do_causal else None
+    rec_fields = [record_fields(r, fields) for r in records]
+    instr = InstrumentRunner(engine, gen, rec_fields, task, seed) if do_causal and instruments else None
     results: list[InferenceResult] = []
     batch_times: list[float] = []
     model_was_training = model.training
@@ -170,6 +193,8 @@ def evaluate(
             if causal is not None:
                 causal(outcome)
                 alignment(outcome.results, records)
+            if instr is not None:
+                instr(outcome)
             for r in outcome.results:
                 r.latents = None  # only the causal and alignment checks need them
     finally:
@@ -185,6 +210,18 @@ def evaluate(
         del row["answer"]
         rows[r.index] = row
     report = _summarise(rows, batch_times, chance_accuracy, extra_errors)
+    report["accuracy_by_difficulty"] = accuracy_by_difficulty([rows[i] for i in sorted(rows)],
+                                                              [rec_fields[i] for i in sorted(rows)])
+    probe = None
+    if instr is not None and probe_records is not None and instr.probe_rows:
+        p_fields = [record_fields(r, probe_fields) for r in probe_records]
+        model.eval()
+        try:
+            train_rows = collect_segment_latents(engine, probe_records, p_fields, batch_size)
+        finally:
+            model.train(model_was_training)
+        if train_rows:
+            probe = fit_linear_probe(train_rows, instr.probe_rows)
     if threshold is None:
         threshold = getattr(model.config, "latent_stop_threshold", None)
     report.update(
@@ -195,6 +232,8 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         causal=causal.summary(rows) if causal is not None else None,
         alignment=alignment.summary() if alignment is not None else None,
+        **(instr.summary(rows) if instr is not None else {"truncation": None, "implant": None}),
+        probe=probe,
     )
     predictions = [rows[i] for i in sorted(rows)]
     if out_dir is not None:
@@ -271,6 +310,9 @@ def write_report(report: dict[str, Any], predictions: list[dict[str, Any]], out_
         _plot_used_hist(report, out_dir / REPORT_FILES["used_hist"])
         _plot_accuracy_vs_latents(report, out_dir / REPORT_FILES["accuracy_vs_latents"])
         files.update({k: REPORT_FILES[k] for k in ("used_hist", "accuracy_vs_latents")})
+    if report.get("accuracy_by_difficulty"):
+        _plot_accuracy_by_difficulty(report, out_dir / REPORT_FILES["accuracy_by_difficulty"])
+        files["accuracy_by_difficulty"] = REPORT_FILES["accuracy_by_difficulty"]
     report = {**report, "files": files}
     (out_dir / files["json"]).write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default)
                                          + "\n", encoding="utf-8")
@@ -319,6 +361,48 @@ def _alignment_markdown(al: dict[str, Any] | None) -> list[str]:
         f"| mean cosine, a segment's mean latent vs the other segments' | {_fmt(al['mean_cosine_other'])} |",
         "",
     ]
+
+
+def _instruments_markdown(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    chance = report.get("chance_accuracy")
+    by_d = report.get("accuracy_by_difficulty")
+    if by_d:
+        lines += ["## Accuracy by difficulty", "", f"Records' `difficulty` field; chance {_fmt(chance, pct=True)}.",
+                  "", "| difficulty | samples | accuracy |", "|---|---|---|"]
+        lines += [f"| {d} | {v['n']} | {_fmt(v['accuracy'], pct=True)} |" for d, v in by_d.items()]
+        lines.append("")
+    trunc = report.get("truncation")
+    if trunc:
+        lines += ["## Truncation: only the first j segments' latents kept", "",
+                  "The later segments' latent slots are masked out of attention in step 2; counted over the "
+                  "samples with more than j segments.", "",
+                  "| segments kept (j) | n | accuracy | accuracy (all kept) | answer-change rate |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {j} | {v['n']} | {_fmt(v['accuracy'], pct=True)} | {_fmt(v['accuracy_base'], pct=True)} | "
+                  f"{_fmt(v['answer_change_rate'], pct=True)} |" for j, v in trunc.items()]
+        lines.append("")
+    imp = report.get("implant")
+    if imp and imp["n"]:
+        lines += ["## Implant: does the answer follow an implanted state?", "",
+                  f"{imp['rule']}. {imp['n']} samples implanted, {imp['n_with_implied_answer']} with a known "
+                  "implied answer.", "",
+                  f"- follow rate: {_fmt(imp['follow_rate'], pct=True)}",
+                  f"- unchanged rate: {_fmt(imp['unchanged_rate'], pct=True)}", ""]
+        if imp["by_segment"]:
+            lines += ["| implanted segment | n | follow rate |", "|---|---|---|"]
+            lines += [f"| {j} | {v['n']} | {_fmt(v['follow_rate'], pct=True)} |" for j, v in imp["by_segment"].items()]
+            lines.append("")
+    probe = report.get("probe")
+    if probe:
+        lines += ["## Linear probe: does segment i's latent decode the state of CoT image i?", "",
+                  "Softmax regression per segment index, fit on the probe records' latents, scored here.", "",
+                  "| segment | train / test latents | states | probe accuracy | majority state |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {j} | {v['n_train']} / {v['n_test']} | {v['classes']} | {_fmt(v['accuracy'], pct=True)} | "
+                  f"{_fmt(v['majority'], pct=True)} |" for j, v in probe.items()]
+        lines.append("")
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -385,8 +469,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     elif report.get("use_latents"):
         lines += ["Causal checks were not run.", ""]
     lines += _alignment_markdown(report.get("alignment"))
+    lines += _instruments_markdown(report)
     files = report.get("files") or {}
-    plots = (("used_hist", "Used latents per budget"), ("accuracy_vs_latents", "Accuracy vs latents used"))
+    plots = (("accuracy_by_difficulty", "Accuracy by difficulty"), ("used_hist", "Used latents per budget"),
+             ("accuracy_vs_latents", "Accuracy vs latents used"))
     for key, title in plots:
         if key in files:
             lines += [f"![{title}]({files[key]})", ""]
@@ -422,6 +508,27 @@ def _plot_used_hist(report: dict[str, Any], path: Path) -> None:
     for ax in list(axes.flat)[len(budgets):]:
         ax.axis("off")
     fig.suptitle("Latents used per CoT image, by budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_accuracy_by_difficulty(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = report["accuracy_by_difficulty"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(list(data), [100 * v["accuracy"] for v in data.values()], "o-", color="tab:blue", label="accuracy")
+    if report.get("chance_accuracy") is not None:
+        ax.axhline(100 * report["chance_accuracy"], color="grey", linestyle="--", label="chance")
+    ax.set_xlabel("difficulty")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("Accuracy by difficulty")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -486,7 +593,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the causal checks (mask, swap, noise) and the alignment check")
     parser.add_argument("--chance", type=float, default=None,
                         help="chance accuracy (default: from meta.json beside the data, when present)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise check (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise check and the implant draws "
+                        "(default: 0)")
+    parser.add_argument("--probe-data", type=Path, default=None,
+                        help="JSONL records (with cot_states) to fit the linear probe on, e.g. train.jsonl")
+    parser.add_argument("--probe-limit", type=int, default=512,
+                        help="records of --probe-data used (default: 512)")
+    parser.add_argument("--task", default=None,
+                        help="task name for implied answers (default: meta.json beside the data)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -509,11 +623,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: error: {err}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else Path(f"eval-{args.data.stem}")
+    probe_records = probe_fields = None
+    try:
+        fields = read_record_fields(args.data)
+        if args.probe_data is not None:
+            probe_records, _ = load_records(args.probe_data, skip_invalid=True, check_images=False)
+            probe_records = probe_records[: args.probe_limit]
+            probe_fields = read_record_fields(args.probe_data)
+    except (OSError, RecordError) as err:
+        print(f"eval: error: {err}", file=sys.stderr)
+        return 2
+    task = args.task if args.task is not None else task_of_data(args.data)
     report = evaluate(
         model, processor, records, out_dir=out, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, threshold=args.threshold, causal_checks=not args.no_causal,
         use_latents=not args.no_latents, chance_accuracy=chance, default_num_segments=args.num_segments,
-        seed=args.seed, extra_errors=extra,
+        seed=args.seed, extra_errors=extra, fields=fields, task=task, probe_records=probe_records,
+        probe_fields=probe_fields,
     )
     lat = report["latents"]
     print(f"accuracy {_fmt(report['accuracy'], pct=True)} on {report['n_evaluated']} samples "
@@ -524,5 +650,9 @@ def run(args: argparse.Namespace) -> int:
         parts = [f"{k}: acc {_fmt(report['causal'][k]['accuracy'], pct=True)}, changed "
                  f"{_fmt(report['causal'][k]['answer_change_rate'], pct=True)}" for k in CHECKS]
         print("causal checks -- " + "; ".join(parts))
+    if report.get("implant") and report["implant"]["n"]:
+        imp = report["implant"]
+        print(f"implant -- follow {_fmt(imp['follow_rate'], pct=True)}, unchanged "
+              f"{_fmt(imp['unchanged_rate'], pct=True)} ({imp['n']} samples)")
     print(f"report: {out / REPORT_FILES['markdown']}")
     return 0 if report["n_evaluated"] else 1

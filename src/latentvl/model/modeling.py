@@ -179,11 +179,17 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     the stock one for the vision tower; any other request raises ``ValueError``.
     """
 
+    # Interventions only (never set in training): ``f(x [R, H], sample [R], column [R]) -> [R, H]`` may
+    # replace the input of pass 1's step at each row's original column; later steps see the result.
+    latent_step_override = None
+
     def __init__(self, config):
         LatentSettings.from_config(config).apply_to(config)
         _select_gated_attention(config)
         super().__init__(config)
         self.latent_stop_head = nn.Linear(config.text_config.hidden_size, 1, bias=True)
+        # latent_feedback=False (pause tokens): every latent slot's input is this learned vector.
+        self.latent_pause_embedding = nn.Embedding(1, config.text_config.hidden_size)
         self.post_init()
 
     def _init_weights(self, module):
@@ -490,6 +496,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 c = P + j
                 is_lat = lat[:, j]
                 step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
+                if not settings.latent_feedback:  # pause tokens: no hidden state reaches the next slot
+                    step_in = self.latent_pause_embedding.weight[0].to(h_prev.dtype).expand_as(h_prev)
                 if stage_c:
                     halted = halted & not_first[:, j]  # a new segment starts unhalted
                     inactive = is_lat & halted  # [R] a latent slot after its segment stopped
@@ -504,6 +512,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 # (<|latent_pad|>), as in pass 2 and generate(), where only active slots are patched: with
                 # latent_null_scale > 0 its scaled K/V are then the same in every pass.
                 x = torch.where(active[:, None], step_in, emb[:, c])
+                if self.latent_step_override is not None:  # interventions (latentvl.inference.causal)
+                    x = self.latent_step_override(x, rows, c - shifts)
                 h = run_step(x, pos[:, :, c : c + 1], c)
                 calls += 1
                 vecs.append(x)

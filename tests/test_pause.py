@@ -1,0 +1,109 @@
+"""``latent_feedback=False``: pause tokens, the control arm of latent thoughts.
+
+The latent slots stay where they are (same layout, positions, gating and stop head), but each slot's input
+is one learned vector (``latent_pause_embedding``) instead of the previous position's hidden state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentvl import LatentCollator, LatentConfigError, LatentSettings, build_tiny_model, set_latent_fields
+
+
+@pytest.fixture()
+def tiny():
+    model, processor = build_tiny_model(seed=0)
+    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=0.5, latent_budget_max=3)
+    return model, processor
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _batch(model, processor, seed: int = 0):
+    samples = [
+        {
+            "id": f"s{i}",
+            "question": f"Q{i + seed}?",
+            "images": [_image(56, 56, seed * 10 + i)],
+            "cot_images": [_image(56, 56, 100 + seed * 10 + i + k) for k in range(1 + i)],
+            "answer": "AB"[: 1 + i],
+        }
+        for i in range(2)
+    ]
+    return LatentCollator(processor, model.config)(samples)
+
+
+def _pass1(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                 mm_token_type_ids=batch["mm_token_type_ids"], latent_mode=True,
+                 latent_segments=batch["latent_segments"], latent_budgets=batch["latent_budgets"])
+
+
+def test_feedback_field_defaults_on_and_must_be_bool():
+    assert LatentSettings().latent_feedback is True
+    with pytest.raises(LatentConfigError, match="latent_feedback"):
+        LatentSettings(latent_feedback="no").validate()
+
+
+def test_pause_slots_hold_the_pause_embedding_whatever_the_input(tiny):
+    model, processor = tiny
+    set_latent_fields(model.config, latent_feedback=False)
+    pause = model.latent_pause_embedding.weight[0].detach()
+    with torch.no_grad():
+        vec_a = _pass1(model, _batch(model, processor, seed=0)).ce_patch_vec
+        vec_b = _pass1(model, _batch(model, processor, seed=3)).ce_patch_vec
+    assert vec_a.shape[0] == 2 + 2 * 2  # budgets of 2 per 56x56 CoT image, 1 + 2 images
+    assert torch.equal(vec_a, pause.expand_as(vec_a))
+    assert torch.equal(vec_a, vec_b)  # other images and questions: the same slot inputs
+    set_latent_fields(model.config, latent_feedback=True)
+    with torch.no_grad():
+        fed = _pass1(model, _batch(model, processor, seed=0)).ce_patch_vec
+    assert not torch.allclose(fed, pause.expand_as(fed))
+
+
+def test_no_hidden_state_reaches_the_next_slot(tiny):
+    """The slot inputs have no gradient path to the language model: nothing computed is fed back."""
+    model, processor = tiny
+    set_latent_fields(model.config, latent_feedback=False)
+    out = _pass1(model, _batch(model, processor))
+    weights = [p for p in model.model.language_model.parameters()]
+    grads = torch.autograd.grad(out.ce_patch_vec.sum(), [*weights, model.latent_pause_embedding.weight],
+                                allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads[:-1])
+    assert grads[-1] is not None and grads[-1].abs().max() > 0
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_training_loss_reaches_the_pause_embedding(tiny, stage):
+    model, processor = tiny
+    weights = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3} if stage == "C" else {}
+    set_latent_fields(model.config, latent_feedback=False, latent_align_weight=0.0, latent_mode_stage=stage,
+                      **weights)
+    model.train()
+    out = model.latent_loss(_batch(model, processor))
+    out.loss.backward()
+    grad = model.latent_pause_embedding.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0
+    assert float(out.align) == 0.0
+
+
+def test_pause_embedding_survives_save_and_load(tiny, tmp_path):
+    from latentvl.model.loading import load_latent_model
+
+    model, processor = tiny
+    set_latent_fields(model.config, latent_feedback=False)
+    with torch.no_grad():
+        model.latent_pause_embedding.weight.fill_(0.25)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    loaded, _ = load_latent_model(tmp_path / "m")
+    assert loaded.config.latent_feedback is False
+    assert torch.equal(loaded.latent_pause_embedding.weight, model.latent_pause_embedding.weight)
