@@ -107,3 +107,20 @@ def test_pause_embedding_survives_save_and_load(tiny, tmp_path):
     loaded, _ = load_latent_model(tmp_path / "m")
     assert loaded.config.latent_feedback is False
     assert torch.equal(loaded.latent_pause_embedding.weight, model.latent_pause_embedding.weight)
+
+
+def test_lora_trains_the_pause_embedding(tiny):
+    """Under LoRA the pause vector is one of the modules saved in full: the loss reaches its trainable copy."""
+    from latentvl.training.config import TrainConfig
+    from latentvl.training.trainer import latent_model, prepare_for_training
+
+    model, processor = tiny
+    set_latent_fields(model.config, latent_feedback=False, latent_align_weight=0.0)
+    batch = _batch(model, processor)
+    peft_model = prepare_for_training(model, TrainConfig(train_data="x.jsonl", lora=True, lora_r=4,
+                                                         lora_target_modules=["q_proj", "v_proj"]))
+    out = latent_model(peft_model).latent_loss(batch)
+    out.loss.backward()
+    trained = [p for n, p in peft_model.named_parameters() if "latent_pause_embedding" in n and p.requires_grad]
+    assert trained, "the pause embedding has no trainable copy under LoRA"
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)

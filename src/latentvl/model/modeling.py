@@ -492,12 +492,14 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             h_prev = out.last_hidden_state[:, -1]
             halted = torch.zeros(len(layout.rows), dtype=torch.bool, device=device)
             vecs, active_steps, stop_logits, done_lens = [], [], [], []
+            if not settings.latent_feedback:  # called as a module, so a LoRA wrapper's trainable copy is used
+                pause = self.latent_pause_embedding(torch.zeros(1, dtype=torch.long, device=device))[0]
             for j in range(steps):
                 c = P + j
                 is_lat = lat[:, j]
                 step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
                 if not settings.latent_feedback:  # pause tokens: no hidden state reaches the next slot
-                    step_in = self.latent_pause_embedding.weight[0].to(h_prev.dtype).expand_as(h_prev)
+                    step_in = pause.to(h_prev.dtype).expand_as(h_prev)
                 if stage_c:
                     halted = halted & not_first[:, j]  # a new segment starts unhalted
                     inactive = is_lat & halted  # [R] a latent slot after its segment stopped
