@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from latentvl import fileio
 from latentvl.data import synthetic
 from latentvl.data.records import RecordDataset, load_metadata, load_records
 from latentvl.data.synthetic import (
@@ -361,16 +362,16 @@ def test_interrupted_run_leaves_no_partial_files(tmp_path: Path, monkeypatch) ->
     out = tmp_path / "d"
     make_dataset("shapes", 12, 0, out)
     before = {name: (out / name).read_bytes() for name in ("train.jsonl", "val.jsonl", "meta.json")}
-    real = synthetic._atomic_write
+    real = synthetic.write_atomic
     calls = []
 
     def dying_write(path: Path, data: bytes, sync: bool = True) -> None:
         calls.append(path.name)
         if path.name == "val.jsonl":
             raise KeyboardInterrupt  # killed while writing the JSONL files
-        real(path, data, sync)
+        real(path, data, sync=sync)
 
-    monkeypatch.setattr(synthetic, "_atomic_write", dying_write)
+    monkeypatch.setattr(synthetic, "write_atomic", dying_write)
     with pytest.raises(KeyboardInterrupt):
         make_dataset("shapes", 12, 5, out, overwrite=True)
     monkeypatch.undo()
@@ -391,9 +392,9 @@ def test_atomic_write_cleans_up_on_failure(tmp_path: Path, monkeypatch) -> None:
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic.os, "replace", broken_replace)
+    monkeypatch.setattr(fileio.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        synthetic._atomic_write(target, b"new\n")
+        fileio.write_atomic(target, b"new\n")
     monkeypatch.undo()
     assert target.read_bytes() == b"old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.jsonl"]

@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .fileio import write_atomic
 
 ARMS = ("baseline_no_latents", "pause", "latents_no_align", "stage_a", "stage_c")
 ARM_LABELS = {
@@ -148,16 +148,6 @@ def _train_config(settings: dict[str, Any], latent: dict[str, Any] | None = None
     return cfg.validate()
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _curriculum_files(data_dir: Path, curriculum: list[Any]) -> list[Path]:
     """One train file per curriculum phase: the train records with ``difficulty <= d``."""
@@ -170,7 +160,7 @@ def _curriculum_files(data_dir: Path, curriculum: list[Any]) -> list[Path]:
         if not keep:
             raise ValueError(f"curriculum phase {d!r}: no train record has difficulty <= {d!r}")
         path = data_dir / f"train_difficulty_le_{d}.jsonl"
-        _atomic_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
         files.append(path)
     return files
 
@@ -408,8 +398,8 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
     _plot_accuracy_vs_difficulty(out / "accuracy_vs_difficulty.png", report)
     _plot_losses(out / "loss_curves.png", histories, steps_a)
     _plot_latents(out / "latents.png", histories["stage_c"], evals["stage_c"]["samples"], report)
-    _atomic_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _atomic_text(out / "report.md", _markdown(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.md", _markdown(report))
     return report
 
 

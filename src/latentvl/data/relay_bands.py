@@ -47,7 +47,8 @@ from typing import Any
 
 from PIL import Image
 
-from .synthetic import Sample, _atomic_write, _jsonl, _png_bytes
+from ..fileio import write_atomic
+from .synthetic import Sample, _jsonl, _png_bytes
 
 __all__ = ["PALETTE", "RELAY_BANDS_DEFAULTS", "add_arguments", "make_relay_bands", "relay_bands_sample", "run"]
 
@@ -185,15 +186,15 @@ def make_relay_bands(n: int, seed: int, out: str | os.PathLike[str], overwrite: 
             rec_id = f"relay_bands-{index:05d}"
             sample = relay_bands_sample(random.Random(f"relay_bands:{seed}:sample:{index}"), m, target, k)
             q_name, c_name = f"{rec_id}-q0.png", f"{rec_id}-cot0.png"
-            _atomic_write(images / q_name, _png_bytes(sample.images[0]), sync=False)
-            _atomic_write(images / c_name, _png_bytes(sample.cot_images[0]), sync=False)
+            write_atomic(images / q_name, _png_bytes(sample.images[0]), sync=False)
+            write_atomic(images / c_name, _png_bytes(sample.cot_images[0]), sync=False)
             rows[split].append({"id": rec_id, "question": sample.question, "images": [f"images/{q_name}"],
                                 "cot_images": [f"images/{c_name}"], "answer": sample.answer, "difficulty": m})
             annotations.append({"id": rec_id, "split": split, "answer": sample.answer, **sample.annotation})
             index += 1
     for split, split_rows in rows.items():
-        _atomic_write(out / f"{split}.jsonl", _jsonl(split_rows))
-    _atomic_write(out / "annotations.jsonl", _jsonl(annotations))
+        write_atomic(out / f"{split}.jsonl", _jsonl(split_rows))
+    write_atomic(out / "annotations.jsonl", _jsonl(annotations))
     splits = {}
     for split, split_rows in rows.items():
         counts = Counter(r["answer"] for r in split_rows)
@@ -219,7 +220,7 @@ def make_relay_bands(n: int, seed: int, out: str | os.PathLike[str], overwrite: 
         "knobs": k,
         "annotations": "annotations.jsonl",
     }
-    _atomic_write(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return meta
 
 

@@ -42,7 +42,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from ..fileio import write_atomic
 
 __all__ = [
     "DEFAULT_KNOBS",
@@ -585,23 +586,6 @@ def generate_sample(task: str, rng: random.Random, target: str, knobs: dict[str,
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
 
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -680,7 +664,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
             names = [f"{rec_id}-q{j}.png" for j in range(len(sample.images))]
             cot_names = [f"{rec_id}-cot{j}.png" for j in range(len(sample.cot_images))]
             for name, img in zip(names + cot_names, sample.images + sample.cot_images, strict=True):
-                _atomic_write(image_dir / name, _png_bytes(img), sync=False)
+                write_atomic(image_dir / name, _png_bytes(img), sync=False)
                 written.add(name)
             rows[split].append(
                 {
@@ -695,8 +679,8 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
             annotations.append({"id": rec_id, "split": split, "answer": sample.answer, **sample.annotation})
             index += 1
     for split, split_rows in rows.items():
-        _atomic_write(out / f"{split}.jsonl", _jsonl(split_rows))
-    _atomic_write(out / "annotations.jsonl", _jsonl(annotations))
+        write_atomic(out / f"{split}.jsonl", _jsonl(split_rows))
+    write_atomic(out / "annotations.jsonl", _jsonl(annotations))
 
     all_counts = Counter(r["answer"] for split_rows in rows.values() for r in split_rows)
     cot_counts = Counter(len(r["cot_images"]) for split_rows in rows.values() for r in split_rows)
@@ -737,7 +721,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
             "tracing the solution (a model above these uses more than local cues)",
             **spec.baselines(annotations),
         }
-    _atomic_write(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     if overwrite:  # drop images of an earlier, larger run so the folder matches the records
         for old in image_dir.iterdir():
             if _IMAGE_NAME.match(old.name) and old.name not in written:

@@ -13,14 +13,13 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config import LatentSettings
+from ..fileio import write_atomic
 
 __all__ = [
     "add_arguments",
@@ -205,12 +204,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=None)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def run(args: argparse.Namespace) -> int:
     """Run ``latentvl halting``: the model at learned halting and at full budget, against difficulty."""
@@ -241,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "halting.json", json.dumps(result, indent=2) + "\n")
-        _write_atomic(out / "halting.md", text)
+        write_atomic(out / "halting.json", json.dumps(result, indent=2) + "\n")
+        write_atomic(out / "halting.md", text)
         plot_used_by_difficulty({"learned halting": result}, out / "used_by_difficulty.png")
     return 0

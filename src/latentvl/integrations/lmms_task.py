@@ -22,12 +22,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from ..fileio import write_atomic
 
 __all__ = [
     "add_arguments",
@@ -135,18 +136,6 @@ def _task_yaml(task: str, data_file: str, max_new_tokens: int, choices: list[str
     return "\n".join([*head, *body, "metadata:", "  version: 1.0", ""])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_task(
     data: str | os.PathLike[str], out_dir: str | os.PathLike[str], task: str | None = None,
@@ -191,8 +180,8 @@ def write_task(
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass overwrite=True (--overwrite)")
     rows = task_rows(records)
-    _write_atomic(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(yaml_path, _task_yaml(task, rows_path.name, max_new_tokens, choices))
+    write_atomic(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(yaml_path, _task_yaml(task, rows_path.name, max_new_tokens, choices))
     return yaml_path
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..fileio import write_atomic
 from ..model.loading import save_latent_checkpoint
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -112,18 +112,6 @@ def _torch_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -212,7 +200,7 @@ def save_checkpoint(
         raise CheckpointError(f"writing checkpoint {final} failed on another process")
     if rank == 0:
         try:  # last: a checkpoint without its manifest is never renamed into place
-            _write_text_atomic(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp), indent=1) + "\n")
+            write_atomic(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp), indent=1) + "\n")
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(err)}") from err
@@ -224,7 +212,7 @@ def save_checkpoint(
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-        _write_text_atomic(ckpt_root / LATEST, final.name + "\n")
+        write_atomic(ckpt_root / LATEST, final.name + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:  # prune old checkpoints, never a pinned one (the end of stage A)

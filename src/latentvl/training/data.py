@@ -126,10 +126,10 @@ class SkipReport:
     def _write(self) -> None:
         if self.path is None:
             return
-        from .checkpoint import _write_text_atomic
+        from ..fileio import write_atomic
 
         payload = {"total": len(self.entries), "records": self.entries}
-        _write_text_atomic(self.path, json.dumps(payload, indent=1) + "\n")
+        write_atomic(self.path, json.dumps(payload, indent=1) + "\n")
 
 
 def load_split(
