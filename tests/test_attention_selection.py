@@ -1,4 +1,4 @@
-"""The text model gates latent slots however the model is built or loaded (SPEC §5.3, D3).
+"""The text model gates latent slots however the model is built or loaded (design §5, D3).
 
 Every entry point is checked by what gating means: noise added to the embeddings of masked latent
 slots moves no logit at any kept position (stock sdpa would take ``latent_kv_mask`` and ignore it).

@@ -1,4 +1,4 @@
-"""Tests for ``latentvl.data.collator.LatentCollator`` (SPEC §2, §3, D1, D2, D9)."""
+"""Tests for ``latentvl.data.collator.LatentCollator`` (design §2, §3, D1, D2, D9)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def check_batch_invariants(batch, samples, coll: LatentCollator, processor, ids,
             assert end - st_ - 1 == t * h * w // 4
             assert set(row[st_ + 1:end]) == {ids["<|image_pad|>"]}
             g += 1
-    # SPEC §2 fields
+    # design §2 fields
     counts, budgets = batch["latent_image_counts"], batch["latent_budgets"]
     segments, totals = batch["latent_segments"], batch["latent_budget_total"]
     assert len(counts) == len(budgets) == len(segments) == len(totals) == B

@@ -1,4 +1,4 @@
-"""Two-step inference (SPEC §9, D9): parity with training pass 1 and with a slow reference,
+"""Two-step inference (design §9, D9): parity with training pass 1 and with a slow reference,
 batching, budget sources, per-sample errors and the ``latentvl infer`` command."""
 
 import copy

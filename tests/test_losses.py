@@ -1,4 +1,4 @@
-"""Hand-computed cases for the stage losses (SPEC §5.5, D4, D7)."""
+"""Hand-computed cases for the stage losses (design §6, D4, D7)."""
 
 import math
 

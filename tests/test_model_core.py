@@ -1,4 +1,4 @@
-"""Model core (SPEC §4–§6, D2–D8): the two passes, K/V gating, losses through the model, call counts."""
+"""Model core (design §4–§6, D2–D8): the two passes, K/V gating, losses through the model, call counts."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_stage_c_halts_exactly_and_masks_the_tail(tiny):
     for b, segs in enumerate(batch["latent_segments"]):
         for (start, end, img), used in zip(segs, p1.latent_used_lens[b]):
             row = p1.latent_kv_mask[b, start:end].tolist()
-            assert row == [True] * used + [False] * (end - start - used)  # SPEC §8 check 3
+            assert row == [True] * used + [False] * (end - start - used)  # design §8 check 3
             assert used <= batch["latent_budgets"][b][img]
     # only active slots are patched
     patched = set(map(tuple, p1.ce_patch_pos.tolist()))
@@ -299,7 +299,7 @@ def test_gating_through_generate_with_cache(tiny, attn):
 
 @torch.no_grad()
 def test_all_latents_masked_is_independent_of_content_and_close_to_no_think(tiny):
-    """SPEC §8 check 4: masking every latent removes their influence; report agreement with no-think."""
+    """design §8 check 4: masking every latent removes their influence; report agreement with no-think."""
     model, processor = tiny
     samples = [_sample(i, m) for i, m in [(1, 3), (3, 1), (4, 2)]]
     batch = _collate(model, processor, samples)

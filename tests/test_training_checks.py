@@ -1,4 +1,4 @@
-"""SPEC §8 checks: pass on a good batch, fail with a report on a corrupted one, stop a run."""
+"""design §8 checks: pass on a good batch, fail with a report on a corrupted one, stop a run."""
 
 import copy
 
@@ -56,7 +56,7 @@ def test_good_batch_passes_in_both_stages(model_and_batch):
     report_c = run_checks(model_c, batch, "C", threshold=0.5)
     assert report_c.ok, report_c.format()
     assert "stage C" in report_c.results[2].name
-    assert "SPEC §8 checks (stage C): all passed" in report_c.format()
+    assert "design §8 checks (stage C): all passed" in report_c.format()
 
 
 def test_corrupted_segment_token_fails_with_report(model_and_batch):

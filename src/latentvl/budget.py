@@ -1,4 +1,4 @@
-"""The budget function (SPEC §3): how many latent slots a chain-of-thought image gets."""
+"""The budget function (design §3): how many latent slots a chain-of-thought image gets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The latent fields of the model config (SPEC §1) and their validation.
+"""The latent fields of the model config (design §1) and their validation.
 
 The fields live as plain attributes on the Hugging Face model config, so they survive
 ``save_pretrained`` / ``from_pretrained``. :class:`LatentSettings` is the one typed place that
@@ -23,9 +23,9 @@ class LatentConfigError(ValueError):
 
 @dataclass
 class LatentSettings:
-    """Every latent field, with SPEC defaults.
+    """Every latent field, with its default (docs/design.md §1).
 
-    SPEC §1 fields come first; the rest are latentvl's own additions.
+    design §1 fields come first; the rest are latentvl's own additions.
 
     ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile`` (True: the
     inductor backend; a string names the backend, one of :data:`COMPILE_BACKENDS`); False runs them eagerly.
@@ -105,7 +105,7 @@ class LatentSettings:
 
     def loss_weights(self) -> tuple[float, float]:
         """``(stop, cost)`` weights the loss applies: the configured ones in stage C, ``(0.0, 0.0)`` in
-        stage A (the stop head is not trained during warm-up, SPEC §1, §7)."""
+        stage A (the stop head is not trained during warm-up, design §1, §7)."""
         if self.latent_mode_stage != "C":
             return 0.0, 0.0
         return float(self.latent_stop_loss_weight), float(self.latent_cost_weight)

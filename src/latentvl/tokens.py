@@ -1,4 +1,4 @@
-"""The three latent tokens (SPEC D1) and how they are added to a tokenizer and a model."""
+"""The three latent tokens (design D1) and how they are added to a tokenizer and a model."""
 
 from __future__ import annotations
 

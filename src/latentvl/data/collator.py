@@ -1,4 +1,4 @@
-"""Turn dataset records into model batches with latent segments (SPEC §2, §3, D1, D9).
+"""Turn dataset records into model batches with latent segments (design §2, §3, D1, D9).
 
 A record is a dict::
 
@@ -6,7 +6,7 @@ A record is a dict::
      "answer": str}
 
 optionally with ``"latent_budgets": [int]`` or ``"cot_image_sizes": [(width, height)]`` (used for
-generation only, SPEC D9). Each sequence is assembled from token ids piece by piece, so every
+generation only, design D9). Each sequence is assembled from token ids piece by piece, so every
 position (image tokens, latent slots, answer) is known by construction; the latent segments are then
 checked against the padded ``input_ids`` before the batch is returned.
 
@@ -176,11 +176,11 @@ class LatentCollator:
     - ``mm_token_type_ids`` ``[B, S]`` int32: 1 at ``<|image_pad|>``, 0 elsewhere;
     - ``cot_pixel_values`` / ``cot_image_grid_thw`` ``[K, 3]``: every CoT image of the batch,
       sample-major then image order (training with latents only; else ``None``);
-    - SPEC §2 lists: ``latent_image_counts`` [B], ``latent_budgets`` [B][M], ``latent_segments``
+    - design §2 lists: ``latent_image_counts`` [B], ``latent_budgets`` [B][M], ``latent_segments``
       [B][M] of ``(start, end, img_idx)`` in padded coordinates, ``latent_budget_total`` [B];
     - ``ids``: the sample ids.
 
-    Training budgets always come from the CoT images' grids (SPEC §3). With ``for_generation=True``
+    Training budgets always come from the CoT images' grids (design §3). With ``for_generation=True``
     budgets follow D9: the record's ``latent_budgets`` (an empty list means no segments); else its
     ``cot_image_sizes`` (``(width, height)`` pairs), else the sizes of its non-empty ``cot_images``;
     else ``default_num_segments`` segments, each with the budget of the first question image (none
@@ -294,7 +294,7 @@ class LatentCollator:
 
     # ------------------------------------------------------------------ budgets
     def budget_for_grid(self, grid: Sequence[int] | torch.Tensor) -> int:
-        """SPEC §3 budget of an image with grid ``(t, h, w)``."""
+        """design §3 budget of an image with grid ``(t, h, w)``."""
         s = self.settings
         return compute_latent_budget(
             num_visual_tokens(grid, self.merge_size),

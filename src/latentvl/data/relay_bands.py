@@ -1,7 +1,7 @@
 """``relay_bands``: a colour relay whose number of hops varies while every segment's budget stays the same.
 
 A task for learned halting (stage C): the difficulty of a segment (its number of hops ``m``) varies, but
-its CoT image, and so its latent budget (SPEC §3), has the same size for every ``m``, so the budget says
+its CoT image, and so its latent budget (design §3), has the same size for every ``m``, so the budget says
 nothing about the difficulty. A stop target that follows the content can learn ``m``; a fixed ratio
 cannot.
 

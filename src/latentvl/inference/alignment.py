@@ -13,7 +13,7 @@ pools each image's visual tokens into as many groups as the segment used latents
   target / with the other segments' mean targets, averaged. Own above other means the latents carry
   something of their particular image; equal means they only look like CoT images in general.
 
-CoT images are read only here, for the measurement; the answers never see them (SPEC §9).
+CoT images are read only here, for the measurement; the answers never see them (design §9).
 """
 
 from __future__ import annotations

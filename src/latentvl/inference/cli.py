@@ -2,7 +2,7 @@
 
 One question: ``latentvl infer --model DIR --image Q.png --question "First move from start?"``.
 Many: ``latentvl infer --model DIR --data records.jsonl --out answers.jsonl`` (batched, left padding).
-Both run the two inference steps of SPEC §9 (latent pass, then generation).
+Both run the two inference steps of design §9 (latent pass, then generation).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``latentvl eval --model DIR --data test.jsonl --out DIR`` writes ``report.md``, ``report.json``,
 ``predictions.jsonl`` and two plots (``used_latents_hist.png``: used latents per budget;
 ``accuracy_vs_latents.png``: accuracy against the number of latents a sample used). The Python entry
-point is :func:`evaluate`. Answers are decoded greedily with the two inference steps (SPEC §9) and
+point is :func:`evaluate`. Answers are decoded greedily with the two inference steps (design §9) and
 compared by exact match after :func:`~latentvl.inference.generate.normalize_answer`.
 """
 

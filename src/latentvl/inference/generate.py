@@ -1,4 +1,4 @@
-"""Two-step inference (SPEC §9): the latent pass on the prompt, then ``generate()`` with the patches.
+"""Two-step inference (design §9): the latent pass on the prompt, then ``generate()`` with the patches.
 
 1. The prompt (question images, question, assistant header and one latent segment per planned CoT
    image, up to the last ``<|latent_end|>``) goes through ``latent_mode=True``. It returns the latent
@@ -6,7 +6,7 @@
 2. ``generate()`` runs on the same prompt with those patches and that mask. The model places the
    patches at the prefill and grows the mask with every generated token.
 
-Segments (SPEC D9), per sample, in this order: explicit ``latent_budgets``; else the sizes of the CoT
+Segments (design D9), per sample, in this order: explicit ``latent_budgets``; else the sizes of the CoT
 images the sample lists (``cot_image_sizes`` as ``(width, height)`` pairs, or ``cot_images`` paths, of
 which only the header is read, never the pixels); else ``default_num_segments`` segments, each with
 the budget of the first question image.

@@ -2,7 +2,7 @@
 
 latentvl registers the model through the ``lmms_eval.models`` entry point
 (:func:`latentvl.integrations.lmms_eval_manifest`). Every request runs latentvl's two inference steps
-(SPEC §9) through :class:`~latentvl.inference.generate.LatentInference`: the latent pass on the
+(design §9) through :class:`~latentvl.inference.generate.LatentInference`: the latent pass on the
 prompt, then generation with the latent vectors patched in and unused slots gated out. Requests are
 answered in batches of ``--batch_size`` in the order lmms-eval hands them over.
 
@@ -139,7 +139,7 @@ class _LatentVLBase(lmms):
         budgets: explicit budgets for every sample, ``4:4`` (``none`` = no segments).
         cot_image_sizes: planned CoT image sizes for every sample, ``WxH:WxH``; one segment each.
         num_segments: segments when no plan is given (default 1), each with the budget of the
-            first question image (SPEC D9).
+            first question image (design D9).
         doc_plan: read a per-document plan (``latent_budgets``, ``cot_image_sizes`` or
             ``cot_images``) from the task's documents when the model arguments give none (default true).
         use_latents: false runs prompts without latent segments (a model trained without latents).
@@ -199,7 +199,7 @@ class _LatentVLBase(lmms):
         if world.isdigit() and int(world) > 1:
             raise RuntimeError(
                 f"latentvl: lmms-eval runs with WORLD_SIZE={world}, but the latentvl model runs in one process: "
-                "the latent pass agrees on its step count across processes (SPEC D8), which can deadlock when "
+                "the latent pass agrees on its step count across processes (design D8), which can deadlock when "
                 "processes answer different numbers of batches. Run one process per device, each on a shard "
                 "of the task (--limit/--offset), or one process.")
         self._check_version()
@@ -248,7 +248,7 @@ class _LatentVLBase(lmms):
             raise ValueError(f"latentvl: no document {doc_id!r} in split {split!r} of task {task!r}") from err
 
     def _plan(self, doc: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The segment plan (SPEC D9) of one sample: model arguments first, then the document's own."""
+        """The segment plan (design D9) of one sample: model arguments first, then the document's own."""
         if self.budgets is not None:
             return {"latent_budgets": list(self.budgets)}
         if self.cot_image_sizes is not None:

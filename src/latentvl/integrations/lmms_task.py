@@ -6,7 +6,7 @@ and ``tasks/maze/<task>.jsonl`` (the records with absolute image paths). Then
 evaluates a checkpoint on them offline, scored as ``latentvl eval`` scores (exact match after
 :func:`~latentvl.inference.generate.normalize_answer`).
 
-Each dataset row keeps the record's segment plan (SPEC D9) so that the lmms-eval model plans the same
+Each dataset row keeps the record's segment plan (design D9) so that the lmms-eval model plans the same
 latent segments as ``latentvl eval``: ``latent_budgets`` when the record has them, else
 ``cot_image_sizes`` (the ``(width, height)`` of its CoT images, read from the file headers), else
 neither (null), and the model's default applies.

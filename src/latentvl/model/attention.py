@@ -1,4 +1,4 @@
-"""Attention functions that gate inactive latent slots (SPEC §5.3, D3).
+"""Attention functions that gate inactive latent slots (design §5, D3).
 
 Registered with transformers as ``latent_eager``, ``latent_sdpa`` and, when ``flash_attn`` is
 importable, ``latent_flash_attention_2``. They read keyword arguments that the latent model

@@ -1,4 +1,4 @@
-"""Checks on the latent segments (SPEC §5.4, D6) and the shifted step layout of the batched pass (D8)."""
+"""Checks on the latent segments (design §4, D6) and the shifted step layout of the batched pass (D8)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def check_latent_inputs(
     segment count different from the number of CoT images; an ``img_idx`` out of range or repeated;
     a segment out of bounds, empty, overlapping another, or out of image order; a slot that is not
     ``latent_token_id``; a segment length different from its budget (stage A's fixed length, and
-    stage C's upper bound, SPEC §2).
+    stage C's upper bound, design §2).
     """
     if latent_segments is None or latent_budgets is None:
         raise LatentInputError("latent_mode=True needs latent_segments and latent_budgets (from the collator)")

@@ -1,4 +1,4 @@
-"""The stage losses of SPEC §5.5 and D4/D7 as small pure functions (no model, no data)."""
+"""The stage losses of design §6 and D4/D7 as small pure functions (no model, no data)."""
 
 from __future__ import annotations
 

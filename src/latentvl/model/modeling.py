@@ -1,6 +1,6 @@
 """``LatentQwen2_5_VLForConditionalGeneration``: Qwen2.5-VL that thinks in latent visual tokens.
 
-Two passes (SPEC §4–§6):
+Two passes (design §4–§6):
 
 - **pass 1** (``latent_mode=True``) fills the latent slots: every slot's input embedding is the
   model's own last hidden state at the previous position. All samples advance together, one
@@ -58,7 +58,7 @@ def _register_checkpoint_mapping(class_name: str) -> None:
 
 @dataclass
 class LatentCausalLMOutput(CausalLMOutputWithPast):
-    """The causal-LM output plus the latent fields of SPEC §4.1."""
+    """The causal-LM output plus the latent fields of design §4.1."""
 
     latent_kv_mask: torch.BoolTensor | None = None
     latent_stop_probs: list[list[list[float]]] | None = None
@@ -171,7 +171,7 @@ def _no_gradient_checkpointing(module: nn.Module):
 class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL with latent visual thoughts. A transformers ``PreTrainedModel`` subclass.
 
-    Adds ``latent_stop_head`` (``Linear(hidden, 1)``), the latent config fields (SPEC §1) and the two
+    Adds ``latent_stop_head`` (``Linear(hidden, 1)``), the latent config fields (design §1) and the two
     passes. The text model always runs a gated attention (``latent_sdpa``, ``latent_eager`` or
     ``latent_flash_attention_2``), however the model is built or loaded: direct construction,
     ``from_config``, ``from_pretrained`` and ``set_attn_implementation`` map a requested ``"sdpa"``
@@ -411,7 +411,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         sample_ids: list[str] | None = None,
         full_budget: bool = False,
     ) -> LatentPassOutput:
-        """Fill the latent slots of a batch (SPEC §5.4, D8). See :class:`LatentPassOutput`.
+        """Fill the latent slots of a batch (design §4, D8). See :class:`LatentPassOutput`.
 
         ``full_budget=True`` steps every slot as active whatever the stage (no stop head, no halting):
         the latents a segment would have if it never stopped, as in stage A.
@@ -584,7 +584,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
 
     # ------------------------------------------------------------------ training unit
     def latent_loss(self, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
-        """Both passes on a collated batch and the combined loss (SPEC §5.5):
+        """Both passes on a collated batch and the combined loss (design §6):
         ``L = ce + w_align * align + w_stop * stop + w_cost * cost``; ``w_stop`` and ``w_cost`` count
         only in stage C (:meth:`LatentSettings.loss_weights`).
 

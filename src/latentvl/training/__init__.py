@@ -1,8 +1,8 @@
-"""Training: stage A (fixed latent budgets), stage C (learned halting), or both in one run (SPEC §7).
+"""Training: stage A (fixed latent budgets), stage C (learned halting), or both in one run (design §7).
 
 - :func:`latentvl.training.trainer.train` - the loop (accelerate; DDP or FSDP2 under ``torchrun``);
 - :class:`latentvl.training.config.TrainConfig` / :func:`~latentvl.training.config.load_config` - options;
-- :mod:`latentvl.training.checks` - the SPEC §8 checks run before the first step;
+- :mod:`latentvl.training.checks` - the design §8 checks run before the first step;
 - :mod:`latentvl.training.checkpoint` - atomic checkpoints and exact resume;
 - :mod:`latentvl.training.metrics` - JSONL log, TensorBoard, progress bar.
 

@@ -1,14 +1,14 @@
-"""The SPEC §8 checks, run on one batch before the first training step (of each stage).
+"""The design §8 checks, run on one batch before the first training step (of each stage).
 
 1. every slot inside a segment is ``latent_token_id``;
 2. every segment's length equals its budget (stage A's fixed length; in stage C the budget is the
-   upper bound, and SPEC §2 keeps the full-budget segments in the sequence);
+   upper bound, and design §2 keeps the full-budget segments in the sequence);
 3. pass 1 (``latent_mode=True``) returns, per segment, ``1 <= used_len <= budget`` and a
    ``latent_kv_mask`` that reads True...True False...False inside the segment (used_len Trues) and
    True everywhere else; in stage A ``used_len == budget`` and the mask is all True;
 4. with ``latent_kv_mask`` False at every latent slot, pass 2's logits at every other position equal
    (within ``tolerance``, relative to the logit scale) the logits of the "no think" sequence: the same
-   sample with its latent slots deleted, every other token keeping its position (SPEC D2). With
+   sample with its latent slots deleted, every other token keeping its position (design D2). With
    ``latent_null_scale > 0`` the slots are only softly suppressed, so the check reports the distance and
    is skipped.
 
@@ -53,7 +53,7 @@ class CheckReport:
         return [r for r in self.results if r.passed is False]
 
     def format(self) -> str:
-        lines = [f"SPEC §8 checks (stage {self.stage}): {'all passed' if self.ok else 'FAILED'}"]
+        lines = [f"design §8 checks (stage {self.stage}): {'all passed' if self.ok else 'FAILED'}"]
         for r in self.results:
             lines.append(f"  [{r.status}] {r.name}" + (f": {r.detail}" if r.detail else ""))
         return "\n".join(lines)
@@ -67,7 +67,7 @@ class CheckReport:
 
 
 class PreflightError(RuntimeError):
-    """A SPEC §8 check failed; ``report`` says which and why."""
+    """A design §8 check failed; ``report`` says which and why."""
 
     def __init__(self, report: CheckReport):
         super().__init__(report.format())
@@ -111,7 +111,7 @@ def check_segment_lengths(batch: dict[str, Any], stage: str) -> CheckResult:
     name = (
         "2. stage A: every segment length equals its budget"
         if stage == "A"
-        else "2. every segment spans its full budget (SPEC §2; the upper bound in stage C)"
+        else "2. every segment spans its full budget (design §2; the upper bound in stage C)"
     )
     problems = []
     for b, (segs, budgets) in enumerate(zip(_segments(batch), batch["latent_budgets"], strict=True)):

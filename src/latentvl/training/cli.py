@@ -1,4 +1,4 @@
-"""Train a latent model (SPEC §7): stage A warm-up, stage C dynamic halting, or both in one run.
+"""Train a latent model (design §7): stage A warm-up, stage C dynamic halting, or both in one run.
 
 Examples::
 
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 # exit statuses (docs/training.md): 0 done; 2 the run could not start (config, data, output folder,
-# a refused resume change) or stopped on bad data; 3 a SPEC §8 check failed; 4 non-finite loss;
+# a refused resume change) or stopped on bad data; 3 a design §8 check failed; 4 non-finite loss;
 # 5 a checkpoint could not be written or read; 6 a collective timed out or lost a process
 EXIT_BAD_INPUT, EXIT_PREFLIGHT, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_TIMEOUT = 2, 3, 4, 5, 6
 

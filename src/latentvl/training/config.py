@@ -1,7 +1,7 @@
 """The training configuration: one typed dataclass, read from YAML and patched from the command line.
 
 A YAML file holds the :class:`TrainConfig` fields at the top level, plus one nested mapping ``latent:``
-for the latent fields of the model config (SPEC §1 and latentvl's own, see
+for the latent fields of the model config (design §1 and latentvl's own, see
 :class:`latentvl.config.LatentSettings`)::
 
     model: tiny
@@ -19,7 +19,7 @@ Overrides are ``key=value`` strings; the value is parsed as YAML (``lr=1e-3``, `
 :class:`TrainConfigError` whose message starts with the field's name.
 
 ``latent.latent_stop_loss_weight`` and ``latent.latent_cost_weight`` are the weights of stage C; the
-trainer sets both to 0 while it runs stage A (SPEC §1). ``latent_mode_stage`` follows the ``stage``
+trainer sets both to 0 while it runs stage A (design §1). ``latent_mode_stage`` follows the ``stage``
 field (giving it here is allowed only when it agrees). The token ids (``latent_token_id``,
 ``latent_start_token_id``, ``latent_end_token_id``) come from the tokenizer; given here, they must match
 it (checked when the model is built).
@@ -49,7 +49,7 @@ DISTRIBUTED_MODES = ("ddp", "fsdp")
 # The latent fields the trainer owns (the stage) and the ones that must come from the tokenizer.
 _STAGE_FIELD = "latent_mode_stage"
 TOKEN_FIELDS = ("latent_token_id", "latent_start_token_id", "latent_end_token_id")
-# Stage-C defaults of the two weights (SPEC §1 examples); stage A forces both to 0.
+# Stage-C defaults of the two weights (design §1 examples); stage A forces both to 0.
 STAGE_C_WEIGHT_DEFAULTS = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3}
 LORA_DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
@@ -76,7 +76,7 @@ class TrainConfig:
     max_length: int | None = None
     system_prompt: str | None = None
     num_workers: int = 0
-    # ---- stages (SPEC §7)
+    # ---- stages (design §7)
     stage: str = "A"  # "A", "C" or "AC" (A until switch_step, then C)
     switch_step: int | None = None  # AC only (ignored otherwise): the first step of stage C
     threshold_start: float = 0.9  # stage C anneals the stop threshold from here ...
@@ -124,7 +124,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_target_modules: str | list[str] = LORA_DEFAULT_TARGETS
-    run_checks: bool = True  # SPEC §8 checks on one batch before the first step (of each stage)
+    run_checks: bool = True  # design §8 checks on one batch before the first step (of each stage)
     check_tolerance: float = 1e-4
     num_threads: int | None = None  # torch CPU threads; null = torch's default
 

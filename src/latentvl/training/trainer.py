@@ -1,4 +1,4 @@
-"""The training loop (SPEC §7), written to be read top to bottom.
+"""The training loop (design §7), written to be read top to bottom.
 
 :func:`train` does, in order:
 
@@ -9,7 +9,7 @@
 4. build the optimiser and the LR schedule; hand model and optimiser to ``accelerate`` (DDP or FSDP
    under ``torchrun``/``accelerate launch``, bf16 autocast on a GPU);
 5. restore optimiser, schedule, random states and data position when resuming;
-6. loop over optimiser steps: switch stage A -> C at ``switch_step``, run the SPEC §8 checks before
+6. loop over optimiser steps: switch stage A -> C at ``switch_step``, run the design §8 checks before
    the first step of each stage, anneal the stop threshold in stage C, accumulate gradients over
    micro-batches, stop on a non-finite loss, clip, step, log, evaluate, save;
 7. save the last checkpoint and a final model directory.
@@ -616,9 +616,9 @@ def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult
             state.stage = stage
             threshold = current_threshold(cfg, state.step)
 
-            # SPEC §8 checks, on this step's first micro-batch, before the stage's first update
+            # design §8 checks, on this step's first micro-batch, before the stage's first update
             if cfg.run_checks and stage not in checked:
-                where.phase = f"step {step_no}: the SPEC §8 checks (stage {stage})"
+                where.phase = f"step {step_no}: the design §8 checks (stage {stage})"
                 first = collate_reporting(collator, train_items)(
                     [train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)]
                 )
