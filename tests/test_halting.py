@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fire_at
 from PIL import Image
 
 from latentvl import LatentCollator, build_tiny_model, set_latent_fields
@@ -254,18 +255,6 @@ def _count_calls(module):
     return count, module.register_forward_hook(hook)
 
 
-def _fire_at(model, schedule: dict[int, list[int]]):
-    """Make the stop head return +20 at the given pass-1 steps for the given rows, else -20."""
-    calls = {"n": 0}
-
-    def hook(module, args, output):
-        out = torch.full_like(output, -20.0)
-        for row in schedule.get(calls["n"], []):
-            out[row] = 20.0
-        calls["n"] += 1
-        return out
-
-    return model.latent_stop_head.register_forward_hook(hook)
 
 
 @torch.no_grad()
@@ -278,7 +267,7 @@ def test_extra_model_calls_do_not_depend_on_where_samples_halt(tiny):
         counts, used, reported = [], [], []
         for schedule in ({}, {0: [0, 1, 2]}, {1: [2], 3: [0], 9: [1]}):
             count, handle = _count_calls(model.model.language_model)
-            fire = _fire_at(model, schedule)
+            fire = fire_at(model, schedule)
             try:
                 out = model.latent_loss(batch)
             finally:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import legacy_key
 from safetensors.torch import save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -11,15 +12,6 @@ from latentvl import LatentSettings
 from latentvl.model.loading import load_latent_model, save_latent_checkpoint
 from latentvl.model.tiny import build_tiny_image_processor, build_tiny_tokenizer, tiny_config
 from latentvl.tokens import LATENT_PAD, LATENT_TOKENS
-
-
-def _legacy_key(key: str) -> str:
-    """The public checkpoints' layout: ``model.layers.*``, ``visual.*``, ``lm_head.*``."""
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return key[len("model."):]
-    return key
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def stock_dir(tmp_path_factory):
     config.text_config.tie_word_embeddings = False
     torch.manual_seed(3)
     stock = Qwen2_5_VLForConditionalGeneration(config)
-    state = {_legacy_key(k): v.contiguous() for k, v in stock.state_dict().items()}
+    state = {legacy_key(k): v.contiguous() for k, v in stock.state_dict().items()}
     keys = sorted(state)
     shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
     weight_map = {}

@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from helpers import fire_at
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -119,18 +120,6 @@ def test_batched_equals_alone(tiny, side, stage):
         _stage(model, "A")
 
 
-def _fire_at(model, schedule: dict[int, list[int]]):
-    """Make the stop head return +20 at the given pass-1 steps for the given rows, else -20."""
-    calls = {"n": 0}
-
-    def hook(module, args, output):
-        out = torch.full_like(output, -20.0)
-        for row in schedule.get(calls["n"], []):
-            out[row] = 20.0
-        calls["n"] += 1
-        return out
-
-    return model.latent_stop_head.register_forward_hook(hook)
 
 
 @torch.no_grad()
@@ -144,7 +133,7 @@ def test_stage_c_halts_exactly_and_masks_the_tail(tiny):
     assert budgets[0] >= 4 and all(b == budgets for b in batch["latent_budgets"])
     seg1_first = budgets[0] + 2  # slots of segment 0, then <|latent_end|><|latent_start|>
     # row 0 stops after slot 2 of segment 0 and slot 0 of segment 1; row 1 never; row 2 at slot 0
-    handle = _fire_at(model, {2: [0], seg1_first: [0], 0: [2], seg1_first + 1: [2]})
+    handle = fire_at(model, {2: [0], seg1_first: [0], 0: [2], seg1_first + 1: [2]})
     try:
         p1 = _pass1(model, batch)
     finally:
@@ -186,7 +175,7 @@ def test_call_count_depends_on_layout_only(tiny):
     batch = _collate(model, processor, [dict(_sample(0, 2, cot_sizes=same), id=f"r{r}") for r in range(2)])
     counts, used = [], []
     for schedule in ({}, {0: [0, 1]}, {1: [1], 6: [0]}):
-        handle = _fire_at(model, schedule)
+        handle = fire_at(model, schedule)
         try:
             p1 = _pass1(model, batch)
         finally:
@@ -269,7 +258,7 @@ def test_gating_through_generate_with_cache(tiny, attn):
     model.set_latent_attention(attn)
     _stage(model, "C")
     batch = _collate(model, processor, [_sample(i, m) for i, m in [(1, 3), (2, 0), (3, 1)]], "left")
-    handle = _fire_at(model, {0: [0], 1: [1]})  # rows are the samples with latents
+    handle = fire_at(model, {0: [0], 1: [1]})  # rows are the samples with latents
     try:
         p1 = _pass1(model, batch)
     finally:
@@ -363,7 +352,7 @@ def test_loss_sum_and_alignment_targets_as_wired_in_latent_loss(tiny, stage):
         set_latent_fields(model.config, latent_stop_loss_weight=1.3, latent_cost_weight=0.01)
     samples = [_sample(i, m) for i, m in [(1, 3), (2, 0), (3, 2)]]
     batch = _collate(model, processor, samples)
-    handle = _fire_at(model, {0: [0], 2: [1]}) if stage == "C" else None
+    handle = fire_at(model, {0: [0], 2: [1]}) if stage == "C" else None
     try:
         with torch.no_grad():
             out = model.latent_loss(batch)
@@ -746,13 +735,13 @@ def test_flash_attention_2_dispatch_matches_sdpa(tiny, monkeypatch):
             model.set_latent_attention(attn)
             calls.clear()
             _stage(model, "C")
-            handle = _fire_at(model, {0: [0], 1: [1]})
+            handle = fire_at(model, {0: [0], 1: [1]})
             try:
                 p1 = _pass1(model, batch)
             finally:
                 handle.remove()
             pass1_calls = list(calls)
-            handle = _fire_at(model, {0: [0], 1: [1]})  # the same halting inside latent_loss
+            handle = fire_at(model, {0: [0], 1: [1]})  # the same halting inside latent_loss
             try:
                 out = model.latent_loss(batch)
             finally:

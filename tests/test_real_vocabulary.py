@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import legacy_key
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -66,12 +67,6 @@ def _write_tokenizer(path: Path) -> None:
         shutil.copyfile(src / name, path / name)
 
 
-def _legacy_key(key: str) -> str:
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return key[len("model."):]
-    return key
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +104,7 @@ def qwen_dir(tmp_path_factory):
     with torch.no_grad():
         for w in (stock.get_input_embeddings().weight, stock.get_output_embeddings().weight):
             w[STOCK_TOKENS:] = 0.0
-    state = {_legacy_key(k): v.contiguous() for k, v in stock.state_dict().items()}
+    state = {legacy_key(k): v.contiguous() for k, v in stock.state_dict().items()}
     keys = sorted(state)
     weight_map = {}
     for i, part in enumerate([keys[: len(keys) // 2], keys[len(keys) // 2:]]):
