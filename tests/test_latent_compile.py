@@ -133,20 +133,27 @@ def test_compiled_inference_is_one_graph_and_equals_eager(tiny32, stage, one_thr
 
 @pytest.mark.parametrize("stage, extra", [
     ("A", {}), ("C", {}), ("C", {"latent_null_scale": 0.3}), ("C", {"latent_detach_step_inputs": True}),
+    ("C", {"latent_detach_step_inputs": True, "latent_prefix_grad": False}),
 ])
 def test_compiled_training_pass_gives_the_eager_values_and_gradients(tiny64, stage, extra, one_thread):
-    """Under autograd the compiled step (forward and backward graphs through AOTAutograd around the K/V
-    store's autograd function) gives the eager pass's latents, stop logits and the gradient of every
-    parameter (float64, to 1e-9)."""
+    """Under autograd the compiled step is one graph too (AOTAutograd's forward and backward graphs with
+    the K/V store's step operator inside; no graph break, no recompilation) and gives the eager pass's
+    latents, stop logits and the gradient of every parameter (float64, to 1e-9). With
+    ``latent_detach_step_inputs`` only the order tokens sequence the steps' backwards."""
     model = tiny64
-    _stage(model, stage, **{"latent_null_scale": 0.0, "latent_detach_step_inputs": False, **extra})
+    _stage(model, stage, **{"latent_null_scale": 0.0, "latent_detach_step_inputs": False,
+                            "latent_prefix_grad": True, **extra})
     batch = _batch(model)
     g = torch.Generator().manual_seed(1)
     shape = batch[0].shape
     w = torch.randn(*shape, model.config.text_config.hidden_size, generator=g, dtype=torch.float64)
     u = torch.randn(*shape, generator=g, dtype=torch.float64)
     want, grads_want = _pass1(model, batch, False, (w, u))
+    torch._dynamo.reset()
+    counters.clear()
     got, grads_got = _pass1(model, batch, "aot_eager", (w, u))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
     _assert_same_pass(got, want, rtol=1e-9, atol=1e-12)
     assert sum(x is not None for x in grads_want) > 10
     for a, b in zip(grads_got, grads_want):

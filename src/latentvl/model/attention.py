@@ -103,20 +103,6 @@ def _sdpa(query, key, value, keep, dropout: float, scaling):
                                           dropout_p=dropout, scale=scaling)
 
 
-def _static_step(store: LatentKVStore, module, query, key, value, bias, column, scaling):
-    out = store.attend_step_at(module.layer_idx, query, key, value, bias, column, scaling)
-    return out.transpose(1, 2), None
-
-
-@torch.compiler.disable
-def _static_step_with_grad(store: LatentKVStore, module, query, key, value, bias, column, scaling):
-    """A static step under autograd. ``torch.compile`` does not trace it: its autograd function writes
-    buffers that live outside the graph, in forward and in backward. The graph breaks around this call
-    and the compute on either side (projections, norms, MLP) stays compiled; the layer index is read
-    here, not in compiled code, so one graph serves every layer."""
-    return _static_step(store, module, query, key, value, bias, column, scaling)
-
-
 def _through_kv_store(attention_fn):
     """Pass 1's route, shared by every registered function: with ``latent_kv_store`` given, a one-token
     call (a latent step, whose mask is the ready additive ``[R, 1, 1, c+1]`` key mask, or ``[R, 1, 1, W]``
@@ -131,11 +117,10 @@ def _through_kv_store(attention_fn):
                 scaling = kwargs.get("scaling")
                 scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
                 if latent_step_column is not None:  # static shapes: mask over the store's full width
-                    args = (latent_kv_store, module, query, key, value, attention_mask, latent_step_column, scaling)
-                    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-                        return _static_step_with_grad(*args)
-                    return _static_step(*args)
-                out = latent_kv_store.attend_step(module.layer_idx, query, key, value, attention_mask, scaling)
+                    out = latent_kv_store.attend_step_at(module.layer_idx, query, key, value, attention_mask,
+                                                         latent_step_column, scaling)
+                else:
+                    out = latent_kv_store.attend_step(module.layer_idx, query, key, value, attention_mask, scaling)
                 return out.transpose(1, 2), None
             key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
         return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)
