@@ -4,7 +4,9 @@ Registered with transformers as ``latent_eager``, ``latent_sdpa`` and, when ``fl
 importable, ``latent_flash_attention_2``. They read keyword arguments that the latent model
 passes down through ``forward(**kwargs)``:
 
-- ``latent_kv_mask``: ``[B, S_kv]`` bool, True = keep; covers every key (cache included).
+- ``latent_kv_mask``: ``[B, S]`` bool, True = keep; column ``s`` gates key ``s`` (cache included). Keys past
+  its end are kept: during ``generate()`` these are the generated tokens (a static cache's free slots are
+  masked by the causal mask anyway), so the mask need not grow.
 - ``latent_null_scale``: float. K and V at False positions are multiplied by it; when it is 0 the
   positions are also removed from the keys (their score column is masked), so an inactive slot has
   exactly no effect on any other position. When it is > 0 they are only softly suppressed.
@@ -62,14 +64,22 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _keep_mask(
     attention_mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device: torch.device
 ) -> torch.Tensor:
-    """``[B, 1, q, kv]`` bool, True = may attend. Builds the causal mask when transformers skipped it."""
-    if attention_mask is None or attention_mask.dim() == 2:
+    """``[B, 1, q, kv]`` bool, True = may attend. Builds the causal mask when transformers skipped it.
+
+    A skipped mask (None) means what sdpa's ``is_causal`` means, which transformers relies on when it skips
+    one: query ``i`` sees keys ``0..i`` (upper-left; a static cache's prefill has more keys than queries),
+    and a single query sees every key. A ``[B, kv]`` padding mask (flash-attention's form) is lower-right
+    aligned: the queries are the last ``q`` keys."""
+    if attention_mask is None:
+        keep = torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None]
+        if q_len == 1:
+            keep = torch.ones(1, kv_len, dtype=torch.bool, device=device)
+        return keep[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask.dim() == 2:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
         keep = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
         keep = keep[None, None].expand(batch, 1, q_len, kv_len)
-        if attention_mask is not None:  # a [B, kv] padding mask (flash-attention's form)
-            keep = keep & attention_mask[:, None, None, :kv_len].bool()
-        return keep
+        return keep & attention_mask[:, None, None, :kv_len].bool()
     if attention_mask.dtype == torch.bool:
         return attention_mask[..., :kv_len]
     return attention_mask[..., :kv_len] == 0  # additive float mask: 0 = attend
@@ -86,6 +96,8 @@ def gate_kv(
 def _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask, null_scale):
     kv_len = key.shape[-2]
     kv_mask = latent_kv_mask[:, :kv_len].to(key.device)
+    if kv_mask.shape[1] < kv_len:  # keys past the mask (generated tokens, a static cache's free slots) are kept
+        kv_mask = F.pad(kv_mask, (0, kv_len - kv_mask.shape[1]), value=True)
     key, value = gate_kv(key, value, kv_mask, null_scale)
     keep = _keep_mask(attention_mask, query.shape[-2], kv_len, query.shape[0], query.device)
     if null_scale == 0.0:

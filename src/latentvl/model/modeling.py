@@ -277,7 +277,11 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             return self.latent_pass(input_ids, attention_mask, embeds, position_ids, latent_segments,
                                     latent_budgets, threshold=latent_threshold)
 
-        past_len = cache.get_seq_length() if cache is not None else 0
+        # Only a call that may be the first one reads the cache's length: a static cache's is a tensor, and a
+        # compiled decoding step (which has positions, and no patches: see _update_model_kwargs_for_generation)
+        # must not branch on it.
+        maybe_first = ce_patch_pos is not None or (position_ids is None and input_ids is not None)
+        past_len = cache.get_seq_length() if cache is not None and maybe_first else 0
         if ce_patch_pos is not None and past_len == 0:
             if inputs_embeds is None:
                 inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
@@ -309,11 +313,17 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens=1):
-        """Grow ``latent_kv_mask`` with the generated tokens (always kept)."""
+        """After each ``generate()`` step: drop the patches once the prefill has placed them, and grow
+        ``latent_kv_mask`` with the generated tokens (always kept), except on a static cache, where the
+        mask keeps its prompt length (keys past its end count as kept) so that every decoding step has the
+        same shapes and a compiled step is reused."""
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
+        model_kwargs.pop("ce_patch_pos", None)
+        model_kwargs.pop("ce_patch_vec", None)
         mask = model_kwargs.get("latent_kv_mask")
-        if mask is not None:
+        cache = resolve_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
+        if mask is not None and not getattr(cache, "is_compileable", False):
             model_kwargs["latent_kv_mask"] = torch.cat(
                 [mask, mask.new_ones(mask.shape[0], num_new_tokens)], dim=-1)
         return model_kwargs
