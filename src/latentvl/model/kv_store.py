@@ -28,6 +28,9 @@ Static-shape steps (``latent_compile``): :meth:`LatentKVStore.attend_step_at` ta
 key mask that is -inf on the columns not yet written. Every step then has the same shapes and no
 Python value that depends on the step, so ``torch.compile`` captures one step and replays it. Its
 values and gradients equal :meth:`~LatentKVStore.attend_step`'s (the masked columns get probability 0).
+Under autograd the step and its backward are two operators (``latentvl::store_step`` and
+``latentvl::store_step_backward``, ``torch.library`` custom ops with a registered autograd formula), so
+that the compiler captures the whole step, forward and backward, without a graph break.
 """
 
 from __future__ import annotations
