@@ -26,6 +26,7 @@ import statistics
 
 import torch
 from latent_pass import build, synthetic_batch, timed
+from torch._dynamo.utils import counters
 
 from latentvl import set_latent_fields
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor", help="torch.compile backend for the compiled variants")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference rows (two more compiles)")
+    ap.add_argument("--no-training", action="store_true", help="only the inference rows")
     args = ap.parse_args()
 
     if args.threads:
@@ -109,12 +111,14 @@ def main() -> None:
             fn()
         return run
 
-    runs = {"plain CE step": variant(plain_ce, "A", False)}
-    for stage in ("A", "C"):
-        for compiled in (False, True):
-            tag = "compiled" if compiled else "eager"
-            runs[f"stage {stage} step, {tag}"] = variant(latent_step, stage, compiled)
-            runs[f"stage {stage} pass 1 fwd+bwd, {tag}"] = variant(pass1, stage, compiled)
+    runs = {}
+    if not args.no_training:
+        runs["plain CE step"] = variant(plain_ce, "A", False)
+        for stage in ("A", "C"):
+            for compiled in (False, True):
+                tag = "compiled" if compiled else "eager"
+                runs[f"stage {stage} step, {tag}"] = variant(latent_step, stage, compiled)
+                runs[f"stage {stage} pass 1 fwd+bwd, {tag}"] = variant(pass1, stage, compiled)
     if not args.no_inference:
         for stage in ("A", "C"):
             for compiled in (False, True):
@@ -122,7 +126,9 @@ def main() -> None:
                 for budget in (args.budget, 2 * args.budget):
                     runs[f"inference pass 1, budget {budget}, {tag}"] = variant(inference(budget), stage, compiled)
 
+    counters.clear()
     first = {name: timed(fn, device) for name, fn in runs.items()}  # warm-up; builds the compiled graphs
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
@@ -133,6 +139,10 @@ def main() -> None:
     print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
           f"{args.segments} segments x {args.budget} latents ({steps} steps); answer {args.answer}; "
           f"backend {args.backend}; median of {args.repeats}")
+    print(f"compiled step: {graphs} graphs captured (one per pass shape and grad mode), {breaks} graph breaks")
+    if args.no_training:
+        print_inference(args, med, first)
+        return
     ce = med["plain CE step"]
     print(f"{'what':<44}{'ms':>10}{'/ CE step':>11}{'compile s':>11}")
     for name in runs:
@@ -148,25 +158,30 @@ def main() -> None:
         speed1 = med[f"stage {stage} pass 1 fwd+bwd, eager"] / med[f"stage {stage} pass 1 fwd+bwd, compiled"]
         print(f"stage {stage}: compiled over eager: step {speed:.2f}x, pass 1 fwd+bwd {speed1:.2f}x")
     if not args.no_inference:
-        ds = args.segments * args.budget
-        for stage in ("A", "C"):
-            per_step = {}
-            for how in ("eager", "compiled"):
-                tag = f"stage {stage}, {how}"
-                a = med[f"inference pass 1, budget {args.budget}, {tag}"]
-                b = med[f"inference pass 1, budget {2 * args.budget}, {tag}"]
-                per_step[how] = (b - a) / ds
-                compile_s = ""
-                if how == "compiled":
-                    compile_s = (f"; compile {first[f'inference pass 1, budget {args.budget}, {tag}'] - a:.1f} s + "
-                                 f"{first[f'inference pass 1, budget {2 * args.budget}, {tag}'] - b:.1f} s")
-                print(f"inference (no grad), {tag}: whole pass {b * 1e3:.1f} ms, per latent step "
-                      f"{per_step[how] * 1e3:.2f} ms{compile_s}")
-            whole = {how: med[f"inference pass 1, budget {2 * args.budget}, stage {stage}, {how}"]
-                     for how in ("eager", "compiled")}
-            print(f"inference, stage {stage}: compiled over eager per latent step "
-                  f"{per_step['eager'] / per_step['compiled']:.2f}x, whole pass "
-                  f"{whole['eager'] / whole['compiled']:.2f}x")
+        print_inference(args, med, first)
+
+
+def print_inference(args, med: dict[str, float], first: dict[str, float]) -> None:
+    """The inference rows: per latent step (the marginal cost between two budgets) and whole pass."""
+    ds = args.segments * args.budget
+    for stage in ("A", "C"):
+        per_step = {}
+        for how in ("eager", "compiled"):
+            tag = f"stage {stage}, {how}"
+            a = med[f"inference pass 1, budget {args.budget}, {tag}"]
+            b = med[f"inference pass 1, budget {2 * args.budget}, {tag}"]
+            per_step[how] = (b - a) / ds
+            compile_s = ""
+            if how == "compiled":
+                compile_s = (f"; compile {first[f'inference pass 1, budget {args.budget}, {tag}'] - a:.1f} s + "
+                             f"{first[f'inference pass 1, budget {2 * args.budget}, {tag}'] - b:.1f} s")
+            print(f"inference (no grad), {tag}: whole pass {b * 1e3:.1f} ms, per latent step "
+                  f"{per_step[how] * 1e3:.2f} ms{compile_s}")
+        whole = {how: med[f"inference pass 1, budget {2 * args.budget}, stage {stage}, {how}"]
+                 for how in ("eager", "compiled")}
+        print(f"inference, stage {stage}: compiled over eager per latent step "
+              f"{per_step['eager'] / per_step['compiled']:.2f}x, whole pass "
+              f"{whole['eager'] / whole['compiled']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -133,20 +133,27 @@ def test_compiled_inference_is_one_graph_and_equals_eager(tiny32, stage, one_thr
 
 @pytest.mark.parametrize("stage, extra", [
     ("A", {}), ("C", {}), ("C", {"latent_null_scale": 0.3}), ("C", {"latent_detach_step_inputs": True}),
+    ("C", {"latent_detach_step_inputs": True, "latent_prefix_grad": False}),
 ])
 def test_compiled_training_pass_gives_the_eager_values_and_gradients(tiny64, stage, extra, one_thread):
-    """Under autograd the compiled step (forward and backward graphs through AOTAutograd around the K/V
-    store's autograd function) gives the eager pass's latents, stop logits and the gradient of every
-    parameter (float64, to 1e-9)."""
+    """Under autograd the compiled step is one graph too (AOTAutograd's forward and backward graphs with
+    the K/V store's step operator inside; no graph break, no recompilation) and gives the eager pass's
+    latents, stop logits and the gradient of every parameter (float64, to 1e-9). With
+    ``latent_detach_step_inputs`` only the order tokens sequence the steps' backwards."""
     model = tiny64
-    _stage(model, stage, **{"latent_null_scale": 0.0, "latent_detach_step_inputs": False, **extra})
+    _stage(model, stage, **{"latent_null_scale": 0.0, "latent_detach_step_inputs": False,
+                            "latent_prefix_grad": True, **extra})
     batch = _batch(model)
     g = torch.Generator().manual_seed(1)
     shape = batch[0].shape
     w = torch.randn(*shape, model.config.text_config.hidden_size, generator=g, dtype=torch.float64)
     u = torch.randn(*shape, generator=g, dtype=torch.float64)
     want, grads_want = _pass1(model, batch, False, (w, u))
+    torch._dynamo.reset()
+    counters.clear()
     got, grads_got = _pass1(model, batch, "aot_eager", (w, u))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
     _assert_same_pass(got, want, rtol=1e-9, atol=1e-12)
     assert sum(x is not None for x in grads_want) > 10
     for a, b in zip(grads_got, grads_want):
@@ -163,3 +170,103 @@ def test_inductor_compiled_inference_equals_eager(tiny32, one_thread):
     want, _ = _pass1(model, batch, False)
     got, _ = _pass1(model, batch, True)
     _assert_same_pass(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- generation
+@pytest.fixture(scope="module")
+def talker():
+    """A stage-C tiny model whose greedy answers depend on the input (text weights scaled up) and whose
+    stop head halts some segments early; with its processor."""
+    model, processor = build_tiny_model(seed=5)
+    with torch.no_grad():
+        for name, w in model.model.language_model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.mul_(5.0)
+        head = model.latent_stop_head
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+        head.bias.zero_()
+    set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0)
+    return model.eval(), processor
+
+
+def _generation_inputs(model):
+    """Left-padded prompts of different lengths, two latent segments each; pass 1's patches and mask."""
+    cfg = model.config
+    rows, segs, budgets = [], [], []
+    for r, (prompt, b1, b2) in enumerate([(6, 4, 3), (9, 3, 4), (4, 4, 4)]):
+        ids = [10 + (5 * i + 3 * r) % 70 for i in range(prompt)]
+        spans = []
+        for k, b in enumerate((b1, b2)):
+            ids.append(cfg.latent_start_token_id)
+            spans.append((len(ids), len(ids) + b, k))
+            ids += [cfg.latent_token_id] * b + [cfg.latent_end_token_id]
+        rows.append(ids)
+        segs.append(spans)
+        budgets.append([b1, b2])
+    width = max(map(len, rows))
+    pads = [width - len(x) for x in rows]
+    ids = torch.tensor([[0] * p + x for p, x in zip(pads, rows)])
+    mask = torch.tensor([[0] * p + [1] * len(x) for p, x in zip(pads, rows)])
+    segs = [[(s + p, e + p, i) for s, e, i in spans] for p, spans in zip(pads, segs)]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        p1 = model.latent_pass(ids, mask, embeds, model.compute_position_ids(ids, mask, None, None), segs, budgets)
+    assert not bool(p1.latent_kv_mask.all())  # some slots are gated out
+    return {"input_ids": ids, "attention_mask": mask, "ce_patch_pos": p1.ce_patch_pos,
+            "ce_patch_vec": p1.ce_patch_vec, "latent_kv_mask": p1.latent_kv_mask}
+
+
+def _generate(model, inputs, compile_option, static=None, steps=8):
+    from latentvl.inference.generate import GenerationSettings
+
+    config = GenerationSettings(max_new_tokens=steps, compile=compile_option).generation_config(0, [])
+    if static:  # a static cache, eager
+        config.cache_implementation = "static"
+    with torch.no_grad():
+        return model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("null_scale", [0.0, 0.3])
+def test_static_cache_generation_gives_the_dynamic_cache_tokens(talker, null_scale, one_thread):
+    """Pass 2 on transformers' static cache, eager and compiled (dynamo, one graph for every decoding step,
+    no graph break), gives the tokens of the default dynamic-cache decoding, with slots gated out (removed,
+    or softly scaled). The static prefill has more keys than queries under a skipped causal mask: the gated
+    attention aligns it as sdpa's is_causal does."""
+    model, _ = talker
+    set_latent_fields(model.config, latent_null_scale=null_scale)
+    try:
+        inputs = _generation_inputs(model)
+        want = _generate(model, inputs, False)
+        assert len(set(want.flatten().tolist())) > 3  # the answers are not one repeated token
+        assert torch.equal(_generate(model, inputs, False, static=True), want)
+        torch._dynamo.reset()
+        counters.clear()
+        got = _generate(model, inputs, "eager")
+        again = _generate(model, inputs, "eager")
+        assert counters["stats"]["unique_graphs"] == 1
+        assert not counters["graph_break"]
+        assert torch.equal(got, want) and torch.equal(again, want)
+    finally:
+        set_latent_fields(model.config, latent_null_scale=0.0)
+
+
+def test_inductor_compiled_generation_gives_the_eager_tokens(talker, one_thread):
+    model, _ = talker
+    inputs = _generation_inputs(model)
+    assert torch.equal(_generate(model, inputs, True), _generate(model, inputs, False))
+
+
+def test_compiled_generation_settings_are_checked(talker, monkeypatch):
+    from latentvl.inference.generate import GenerationSettings, LatentInference
+
+    for bad in ("fast", 1, None):
+        with pytest.raises(ValueError, match="compile"):
+            GenerationSettings(compile=bad)
+    config = GenerationSettings(compile="aot_eager").generation_config(0, [1])
+    assert config.cache_implementation == "static" and config.compile_config.backend == "aot_eager"
+    assert GenerationSettings().generation_config(0, [1]).cache_implementation is None
+    model, processor = talker
+    engine = LatentInference(model, processor)
+    monkeypatch.setattr(type(model), "text_attention", property(lambda self: "latent_flash_attention_2"))
+    with pytest.raises(ValueError, match="latent_sdpa or latent_eager"):
+        engine.generate({}, None, None, GenerationSettings(compile=True))

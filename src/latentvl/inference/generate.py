@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import CompileConfig
 
-from ..config import LatentSettings
+from ..config import COMPILE_BACKENDS, LatentSettings
 from ..data.collator import LatentCollator, grid_from_size
 from ..data.records import Record, open_rgb
 from ..model.modeling import LatentPassOutput
@@ -71,6 +72,10 @@ class GenerationSettings:
     """How step 2 decodes. Sampling options are used only with ``do_sample=True``.
 
     ``seed`` seeds torch's global generator once at the start of :meth:`LatentInference.run`.
+    ``compile`` (False): True or a ``torch.compile`` backend (:data:`~latentvl.config.COMPILE_BACKENDS`;
+    True means "inductor") decodes on transformers' static cache with the one-token step compiled
+    (CUDA graphs on a GPU, mode "reduce-overhead"); the prefill runs eagerly. Tokens equal the default
+    (dynamic cache, eager) decoding's. One graph per batch size and prompt-plus-new-tokens length.
     """
 
     max_new_tokens: int = 32
@@ -79,8 +84,12 @@ class GenerationSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.compile, bool) or self.compile in COMPILE_BACKENDS):
+            raise ValueError(f"compile={self.compile!r} must be true, false or a torch.compile backend in "
+                             f"{COMPILE_BACKENDS}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.do_sample and not self.temperature > 0:
@@ -90,12 +99,28 @@ class GenerationSettings:
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
 
-    def generation_config(self, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:
+    def generation_config(self, pad_token_id: int, eos_token_ids: list[int],
+                          device: torch.device | None = None) -> GenerationConfig:
+        """transformers' ``GenerationConfig`` for these settings (``device``: where the model runs, which
+        decides the compile mode)."""
         kw: dict[str, Any] = {}
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        if self.compile is not False:
+            kw.update(cache_implementation="static", compile_config=static_compile_config(self.compile, device))
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
                                 pad_token_id=pad_token_id, eos_token_id=eos_token_ids, **kw)
+
+
+def static_compile_config(backend: bool | str = True, device: torch.device | None = None) -> CompileConfig:
+    """transformers' ``CompileConfig`` for a compiled decoding step on the static cache: the whole step one
+    graph (``fullgraph``), static shapes, CUDA graphs on a GPU; ``backend`` True means "inductor". It also
+    lets ``generate()`` compile off CUDA (a CPU run, as in the tests and benchmarks)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    config = CompileConfig(backend="inductor" if backend is True else backend, fullgraph=True, dynamic=False,
+                           mode="reduce-overhead" if cuda else None)
+    config._compile_all_devices = True
+    return config
 
 
 @dataclass
@@ -364,8 +389,12 @@ class LatentInference:
 
         The patches are placed at the prefill by the model; ``input_ids`` still drive the M-RoPE
         positions (with ``mm_token_type_ids`` and ``image_grid_thw``), computed over the full-budget
-        sequence as in step 1.
+        sequence as in step 1. With ``gen.compile`` the decoding runs on a static cache, compiled; the text
+        model must then run ``latent_sdpa`` or ``latent_eager`` (flash attention takes no static-cache graph).
         """
+        if gen.compile is not False and self.model.text_attention not in ("latent_sdpa", "latent_eager"):
+            raise ValueError(f"compiled generation runs with latent_sdpa or latent_eager text attention, not "
+                             f"{self.model.text_attention!r}")
         # generate() fills every option left unset from model.generation_config (a checkpoint's
         # generation_config.json, e.g. a repetition penalty); a blank one there keeps decoding as asked.
         saved = self.model.generation_config
@@ -374,7 +403,7 @@ class LatentInference:
             out = self.model.generate(
                 input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                 image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
-                generation_config=gen.generation_config(self.pad_id, self.stop_ids), **patches.kwargs(),
+                generation_config=gen.generation_config(self.pad_id, self.stop_ids, self.device), **patches.kwargs(),
             )
         finally:
             self.model.generation_config = saved
@@ -470,14 +499,16 @@ class LatentInference:
         top_k: int = 0,
         seed: int | None = None,
         return_latents: bool = False,
+        compile: bool | str = False,
     ) -> list[InferenceResult]:
         """Answer every sample; results come back in input order, one per sample (errors included).
 
         A sample is a :class:`~latentvl.data.records.Record` or a dict with ``question``, ``images``
         (paths or PIL images) and optionally ``id``, ``latent_budgets``, ``cot_image_sizes``,
-        ``cot_images``. ``return_latents`` keeps each sample's active latent vectors on the CPU.
+        ``cot_images``. ``return_latents`` keeps each sample's active latent vectors on the CPU. ``compile``
+        decodes on a static cache, compiled (:class:`GenerationSettings`).
         """
-        gen = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        gen = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed, compile)
         if seed is not None:
             torch.manual_seed(seed)
         results: list[InferenceResult] = []

@@ -4,7 +4,9 @@ Registered with transformers as ``latent_eager``, ``latent_sdpa`` and, when ``fl
 importable, ``latent_flash_attention_2``. They read keyword arguments that the latent model
 passes down through ``forward(**kwargs)``:
 
-- ``latent_kv_mask``: ``[B, S_kv]`` bool, True = keep; covers every key (cache included).
+- ``latent_kv_mask``: ``[B, S]`` bool, True = keep; column ``s`` gates key ``s`` (cache included). Keys past
+  its end are kept: during ``generate()`` these are the generated tokens (a static cache's free slots are
+  masked by the causal mask anyway), so the mask need not grow.
 - ``latent_null_scale``: float. K and V at False positions are multiplied by it; when it is 0 the
   positions are also removed from the keys (their score column is masked), so an inactive slot has
   exactly no effect on any other position. When it is > 0 they are only softly suppressed.
@@ -62,14 +64,22 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _keep_mask(
     attention_mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device: torch.device
 ) -> torch.Tensor:
-    """``[B, 1, q, kv]`` bool, True = may attend. Builds the causal mask when transformers skipped it."""
-    if attention_mask is None or attention_mask.dim() == 2:
+    """``[B, 1, q, kv]`` bool, True = may attend. Builds the causal mask when transformers skipped it.
+
+    A skipped mask (None) means what sdpa's ``is_causal`` means, which transformers relies on when it skips
+    one: query ``i`` sees keys ``0..i`` (upper-left; a static cache's prefill has more keys than queries),
+    and a single query sees every key. A ``[B, kv]`` padding mask (flash-attention's form) is lower-right
+    aligned: the queries are the last ``q`` keys."""
+    if attention_mask is None:
+        keep = torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None]
+        if q_len == 1:
+            keep = torch.ones(1, kv_len, dtype=torch.bool, device=device)
+        return keep[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask.dim() == 2:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
         keep = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
         keep = keep[None, None].expand(batch, 1, q_len, kv_len)
-        if attention_mask is not None:  # a [B, kv] padding mask (flash-attention's form)
-            keep = keep & attention_mask[:, None, None, :kv_len].bool()
-        return keep
+        return keep & attention_mask[:, None, None, :kv_len].bool()
     if attention_mask.dtype == torch.bool:
         return attention_mask[..., :kv_len]
     return attention_mask[..., :kv_len] == 0  # additive float mask: 0 = attend
@@ -86,6 +96,8 @@ def gate_kv(
 def _gated_inputs(module, query, key, value, attention_mask, latent_kv_mask, null_scale):
     kv_len = key.shape[-2]
     kv_mask = latent_kv_mask[:, :kv_len].to(key.device)
+    if kv_mask.shape[1] < kv_len:  # keys past the mask (generated tokens, a static cache's free slots) are kept
+        kv_mask = F.pad(kv_mask, (0, kv_len - kv_mask.shape[1]), value=True)
     key, value = gate_kv(key, value, kv_mask, null_scale)
     keep = _keep_mask(attention_mask, query.shape[-2], kv_len, query.shape[0], query.device)
     if null_scale == 0.0:
@@ -103,20 +115,6 @@ def _sdpa(query, key, value, keep, dropout: float, scaling):
                                           dropout_p=dropout, scale=scaling)
 
 
-def _static_step(store: LatentKVStore, module, query, key, value, bias, column, scaling):
-    out = store.attend_step_at(module.layer_idx, query, key, value, bias, column, scaling)
-    return out.transpose(1, 2), None
-
-
-@torch.compiler.disable
-def _static_step_with_grad(store: LatentKVStore, module, query, key, value, bias, column, scaling):
-    """A static step under autograd. ``torch.compile`` does not trace it: its autograd function writes
-    buffers that live outside the graph, in forward and in backward. The graph breaks around this call
-    and the compute on either side (projections, norms, MLP) stays compiled; the layer index is read
-    here, not in compiled code, so one graph serves every layer."""
-    return _static_step(store, module, query, key, value, bias, column, scaling)
-
-
 def _through_kv_store(attention_fn):
     """Pass 1's route, shared by every registered function: with ``latent_kv_store`` given, a one-token
     call (a latent step, whose mask is the ready additive ``[R, 1, 1, c+1]`` key mask, or ``[R, 1, 1, W]``
@@ -131,11 +129,10 @@ def _through_kv_store(attention_fn):
                 scaling = kwargs.get("scaling")
                 scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
                 if latent_step_column is not None:  # static shapes: mask over the store's full width
-                    args = (latent_kv_store, module, query, key, value, attention_mask, latent_step_column, scaling)
-                    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-                        return _static_step_with_grad(*args)
-                    return _static_step(*args)
-                out = latent_kv_store.attend_step(module.layer_idx, query, key, value, attention_mask, scaling)
+                    out = latent_kv_store.attend_step_at(module.layer_idx, query, key, value, attention_mask,
+                                                         latent_step_column, scaling)
+                else:
+                    out = latent_kv_store.attend_step(module.layer_idx, query, key, value, attention_mask, scaling)
                 return out.transpose(1, 2), None
             key, value = latent_kv_store.write_prefix(module.layer_idx, key, value)
         return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)

@@ -28,6 +28,9 @@ Static-shape steps (``latent_compile``): :meth:`LatentKVStore.attend_step_at` ta
 key mask that is -inf on the columns not yet written. Every step then has the same shapes and no
 Python value that depends on the step, so ``torch.compile`` captures one step and replays it. Its
 values and gradients equal :meth:`~LatentKVStore.attend_step`'s (the masked columns get probability 0).
+Under autograd the step and its backward are two operators (``latentvl::store_step`` and
+``latentvl::store_step_backward``, ``torch.library`` custom ops with a registered autograd formula), so
+that the compiler captures the whole step, forward and backward, without a graph break.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class LatentKVStore:
         self.grad_values: list[torch.Tensor | None] = [None] * num_layers
         self.order: list[torch.Tensor | None] = [None] * num_layers
         self.write_scale: torch.Tensor | None = None
+        self.static_grad = False  # set by prepare_static_grad
 
     def write_prefix(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the prefix's ``[R, H_kv, P, D]`` keys/values; returns them for the prefix's own attention."""
@@ -93,20 +97,27 @@ class LatentKVStore:
         if bias.shape[-1] != self.width:
             raise RuntimeError(f"layer {layer}: a static step needs a mask over all {self.width} columns, "
                                f"got {bias.shape[-1]}")
+        keys, values = self._buffers(layer, key)
         if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-            return self._write_and_attend_at(layer, query, key, value, bias, column, scaling, self.write_scale)
-        out, self.order[layer] = _StaticStepAttention.apply(query, key, value, self.order[layer], self, layer, bias,
-                                                            column, scaling, self.write_scale)
+            _write_column(keys, values, key, value, column, self.write_scale)
+            return _one_token_attention(query, keys, values, bias, scaling)
+        if self.grad_keys[layer] is None:  # the compiled pass prepares the store before its first step
+            self.prepare_static_grad()
+        out, self.order[layer] = _store_step(query, key, value, self.order[layer], keys, values, self.grad_keys[layer],
+                                             self.grad_values[layer], bias, column, self.write_scale, scaling)
         return out
 
-    def _write_and_attend_at(self, layer, query, key, value, bias, column, scaling, scale) -> torch.Tensor:
-        keys, values = self._buffers(layer, key)
-        if scale is not None:
-            s = scale.to(key.dtype)[:, None, None, None]
-            key, value = key * s, value * s
-        keys.index_copy_(2, column, key.to(keys.dtype))
-        values.index_copy_(2, column, value.to(values.dtype))
-        return _one_token_attention(query, keys, values, bias, scaling)
+    def prepare_static_grad(self) -> None:
+        """Allocate every layer's gradient accumulators now (static steps under autograd hand them to the
+        step operator, which must not allocate inside a compiled graph) and give every layer an order
+        token that requires gradient (a prefix run without autograd leaves one that does not, and the
+        first step would compile apart from the others). Call after the prefix."""
+        self.static_grad = True
+        for layer in range(len(self.keys)):
+            if self.keys[layer] is not None:
+                self._grad_buffers(layer)
+                if self.order[layer] is None or not self.order[layer].requires_grad:
+                    self.order[layer] = self.keys[layer].new_zeros(0).requires_grad_()
 
     def _write_and_attend(self, layer, query, key, value, bias, scaling, scale) -> torch.Tensor:
         keys, values = self._buffers(layer, key)
@@ -182,8 +193,14 @@ class _PrefixWrite(torch.autograd.Function):
         if store.grad_keys[layer] is not None:
             grad_key = grad_key + store.grad_keys[layer][:, :, :n].to(grad_key.dtype)
             grad_value = grad_value + store.grad_values[layer][:, :, :n].to(grad_value.dtype)
-            # every later column has already run its backward: free the accumulator (a retained
-            # graph's next backward starts from zero again)
+            # every later column has already run its backward: free the accumulator (a retained graph's
+            # next backward starts from zero again). Static steps hold theirs as saved state: zeroed in place
+            # (the eager steps' gradients are views of it, which must not change: it is dropped instead).
+            if store.static_grad:
+                with torch.autograd._unsafe_preserve_version_counter((store.grad_keys[layer],
+                                                                      store.grad_values[layer])):
+                    store.grad_keys[layer].zero_()
+                    store.grad_values[layer].zero_()
             store.grad_keys[layer] = store.grad_values[layer] = None
         return grad_key, grad_value, None, None
 
@@ -213,28 +230,77 @@ class _StepAttention(torch.autograd.Function):
         return _own_grads(query, grad_query, grad_key, grad_value, ctx.scale, store.keys[layer].dtype)
 
 
-class _StaticStepAttention(torch.autograd.Function):
-    """:class:`_StepAttention` with the column as a tensor and attention over the full width (the bias
-    masks the columns not yet written): the same values and gradients, static shapes."""
+# The static step as two opaque operators, so that ``torch.compile`` captures a whole step under autograd:
+# the compiler sees pure functions of tensors (query, key, value, order token, buffers, mask, column) and
+# the autograd formula below; it does not look inside them. They write the store's buffers (the forward
+# its column of ``keys``/``values``, the backward the accumulators) without declaring it, on purpose:
+# nothing in a compiled graph reads those buffers, and a declared mutation would make the compiler save a
+# copy of the ``[R, H_kv, W, D]`` buffers per step for backward (memory growing with the steps again).
+# The writes keep the buffers' autograd version counters, which the buffers' being saved by every step
+# would otherwise trip; the order tokens sequence the steps' backwards as in the eager store.
+@torch.library.custom_op("latentvl::store_step", mutates_args=())
+def _store_step(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token: torch.Tensor, keys: torch.Tensor,
+    values: torch.Tensor, grad_keys: torch.Tensor, grad_values: torch.Tensor, bias: torch.Tensor,
+    column: torch.Tensor, scale: torch.Tensor | None, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``key``/``value`` ``[R, H_kv, 1, D]`` (times ``scale`` ``[R]`` when given) at ``column`` of
+    ``keys``/``values`` and attend; returns ``[R, H, 1, D]`` and a new order token."""
+    with torch.autograd._unsafe_preserve_version_counter((keys, values)):
+        _write_column(keys, values, key, value, column, scale)
+    return _one_token_attention(query, keys, values, bias, scaling), query.new_zeros(0)
 
-    @staticmethod
-    def forward(ctx, query, key, value, token, store: LatentKVStore, layer: int, bias, column, scaling: float,
-                scale):
-        out = store._write_and_attend_at(layer, query, key, value, bias, column, scaling, scale)
-        ctx.save_for_backward(query, column)
-        ctx.store, ctx.layer, ctx.bias, ctx.scaling, ctx.scale = store, layer, bias, scaling, scale
-        return out, query.new_zeros(0)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_token):
-        query, column = ctx.saved_tensors
-        store, layer = ctx.store, ctx.layer
-        acc_k, acc_v = store._grad_buffers(layer)
-        grad_query = _step_backward(query, grad_out, store.keys[layer], store.values[layer], ctx.bias, ctx.scaling,
-                                    acc_k, acc_v)
-        grad_key, grad_value = acc_k.index_select(2, column), acc_v.index_select(2, column)  # [R, Hkv, 1, D]
-        return (*_own_grads(query, grad_query, grad_key, grad_value, ctx.scale, store.keys[layer].dtype), None)
+@_store_step.register_fake
+def _(query, key, value, token, keys, values, grad_keys, grad_values, bias, column, scale, scaling):
+    return torch.empty_like(query), query.new_empty(0)
+
+
+@torch.library.custom_op("latentvl::store_step_backward", mutates_args=())
+def _store_step_backward(
+    query: torch.Tensor, grad_out: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    grad_keys: torch.Tensor, grad_values: torch.Tensor, bias: torch.Tensor, column: torch.Tensor,
+    scale: torch.Tensor | None, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_step_backward` over the full width into the accumulators; the query's gradient and the
+    step's own key/value gradients ``[R, H_kv, 1, D]`` (scaled as written, in the buffers' dtype)."""
+    with torch.autograd._unsafe_preserve_version_counter((grad_keys, grad_values)):
+        grad_query = _step_backward(query, grad_out, keys, values, bias, scaling, grad_keys, grad_values)
+    grad_key, grad_value = grad_keys.index_select(2, column), grad_values.index_select(2, column)
+    return _own_grads(query, grad_query, grad_key, grad_value, scale, keys.dtype)[:3]
+
+
+@_store_step_backward.register_fake
+def _(query, grad_out, keys, values, grad_keys, grad_values, bias, column, scale, scaling):
+    R, Hkv, _, D = keys.shape
+    return torch.empty_like(query), keys.new_empty(R, Hkv, 1, D), keys.new_empty(R, Hkv, 1, D)
+
+
+def _store_step_setup(ctx, inputs, output) -> None:
+    query, _k, _v, _t, keys, values, grad_keys, grad_values, bias, column, scale, scaling = inputs
+    ctx.save_for_backward(query, keys, values, grad_keys, grad_values, bias, column, scale)
+    ctx.scaling = scaling
+
+
+def _store_step_grad(ctx, grad_out, _grad_token):
+    query, keys, values, grad_keys, grad_values, bias, column, scale = ctx.saved_tensors
+    grad_query, grad_key, grad_value = _store_step_backward(query, grad_out, keys, values, grad_keys, grad_values,
+                                                            bias, column, scale, ctx.scaling)
+    # The order token gets a (size-0) gradient, not None: a compiled step whose token input had no
+    # gradient would lose its autograd edge to the previous step, and with it the order of the backwards.
+    return grad_query, grad_key, grad_value, grad_out.new_zeros(0), None, None, None, None, None, None, None, None
+
+
+_store_step.register_autograd(_store_step_grad, setup_context=_store_step_setup)
+
+
+def _write_column(keys, values, key, value, column, scale) -> None:
+    """``keys[:, :, column] = key * scale`` (and ``values`` alike), in place."""
+    if scale is not None:
+        s = scale.to(key.dtype)[:, None, None, None]
+        key, value = key * s, value * s
+    keys.index_copy_(2, column, key.to(keys.dtype))
+    values.index_copy_(2, column, value.to(values.dtype))
 
 
 def _step_backward(query, grad_out, keys, values, bias, scaling: float, acc_k, acc_v) -> torch.Tensor:

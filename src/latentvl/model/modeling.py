@@ -4,8 +4,9 @@ Two passes (design §4–§6):
 
 - **pass 1** (``latent_mode=True``) fills the latent slots: every slot's input embedding is the
   model's own last hidden state at the previous position. All samples advance together, one
-  column per model call, over a KV cache (D8). In stage C a stop head decides after each slot
-  whether the segment stops; the unused tail of the segment is gated out (``latent_kv_mask``).
+  column per model call, each step attending over pass 1's K/V store (D8; :mod:`latentvl.model.pass1`).
+  In stage C a stop head decides after each slot whether the segment stops; the unused tail of the
+  segment is gated out (``latent_kv_mask``).
 - **pass 2** (``latent_mode=False``) is a normal forward (or ``generate()``) with the active
   latent vectors patched in at their slots and ``latent_kv_mask`` applied in every attention layer.
 
@@ -18,8 +19,6 @@ prefix of pass 1 without autograd (the question's activations are not kept): che
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..config import LatentSettings
 from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # importing registers the functions
 from .compat import CACHE_KWARG, output_cache, resolve_cache
-from .kv_store import LatentKVStore
 from .layout import LatentInputError, Layout, build_layout
 from .losses import (
     alignment_loss,
@@ -45,6 +43,7 @@ from .losses import (
     stop_labels_for_length,
     stop_loss,
 )
+from .pass1 import LatentPassOutput, pass_output, run_steps, shifted_frame
 
 
 def _register_checkpoint_mapping(class_name: str) -> None:
@@ -63,33 +62,6 @@ class LatentCausalLMOutput(CausalLMOutputWithPast):
     latent_kv_mask: torch.BoolTensor | None = None
     latent_stop_probs: list[list[list[float]]] | None = None
     latent_used_lens: list[list[int]] | None = None
-
-
-@dataclass
-class LatentPassOutput:
-    """What pass 1 returns.
-
-    - ``ce_patch_pos`` ``[P, 2]`` long: (batch row, column) of every *active* latent slot, ordered by
-      row, then column. ``ce_patch_vec`` ``[P, H]``: the input embedding placed at that slot.
-    - ``latent_kv_mask`` ``[B, S]`` bool, True = keep; False only at inactive latent slots.
-    - ``latent_used_lens`` ``[B][M]`` and ``latent_stop_probs`` ``[B][M][used_len]`` (stage C; empty
-      lists in stage A) as Python lists, for logs.
-    - ``used_lens`` ``[B, M_max]`` long tensor (0 where a sample has fewer segments);
-      ``stop_logits`` / ``stop_step_active`` ``[B, S]`` (stage C): the stop head's logit after each
-      latent slot, and whether that step was taken (a decision the model actually made).
-    - ``position_ids`` ``[3, B, S]``: the M-RoPE positions used (D2), for pass 2 and generation.
-    """
-
-    ce_patch_pos: torch.LongTensor | None = None
-    ce_patch_vec: torch.FloatTensor | None = None
-    latent_kv_mask: torch.BoolTensor | None = None
-    latent_used_lens: list[list[int]] | None = None
-    latent_stop_probs: list[list[list[float]]] | None = None
-    used_lens: torch.LongTensor | None = None
-    stop_logits: torch.FloatTensor | None = None
-    stop_step_active: torch.BoolTensor | None = None
-    position_ids: torch.LongTensor | None = None
-    num_model_calls: int = 0
 
 
 @dataclass
@@ -114,58 +86,6 @@ def _select_gated_attention(config) -> None:
     vision = config.vision_config
     vision._attn_implementation_internal = stock_attention(vision._attn_implementation)
     config._attn_implementation_internal = stock_attention(config._attn_implementation)
-
-
-def _eager_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor, c: int, store: LatentKVStore,
-                layer_types: tuple[str, ...]) -> torch.Tensor:
-    """One latent step: ``x`` ``[R, H]`` fed at column ``c`` (positions ``pos`` ``[3, R, 1]``); returns the
-    last hidden state ``[R, H]``. A one-token step needs no causal mask: the ``[R, 1, 1, c+1]`` key mask
-    is the whole mask, handed to the attention layers as is (contiguous: sdpa is slower on a strided one)."""
-    step_bias = key_bias[:, None, None, : c + 1].contiguous()
-    out = lm(inputs_embeds=x[:, None], attention_mask={t: step_bias for t in layer_types}, position_ids=pos,
-             use_cache=False, latent_kv_store=store)
-    return out.last_hidden_state[:, 0]
-
-
-def _static_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor, column: torch.Tensor,
-                 store: LatentKVStore, layer_types: tuple[str, ...]) -> torch.Tensor:
-    """:func:`_eager_step` with static shapes: the column is a ``[1]`` long tensor and the key mask covers
-    the store's full width, -inf after the column. Every step of a pass has the same shapes."""
-    future = torch.arange(key_bias.shape[-1], device=key_bias.device) > column
-    step_bias = key_bias.masked_fill(future, float("-inf"))[:, None, None, :]
-    out = lm(inputs_embeds=x[:, None], attention_mask={t: step_bias for t in layer_types}, position_ids=pos,
-             use_cache=False, latent_kv_store=store, latent_step_column=column)
-    return out.last_hidden_state[:, 0]
-
-
-@functools.cache
-def compiled_latent_step(backend: str = "inductor"):
-    """:func:`_static_step` through ``torch.compile`` with ``backend`` (one compiled function per backend;
-    its graphs are built on first use and reused by every later step and pass of the same shapes)."""
-    return torch.compile(_static_step, backend=backend, dynamic=False)
-
-
-def _step_runner(lm, store: LatentKVStore, key_bias: torch.Tensor, layer_types: tuple[str, ...],
-                 compile_option: bool | str):
-    """``run(x, pos, c) -> h``: the pass's step function, eager or (``latent_compile``) static and compiled."""
-    if compile_option is False:
-        return lambda x, pos, c: _eager_step(lm, x, pos, key_bias, c, store, layer_types)
-    step = compiled_latent_step("inductor" if compile_option is True else compile_option)
-    device = key_bias.device
-    return lambda x, pos, c: step(lm, x, pos, key_bias, torch.tensor([c], device=device), store, layer_types)
-
-
-@contextlib.contextmanager
-def _no_gradient_checkpointing(module: nn.Module):
-    """Turn layer-level gradient checkpointing off inside the block (pass 1 needs its KV cache)."""
-    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in layers:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.gradient_checkpointing = True
 
 
 class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -357,7 +277,11 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             return self.latent_pass(input_ids, attention_mask, embeds, position_ids, latent_segments,
                                     latent_budgets, threshold=latent_threshold)
 
-        past_len = cache.get_seq_length() if cache is not None else 0
+        # Only a call that may be the first one reads the cache's length: a static cache's is a tensor, and a
+        # compiled decoding step (which has positions, and no patches: see _update_model_kwargs_for_generation)
+        # must not branch on it.
+        maybe_first = ce_patch_pos is not None or (position_ids is None and input_ids is not None)
+        past_len = cache.get_seq_length() if cache is not None and maybe_first else 0
         if ce_patch_pos is not None and past_len == 0:
             if inputs_embeds is None:
                 inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
@@ -389,11 +313,17 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens=1):
-        """Grow ``latent_kv_mask`` with the generated tokens (always kept)."""
+        """After each ``generate()`` step: drop the patches once the prefill has placed them, and grow
+        ``latent_kv_mask`` with the generated tokens (always kept), except on a static cache, where the
+        mask keeps its prompt length (keys past its end count as kept) so that every decoding step has the
+        same shapes and a compiled step is reused."""
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
+        model_kwargs.pop("ce_patch_pos", None)
+        model_kwargs.pop("ce_patch_vec", None)
         mask = model_kwargs.get("latent_kv_mask")
-        if mask is not None:
+        cache = resolve_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
+        if mask is not None and not getattr(cache, "is_compileable", False):
             model_kwargs["latent_kv_mask"] = torch.cat(
                 [mask, mask.new_ones(mask.shape[0], num_new_tokens)], dim=-1)
         return model_kwargs
@@ -413,15 +343,18 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     ) -> LatentPassOutput:
         """Fill the latent slots of a batch (design §4, D8). See :class:`LatentPassOutput`.
 
-        ``full_budget=True`` steps every slot as active whatever the stage (no stop head, no halting):
-        the latents a segment would have if it never stopped, as in stage A.
+        ``input_ids`` ``[B, S]``, ``inputs_embeds`` ``[B, S, H]`` (question images placed), ``position_ids``
+        ``[3, B, S]`` (over the full-budget sequence, D2). ``full_budget=True`` steps every slot as active
+        whatever the stage (no stop head, no halting): the latents a segment would have if it never stopped,
+        as in stage A.
 
-        All samples advance together: each sample is shifted right so that its first latent slot
-        falls on the same column, one prefix call covers everything before it, then one model call
-        per column until the longest latent region ends. Text between segments is fed as known
-        tokens. The number of calls depends only on the batch's layout (and, in a distributed run,
-        is the maximum over ranks), never on where samples halt; no host synchronisation happens
-        inside the loop.
+        All samples advance together (:mod:`latentvl.model.pass1`): each sample is shifted right so that its
+        first latent slot falls on the same column (:func:`~latentvl.model.pass1.shifted_frame`), one prefix
+        call covers everything before it, then one model call per column until the longest latent region
+        ends (:func:`~latentvl.model.pass1.run_steps`, with the stop head's :class:`~latentvl.model.pass1.Halting`
+        in stage C). Text between segments is fed as known tokens. The number of calls depends only on the
+        batch's layout (and, in a distributed run, is the maximum over ranks), never on where samples halt;
+        no host synchronisation happens inside the loop.
         """
         self._require_gated_attention("the latent pass (latent_mode=True)")
         settings = self.latent_settings
@@ -440,147 +373,18 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             t = torch.tensor([steps], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             steps = int(t[0])
-        M = layout.max_segments
-        kv_mask_out = torch.ones(B, S, dtype=torch.bool, device=device)
-        empty_lists = [[] for _ in range(B)]
         if steps == 0 and not any(layout.real_rows):
+            empty = [[] for _ in range(B)]
             return LatentPassOutput(
                 ce_patch_pos=torch.zeros(0, 2, dtype=torch.long, device=device),
                 ce_patch_vec=inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]),
-                latent_kv_mask=kv_mask_out, latent_used_lens=empty_lists, latent_stop_probs=empty_lists,
-                used_lens=torch.zeros(B, M, dtype=torch.long, device=device), position_ids=position_ids,
+                latent_kv_mask=torch.ones(B, S, dtype=torch.bool, device=device), latent_used_lens=empty,
+                latent_stop_probs=empty, position_ids=position_ids,
+                used_lens=torch.zeros(B, layout.max_segments, dtype=torch.long, device=device),
             )
-
-        # Shifted frame: row r holds sample layout.rows[r], moved right by layout.shifts[r].
-        P = layout.prefix_len
-        W = P + steps
-        rows = torch.tensor(layout.rows, device=device)
-        shifts = torch.tensor(layout.shifts, device=device)
-        orig = torch.arange(W, device=device)[None, :] - shifts[:, None]  # [R, W]
-        inside = (orig >= 0) & (orig < S)
-        orig_c = orig.clamp(0, S - 1)
-        emb = inputs_embeds[rows[:, None], orig_c]  # [R, W, H]
-        pos = position_ids[:, rows[:, None], orig_c]  # [3, R, W]
-        att = (inside & attention_mask[rows[:, None], orig_c].bool()).long()  # [R, W]
-        # per-step layout tensors, [R, steps]
-        lat = torch.as_tensor(layout.is_latent(steps), device=device)
-        slot_k = torch.as_tensor(layout.slot_index(steps), device=device)
-        seg_i = torch.as_tensor(layout.segment_index(steps), device=device)
-        seg_last = torch.as_tensor(layout.is_last_slot(steps), device=device)
-        not_first = slot_k != 0
-        slot_len = slot_k + 1  # the used length if the segment stops at this slot
-
-        lm = self.model.language_model
-        text = self.config.text_config
-        store = LatentKVStore(len(layout.rows), W, text.num_hidden_layers)
-        stage_c = stage == "C"
-        soft = settings.latent_null_scale > 0
-        # [R, W] additive key mask, 0 = the column may be attended to: -inf on padding and, with
-        # latent_null_scale == 0, on the inactive latent slots (exact removal). Column c is set at step c
-        # and never changes after. Additive, so sdpa need not convert a boolean mask in every layer.
-        key_bias = torch.zeros(att.shape, dtype=emb.dtype, device=device).masked_fill_(att == 0, float("-inf"))
-        null_scale = att.new_full((len(layout.rows),), settings.latent_null_scale, dtype=torch.float32)
-        run_step = _step_runner(lm, store, key_bias, tuple(sorted(set(text.layer_types))), settings.latent_compile)
-        calls = 0
-        with _no_gradient_checkpointing(self), contextlib.closing(store):
-            # latent_prefix_grad=False: the prefix (question, images) runs without autograd in pass 1, so
-            # its activations are not kept; pass 2 still trains it through the CE loss.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and settings.latent_prefix_grad):
-                out = lm(inputs_embeds=emb[:, :P], attention_mask=att[:, :P], position_ids=pos[:, :, :P],
-                         use_cache=False, latent_kv_store=store)
-            calls += 1
-            h_prev = out.last_hidden_state[:, -1]
-            halted = torch.zeros(len(layout.rows), dtype=torch.bool, device=device)
-            vecs, active_steps, stop_logits, done_lens = [], [], [], []
-            if not settings.latent_feedback:  # called as a module, so a LoRA wrapper's trainable copy is used
-                pause = self.latent_pause_embedding(torch.zeros(1, dtype=torch.long, device=device))[0]
-            for j in range(steps):
-                c = P + j
-                is_lat = lat[:, j]
-                step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
-                if not settings.latent_feedback:  # pause tokens: no hidden state reaches the next slot
-                    step_in = pause.to(h_prev.dtype).expand_as(h_prev)
-                if stage_c:
-                    halted = halted & not_first[:, j]  # a new segment starts unhalted
-                    inactive = is_lat & halted  # [R] a latent slot after its segment stopped
-                    active = is_lat ^ inactive
-                    if soft:  # suppressed, not removed: its K/V are stored scaled
-                        store.write_scale = torch.where(inactive, null_scale, 1.0)
-                    else:
-                        key_bias[:, c].masked_fill_(inactive, float("-inf"))
-                else:
-                    active = is_lat
-                # An active slot takes the previous hidden state; an inactive one keeps its own embedding
-                # (<|latent_pad|>), as in pass 2 and generate(), where only active slots are patched: with
-                # latent_null_scale > 0 its scaled K/V are then the same in every pass.
-                x = torch.where(active[:, None], step_in, emb[:, c])
-                if self.latent_step_override is not None:  # interventions (latentvl.inference.causal)
-                    x = self.latent_step_override(x, rows, c - shifts)
-                h = run_step(x, pos[:, :, c : c + 1], c)
-                calls += 1
-                vecs.append(x)
-                active_steps.append(active)
-                if stage_c:
-                    logit = self.latent_stop_head(h).squeeze(-1)
-                    logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
-                    fire = active & (torch.sigmoid(logit) >= thr)
-                    done = active & (fire | seg_last[:, j])
-                    done_lens.append(torch.where(done, slot_len[:, j], 0))
-                    stop_logits.append(logit)
-                    halted = halted | fire
-                h_prev = h
-
-        if steps == 0:  # a rank with no latents in a distributed run: nothing to return but its calls
-            vec = inputs_embeds.new_zeros(len(layout.rows), 0, inputs_embeds.shape[-1])
-            act = torch.zeros(len(layout.rows), 0, dtype=torch.bool, device=device)
-        else:
-            vec = torch.stack(vecs, dim=1)  # [R, steps, H]
-            act = torch.stack(active_steps, dim=1)  # [R, steps]
-        real = torch.as_tensor(layout.real_rows, device=device)[:, None]
-        act = act & real
-        r_idx, j_idx = act.nonzero(as_tuple=True)  # the one host sync of the pass
-        cols = P + j_idx - shifts[r_idx]
-        ce_patch_pos = torch.stack([rows[r_idx], cols], dim=1)
-        ce_patch_vec = vec[r_idx, j_idx]
-
-        lat_real = lat & real
-        inactive = lat_real & ~act
-        ir, ij = inactive.nonzero(as_tuple=True)
-        kv_mask_out[rows[ir], P + ij - shifts[ir]] = False
-
-        used = torch.zeros(B, max(M, 1), dtype=torch.long, device=device)
-        logits_full = stop_active_full = None
-        if stage_c and steps > 0:
-            lens = torch.stack(done_lens, dim=1)  # [R, steps]
-            per_seg = torch.zeros(len(layout.rows), max(M, 1), dtype=torch.long, device=device)
-            per_seg.scatter_reduce_(1, seg_i.clamp_min(0), torch.where(lat, lens, 0), reduce="amax")
-            used[rows] = per_seg
-            lg = torch.stack(stop_logits, dim=1)
-            logits_full = torch.zeros(B, S, dtype=lg.dtype, device=device)
-            stop_active_full = torch.zeros(B, S, dtype=torch.bool, device=device)
-            lr, lj = lat_real.nonzero(as_tuple=True)
-            logits_full = logits_full.index_put((rows[lr], P + lj - shifts[lr]), lg[lr, lj])
-            stop_active_full[rows[r_idx], cols] = True
-        else:
-            for b, budgets in enumerate(layout.budgets):
-                if budgets:
-                    used[b, : len(budgets)] = torch.tensor(budgets, device=device)
-        used = used[:, :M]
-
-        used_lists = [u[: len(bud)] for u, bud in zip(used.tolist(), layout.budgets)]
-        probs_lists: list[list[list[float]]] = empty_lists
-        if stage_c and logits_full is not None:
-            probs = torch.sigmoid(logits_full).tolist()
-            probs_lists = [
-                [probs[b][s:s + u] for (s, _e, _i), u in zip(layout.segments[b], used_lists[b])]
-                for b in range(B)
-            ]
-        return LatentPassOutput(
-            ce_patch_pos=ce_patch_pos, ce_patch_vec=ce_patch_vec, latent_kv_mask=kv_mask_out,
-            latent_used_lens=used_lists, latent_stop_probs=probs_lists, used_lens=used,
-            stop_logits=logits_full, stop_step_active=stop_active_full, position_ids=position_ids,
-            num_model_calls=calls,
-        )
+        frame = shifted_frame(layout, steps, inputs_embeds, position_ids, attention_mask)
+        trace = run_steps(self, frame, settings, thr, stage_c=stage == "C")
+        return pass_output(layout, frame, trace, (B, S), position_ids)
 
     # ------------------------------------------------------------------ training unit
     def latent_loss(self, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
