@@ -27,6 +27,10 @@ class LatentSettings:
 
     design §1 fields come first; the rest are latentvl's own additions.
 
+    ``latent_feedback_norm`` (False): a fed-back hidden state is scaled to unit RMS and multiplied by a learned
+    per-feature gain (``latent_feedback_gain``, initialised to the embeddings' init std) before it enters
+    its slot; False feeds the last hidden state as it is (the design note's). No effect on pause tokens.
+
     ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile`` (True: the
     inductor backend; a string names the backend, one of :data:`COMPILE_BACKENDS`); False runs them eagerly.
 
@@ -60,6 +64,7 @@ class LatentSettings:
     latent_prefix_grad: bool = True
     latent_compile: bool | str = False
     latent_feedback: bool = True
+    latent_feedback_norm: bool = False
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -96,7 +101,7 @@ class LatentSettings:
             raise bad("latent_stop_target_points", "must be an integer >= 1")
         if self.latent_cost_mode not in COST_MODES:
             raise bad("latent_cost_mode", f"must be one of {COST_MODES}")
-        for name in ("latent_detach_step_inputs", "latent_prefix_grad", "latent_feedback"):
+        for name in ("latent_detach_step_inputs", "latent_prefix_grad", "latent_feedback", "latent_feedback_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         if not (isinstance(self.latent_compile, bool) or self.latent_compile in COMPILE_BACKENDS):

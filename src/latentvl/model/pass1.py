@@ -240,7 +240,8 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
     """The prefix call, then one model call per column ``P .. W-1``.
 
     Step input: an active slot takes the previous step's last hidden state (detached with
-    ``latent_detach_step_inputs``; the pause vector when ``latent_feedback=False``); any other column keeps
+    ``latent_detach_step_inputs``, through ``latent_feedback_gain`` with ``latent_feedback_norm``; the pause
+    vector when ``latent_feedback=False``); any other column keeps
     its own embedding (text between segments, and an inactive slot's ``<|latent_pad|>``, as in pass 2 and
     ``generate()``, where only active slots are patched). ``model.latent_step_override`` (interventions) may
     replace it. Layer-level gradient checkpointing is off inside the loop.
@@ -267,9 +268,12 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
         h_prev = out.last_hidden_state[:, -1]
         if not settings.latent_feedback:  # called as a module, so a LoRA wrapper's trainable copy is used
             pause = model.latent_pause_embedding(torch.zeros(1, dtype=torch.long, device=h_prev.device))[0]
+        gain = model.latent_feedback_gain if settings.latent_feedback_norm and settings.latent_feedback else None
         for j in range(frame.steps):
             c = P + j
             step_in = h_prev.detach() if settings.latent_detach_step_inputs else h_prev
+            if gain is not None:  # latent_feedback_norm: unit RMS times the learned gain
+                step_in = gain(step_in)
             if not settings.latent_feedback:  # pause tokens: no hidden state reaches the next slot
                 step_in = pause.to(h_prev.dtype).expand_as(h_prev)
             active = halting.active(j)

@@ -323,7 +323,7 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=targets,
-            modules_to_save=["latent_stop_head", "latent_pause_embedding"],
+            modules_to_save=["latent_stop_head", "latent_pause_embedding", "latent_feedback_gain"],
             bias="none",
         )
         model = get_peft_model(model, lora_cfg)
