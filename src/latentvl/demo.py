@@ -26,6 +26,7 @@ import copy
 import json
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,62 +44,17 @@ ARM_LABELS = {
 }
 LATENT_ARMS = ("pause", "latents_no_align", "stage_a", "stage_c")
 
-# The demo's settings; configs/demo.yaml holds the same values (pass --config to change them).
-DEFAULTS: dict[str, Any] = {
-    "demo": {
-        "task": "relay",
-        "n": 2400,  # records over train/val/test (80/10/10)
-        "seed": 0,
-        "data": {  # latentvl.data.synthetic knobs, per task
-            "relay": {"colours": 6, "hops_min": 1, "hops_max": 3},
-            "shapes": {"size_min": 84, "size_max": 168, "max_cot": 3},
-            "maze": {"size_min": 84, "size_max": 168, "grid_max": 5, "max_cot": 3},
-        },
-        "curriculum": [1, 2, 3],  # stage-A phases: records of difficulty <= each value ([] = all at once)
-        "steps_a": 480,  # 160 per curriculum phase
-        "steps_c": 80,
-        "eval_batch_size": 32,
-        "probe_records": 256,  # train records whose latents fit the linear probe
-        "bars": {
-            "a_over_no_latents": 0.30,  # at the hardest difficulty
-            "a_over_pause": 0.20,
-            "mask_drop": 0.30,
-            "implant_follow": 0.50,
-            "max_c_accuracy_drop": 0.05,
-            "max_c_used_ratio": 1.0,  # strictly below
-        },
-    },
-    "quick": {"n": 60, "steps_a": 4, "steps_c": 3, "curriculum": [], "probe_records": 16},
-    "full": {"n": 4800, "steps_a": 1500, "steps_c": 200},
-    "train": {
-        "model": "tiny",
-        "tiny_hidden_size": 128,
-        "tiny_num_layers": 2,
-        "batch_size": 16,
-        "grad_accum": 1,
-        "optimizer": "adamw",
-        "lr": 2.0e-3,
-        "weight_decay": 0.0,
-        "lr_scheduler": "cosine",
-        "warmup_steps": 20,
-        "min_lr_ratio": 0.1,
-        "grad_clip": 1.0,
-        "threshold_start": 0.9,
-        "threshold_anneal_steps": 40,
-        "num_threads": 2,
-        "progress_bar": True,
-        "latent": {
-            "latent_budget_alpha": 1.0,
-            "latent_budget_gamma": 0.5,
-            "latent_budget_min": 1,
-            "latent_budget_max": 2,
-            "latent_stop_threshold": 0.5,
-            "latent_stop_loss_weight": 1.0,
-            "latent_cost_weight": 1.0e-3,
-            "latent_align_weight": 1.0,
-        },
-    },
-}
+
+def _shipped_settings() -> dict[str, Any]:
+    """The demo's defaults: ``latentvl/configs/demo.yaml``, shipped as package data (their one home)."""
+    text = (resources.files("latentvl") / "configs" / "demo.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+# The demo's settings, read from the shipped configs/demo.yaml (pass --config to change them).
+DEFAULTS: dict[str, Any] = _shipped_settings()
+# The tasks `--task` accepts: those the shipped settings give generator knobs for.
+DEMO_TASKS: tuple[str, ...] = tuple(DEFAULTS["demo"]["data"])
 # What each control changes in the latent fields (everything else is shared).
 ARM_LATENT = {
     "pause": {"latent_feedback": False, "latent_align_weight": 0.0},
@@ -856,14 +812,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=None,
-        help="YAML with 'demo', 'quick' and 'train' sections (see configs/demo.yaml)",
+        help="YAML with any of the 'demo', 'quick', 'full' and 'train' sections, merged over the shipped "
+        "latentvl/configs/demo.yaml",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a few steps on a few records (pipeline smoke test)"
     )
     parser.add_argument("--full", action="store_true", help="the longer schedule of the 'full' section")
-    parser.add_argument("--task", default=None, choices=("relay", "shapes", "maze"),
-                        help="synthetic task (default: relay)")
+    parser.add_argument("--task", default=None, choices=DEMO_TASKS,
+                        help=f"synthetic task (default: {DEFAULTS['demo']['task']})")
     parser.add_argument("--steps-a", type=int, default=None, help="stage-A steps")
     parser.add_argument("--steps-c", type=int, default=None, help="stage-C steps")
     parser.add_argument("--n", type=int, default=None, help="records to generate")
