@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from ..errors import DatasetImportError
+
 __all__ = [
     "FORMATS",
     "DatasetImportError",
@@ -45,10 +47,6 @@ __all__ = [
 FORMATS = ("zebra-cot", "mirage", "monet")
 IMAGES_DIRNAME = "images"
 _INSTALL_HINT = "pip install 'latentvl[import]'"
-
-
-class DatasetImportError(Exception):
-    """The import as a whole cannot run (bad arguments, unreadable input, missing dependency)."""
 
 
 class ImportSkip(NamedTuple):

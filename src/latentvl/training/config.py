@@ -37,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from ..config import LatentConfigError, LatentSettings
+from ..config import LatentSettings
+from ..errors import LatentConfigError, TrainConfigError
 
 STAGES = ("A", "C", "AC")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -52,10 +53,6 @@ TOKEN_FIELDS = ("latent_token_id", "latent_start_token_id", "latent_end_token_id
 # Stage-C defaults of the two weights (design §1 examples); stage A forces both to 0.
 STAGE_C_WEIGHT_DEFAULTS = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3}
 LORA_DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-class TrainConfigError(ValueError):
-    """A training option is invalid; the message starts with the option's name."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..data.collator import to_device
 from ..data.records import Record, RecordDataset
 
 
@@ -24,10 +25,6 @@ def batch_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = labels[:, 1:].to(preds.device)
     mask = targets != -100
     return ((preds == targets) | ~mask).all(-1) & mask.any(-1)
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -69,7 +66,7 @@ def evaluate_records(
             if not idx:  # this process ran out: step with a dummy batch so collectives stay matched
                 idx, weight = [0], 0.0
                 source = dataset if mine else RecordDataset(records[:1])
-            batch = _to(collator([source[j] for j in idx]), device)
+            batch = to_device(collator([source[j] for j in idx]), device)
             out = model.latent_loss(batch, threshold=threshold)
             ok = batch_correct(out.logits, batch["labels"])
             n = len(idx) * weight

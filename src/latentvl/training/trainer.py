@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import LatentSettings
-from ..data.collator import LatentCollator
+from ..data.collator import LatentCollator, to_device
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
@@ -173,10 +173,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
@@ -624,7 +620,7 @@ def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult
                 )
                 check = functools.partial(
                     run_checks,
-                    batch=_to_device(first, device),
+                    batch=to_device(first, device),
                     stage=stage,
                     threshold=threshold,
                     tolerance=cfg.check_tolerance,
@@ -648,7 +644,7 @@ def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult
             step_ids: list[str] = []
             step_skipped: list[dict[str, Any]] = []
             for micro in range(cfg.grad_accum):
-                batch = _to_device(next(batches), device)
+                batch = to_device(next(batches), device)
                 step_ids.extend(batch["ids"])
                 step_skipped.extend(batch.get("skipped") or [])
                 sync = micro == cfg.grad_accum - 1
