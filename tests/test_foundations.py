@@ -179,3 +179,17 @@ def test_imports_point_from_the_command_line_down_to_the_foundations():
             if here == "data" and there == "model":
                 wrong.append(f"{path.relative_to(SRC)} imports {target} (data/ never imports model/)")
     assert not wrong, wrong
+
+
+def test_decoded_format_reads_files_and_bytes(tmp_path):
+    import io
+
+    from latentvl.images import decoded_format
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3, 3)).save(buf, format="PNG")
+    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    assert decoded_format(tmp_path / "a.png") == decoded_format(buf.getvalue()) == "PNG"
+    with pytest.raises(ImageReadError) as err:
+        decoded_format(buf.getvalue()[:20])  # header only: the pixels do not decode
+    assert err.value.kind == "unreadable_image"

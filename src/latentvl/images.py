@@ -9,6 +9,7 @@ adds whose image it is (sample id, field).
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from PIL import Image
 
 from .errors import ImageReadError
 
-__all__ = ["ImageReadError", "image_file_problem", "image_label", "open_rgb", "read_image", "to_rgb"]
+__all__ = ["ImageReadError", "decoded_format", "image_file_problem", "image_label", "open_rgb", "read_image", "to_rgb"]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -56,6 +57,19 @@ def image_file_problem(path: str | os.PathLike[str]) -> str | None:
     except Exception as err:  # PIL raises many types for broken files
         return f"cannot be opened as an image ({type(err).__name__}: {err})"
     return None
+
+
+def decoded_format(source: str | os.PathLike[str] | bytes) -> str:
+    """Decode an image file or its bytes fully; return PIL's format name (``""`` when unknown).
+
+    Raises :class:`ImageReadError` (``unreadable_image``) with the decoder's reason.
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im.load()
+            return im.format or ""
+    except Exception as err:  # PIL raises many types for broken data
+        raise ImageReadError("unreadable_image", f"{type(err).__name__}: {err}") from err
 
 
 def read_image(value: Any, header_only: bool = False) -> Any:

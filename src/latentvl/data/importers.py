@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
@@ -29,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from PIL import Image
-
-from ..errors import DatasetImportError
+from ..errors import DatasetImportError, ImageReadError
+from ..images import decoded_format
 
 __all__ = [
     "FORMATS",
@@ -619,12 +617,10 @@ def _check_image(img: _Image) -> str:
         if not img.path.is_file():
             raise _RowError(f"{img.label}: not a file ({img.path})")
     try:
-        with Image.open(img.path if img.data is None else io.BytesIO(img.data)) as im:
-            im.load()
-            return im.format or ""
-    except Exception as err:  # PIL raises many types for broken data
+        return decoded_format(img.path if img.data is None else img.data)
+    except ImageReadError as err:
         what = "file" if img.data is None else "inline bytes"
-        raise _RowError(f"{img.label}: cannot decode the image {what} ({type(err).__name__}: {err})") from err
+        raise _RowError(f"{img.label}: cannot decode the image {what} ({err})") from err
 
 
 def _place_file(src: Path, dest: Path, link: bool) -> None:
