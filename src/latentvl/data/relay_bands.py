@@ -48,22 +48,14 @@ from typing import Any
 from PIL import Image
 
 from ..fileio import write_atomic
+from .palettes import RELAY_BANDS_PALETTE
 from .synthetic import Sample, _jsonl, _png_bytes
 
 __all__ = ["PALETTE", "RELAY_BANDS_DEFAULTS", "add_arguments", "make_relay_bands", "relay_bands_sample", "run"]
 
 TOKEN_PX = 28  # one merged visual token (2 x 2 patches of 14 px)
 HALF_PX = TOKEN_PX // 2
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "R": (230, 25, 25),
-    "G": (25, 200, 40),
-    "B": (30, 70, 240),
-    "Y": (245, 225, 20),
-    "M": (200, 40, 210),
-    "C": (20, 210, 220),
-    "K": (20, 20, 20),
-    "W": (250, 250, 250),
-}
+PALETTE = RELAY_BANDS_PALETTE  # latentvl.data.palettes
 RULES = ("table", "fixed")
 RELAY_BANDS_DEFAULTS: dict[str, Any] = {
     "colours": 5,

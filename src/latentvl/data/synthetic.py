@@ -51,6 +51,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from ..fileio import write_atomic
+from .palettes import RELAY_COLOURS
 
 __all__ = [
     "DEFAULT_KNOBS",
@@ -396,17 +397,7 @@ def _shapes_sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sa
 # ---------------------------------------------------------------------------------------------- relay
 
 RELAY_QUESTION = "Relay hops: {k}"
-# Well-separated colours; the answer is the letter. ``colours`` takes the first C of them.
-RELAY_COLOURS: dict[str, tuple[int, int, int]] = {
-    "R": (230, 25, 25),
-    "G": (0, 170, 0),
-    "B": (30, 60, 230),
-    "Y": (240, 200, 0),
-    "C": (0, 200, 210),
-    "M": (200, 0, 200),
-    "K": (20, 20, 20),
-    "O": (255, 130, 0),
-}
+# The answer is the colour's letter (latentvl.data.palettes); ``colours`` takes the first C of them.
 RELAY_START = (128, 128, 128)  # left half of the start tile
 RELAY_TILE = SIDE_STEP  # one rule tile = one merged visual token (2x2 patches of 14 px)
 RELAY_SWATCH = 2 * SIDE_STEP  # CoT swatch side: 4 visual tokens (the tiny processor's minimum)

@@ -153,11 +153,6 @@ class TrainConfig:
             self.stage_c_latent_fields().get("latent_stop_threshold", LatentSettings.latent_stop_threshold)
         )
 
-    @property
-    def global_batch_size(self) -> int:
-        """Per step, over all processes: batch_size * grad_accum * world size (world size 1 here)."""
-        return self.batch_size * self.grad_accum
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Raise :class:`TrainConfigError` naming the first invalid field; return self."""
@@ -309,13 +304,6 @@ class TrainConfig:
             extra = f"; did you mean {close}?" if close else ""
             raise TrainConfigError(f"{key}: unknown option{extra}")
         setattr(self, key, _coerce(value, hints[key], key))
-
-    def apply_overrides(self, overrides: list[str]) -> TrainConfig:
-        """Apply ``key=value`` strings (value parsed as YAML), then validate."""
-        for item in overrides:
-            self.set(*parse_override(item))
-        return self.validate()
-
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``"key=value"`` -> ``(key, value)``, the value read as YAML (empty = None)."""
