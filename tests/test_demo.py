@@ -24,7 +24,10 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     # the report leads with accuracy against difficulty for every arm, with the chance line
     assert md.index("## Accuracy against difficulty") < md.index("## Arms") < md.index("## Bars")
     assert difficulty_table(report) in md and "chance" in difficulty_table(report)
-    assert "| model | train steps | test accuracy | mean used/budget |" in md
+    # the ratio of totals, under its own label (not "mean used/budget", which is the mean of per-image ratios)
+    assert "| model | train steps | test accuracy | used/budget, all latents |" in md
+    assert report["results"]["stage_a"]["used_ratio"] == report["results"]["stage_a"]["used"] / \
+        report["results"]["stage_a"]["budget"]
     assert results_table(report) in md and alignment_table(report) in md
     assert set(report["results"]) == set(ARMS)
     assert report["steps"] == {"stage_a": 4, "stage_c": 3, "baseline_no_latents": 7, "pause": 7,
@@ -84,7 +87,8 @@ def test_example_config_matches_the_built_in_settings(tmp_path):
 def test_demo_task_choices_come_from_the_shipped_settings():
     import argparse
 
-    from latentvl.demo import DEMO_TASKS, add_arguments
+    from latentvl.commands.demo import add_arguments
+    from latentvl.demo import DEMO_TASKS
 
     assert DEMO_TASKS == tuple(DEFAULTS["demo"]["data"]) and "relay" in DEMO_TASKS
     parser = argparse.ArgumentParser()
