@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -269,25 +270,51 @@ def _checks(report: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+@dataclass
+class _DemoData:
+    """The generated task: its files, records, per-record fields, chance and stage A's schedule."""
+
+    task: str
+    meta: dict[str, Any]
+    train_file: Path
+    train_records: list[Any]
+    test_records: list[Any]
+    train_fields: dict[str, Any]
+    test_fields: dict[str, Any]
+    chance: float
+    phases: list[tuple[Path, int]]
+
+
 def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, Any]:
     """Data, five arms, evaluation, report. Returns the report's JSON content."""
     import torch
 
-    from .data.records import load_metadata, load_records
-    from .data.synthetic import make_dataset
-    from .evaluation.instruments import read_record_fields
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    demo = settings["demo"]
     threads = settings["train"].get("num_threads")
     if threads:
         torch.set_num_threads(int(threads))
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-
-    # 1. data
+    data, demo = _make_data(out, settings["demo"], log)  # 1. data
+    timings["data"] = time.perf_counter() - t_start
+    runs, histories, final_thr = _train_arms(settings, demo, data, out, timings, log)  # 2. and 3. the five arms
     t0 = time.perf_counter()
+    evals = _evaluate_arms(settings, demo, data, runs, final_thr, out, log)  # 4. held-out evaluation
+    timings["evaluate"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    report = _assemble_report(settings, demo, data, runs, evals, final_thr, timings, out)  # 5. report
+    write_demo_report(out, report, histories, evals["stage_c"]["samples"])
+    return report
+
+
+def _make_data(out: Path, demo: dict[str, Any], log) -> tuple[_DemoData, dict[str, Any]]:
+    """Generate the task into ``out/data``; the demo settings come back without a curriculum when the
+    records carry no difficulty."""
+    from .data.records import load_metadata, load_records
+    from .data.synthetic import make_dataset
+    from .evaluation.instruments import read_record_fields
+
     data_dir = out / "data"
     task = demo["task"]
     knobs = dict((demo.get("data") or {}).get(task) or {})
@@ -298,22 +325,26 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
     test_fields, train_fields = read_record_fields(test_file), read_record_fields(train_file)
     test_meta = load_metadata(test_file) or meta
     chance = float(test_meta["splits"]["test"]["chance_accuracy"] or test_meta["chance_accuracy"])
-    has_difficulty = any("difficulty" in f for f in train_fields.values())
-    if not has_difficulty:
+    if not any("difficulty" in f for f in train_fields.values()):
         demo = {**demo, "curriculum": []}
-    phases = _schedule(data_dir, demo)
-    timings["data"] = time.perf_counter() - t0
     log(f"data: {meta['n']} {task} records in {data_dir} (chance accuracy {chance:.3f})")
+    data = _DemoData(task, meta, train_file, train_records, test_records, train_fields, test_fields, chance,
+                     _schedule(data_dir, demo))
+    return data, demo
 
+
+def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, out: Path,
+                timings: dict[str, float], log) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], float]:
+    """Stage A through the curriculum phases, stage C from its checkpoint on all records, then each
+    control through the same phases and the stage-C steps. Returns each arm's last training result, each
+    arm's history, and stage C's final stop threshold."""
     steps_a, steps_c = int(demo["steps_a"]), int(demo["steps_c"])
-    c_phase = [(train_file, steps_c)]
+    c_phase = [(data.train_file, steps_c)]
     runs: dict[str, Any] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
-
-    # 2. stage A (curriculum phases), then stage C from its checkpoint on all records
     t0 = time.perf_counter()
-    log(f"stage A: {steps_a} steps in {len(phases)} phase(s)")
-    res, histories["stage_a"], _ = _train_phases(settings, phases, out / "stage_a")
+    log(f"stage A: {steps_a} steps in {len(data.phases)} phase(s)")
+    res, histories["stage_a"], _ = _train_phases(settings, data.phases, out / "stage_a")
     runs["stage_a"] = res[-1]
     timings["train_stage_a"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -322,42 +353,46 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
                                                      init_from=str(runs["stage_a"].checkpoint))
     runs["stage_c"] = res[-1]
     timings["train_stage_c"] = time.perf_counter() - t0
-
-    # 3. the controls: the same phases, then the stage-C steps, as stage A
     for arm in ("baseline_no_latents", "pause", "latents_no_align"):
         t0 = time.perf_counter()
         log(f"{arm}: {steps_a + steps_c} steps")
         extra = {"use_latents": False} if arm == "baseline_no_latents" else {"latent": ARM_LATENT[arm]}
-        res, histories[arm], _ = _train_phases(settings, phases + c_phase, out / arm, **extra)
+        res, histories[arm], _ = _train_phases(settings, data.phases + c_phase, out / arm, **extra)
         runs[arm] = res[-1]
         timings[f"train_{arm}"] = time.perf_counter() - t0
+    return runs, histories, cfg_c.final_threshold
 
-    # 4. held-out evaluation with the instruments
-    t0 = time.perf_counter()
-    final_thr = cfg_c.final_threshold
-    probe_records = train_records[: int(demo["probe_records"])]
+
+def _evaluate_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, runs: dict[str, Any],
+                   final_thr: float, out: Path, log) -> dict[str, dict[str, Any]]:
+    """Every arm on the test split with the instruments (stage C at the final threshold)."""
+    probe_records = data.train_records[: int(demo["probe_records"])]
     evals = {}
     for arm in ARMS:
         log(f"evaluating {arm}")
         evals[arm] = _evaluate(
-            runs[arm].checkpoint / "model", test_records, settings, arm != "baseline_no_latents",
-            final_thr if arm == "stage_c" else None, chance, out / "eval" / arm, test_fields, task,
-            probe_records, train_fields,
+            runs[arm].checkpoint / "model", data.test_records, settings, arm != "baseline_no_latents",
+            final_thr if arm == "stage_c" else None, data.chance, out / "eval" / arm, data.test_fields, data.task,
+            probe_records, data.train_fields,
         )
-    timings["evaluate"] = time.perf_counter() - t0
+    return evals
 
-    # 5. report
+
+def _assemble_report(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, runs: dict[str, Any],
+                     evals: dict[str, dict[str, Any]], final_thr: float, timings: dict[str, float],
+                     out: Path) -> dict[str, Any]:
+    """The report's JSON content, with the bars checked."""
+    steps_a, steps_c = int(demo["steps_a"]), int(demo["steps_c"])
     diffs = sorted({d for ev in evals.values() for d in ev["accuracy_by_difficulty"]}, key=difficulty_key)
-    timings["total"] = time.perf_counter() - t_start
     report = {
-        "task": task,
-        "n_records": meta["n"],
-        "splits": {k: v["size"] for k, v in meta["splits"].items()},
-        "test_chance_accuracy": chance,
+        "task": data.task,
+        "n_records": data.meta["n"],
+        "splits": {k: v["size"] for k, v in data.meta["splits"].items()},
+        "test_chance_accuracy": data.chance,
         "hardest_difficulty": diffs[-1] if diffs else None,
         "steps": {"stage_a": steps_a, "stage_c": steps_c,
                   **{arm: steps_a + steps_c for arm in ("baseline_no_latents", "pause", "latents_no_align")}},
-        "schedule": [{"train_data": Path(f).name, "steps": n} for f, n in phases],
+        "schedule": [{"train_data": Path(f).name, "steps": n} for f, n in data.phases],
         "final_threshold": final_thr,
         "results": {arm: _summary(evals[arm]) for arm in ARMS},
         "bars": demo["bars"],
@@ -370,7 +405,6 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
     }
     report["checks"] = _checks(report)
     report["all_bars_met"] = all(report["checks"].values())
-    write_demo_report(out, report, histories, evals["stage_c"]["samples"])
     return report
 
 

@@ -9,6 +9,7 @@ speed, the causal checks and the instruments.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -166,49 +167,14 @@ def evaluate_generated(
     alignment = AlignmentProbe(model, engine.collator.image_processor) if do_causal else None
     rec_fields = [record_fields(r, fields) for r in records]
     instr = InstrumentRunner(engine, gen, rec_fields, task, seed) if do_causal and instruments else None
-    results: list[InferenceResult] = []
-    batch_times: list[float] = []
-    model_was_training = model.training
-    model.eval()
-    try:
-        for outcome, errors in engine.iter_batches(records, gen, batch_size, return_latents=use_latents):
-            results.extend(errors)
-            if outcome is None:
-                continue
-            results.extend(outcome.results)
-            batch_times.append(_batch_seconds(outcome.results[0].timings))
-            if causal is not None:
-                causal(outcome)
-                alignment(outcome.results, records)
-            if instr is not None:
-                instr(outcome)
-            for r in outcome.results:
-                r.latents = None  # only the causal and alignment checks need them
-    finally:
-        model.train(model_was_training)
-
-    results.sort(key=lambda r: r.index)
-    rows: dict[int, dict[str, Any]] = {}
-    for r in results:
-        gold = _gold(records[r.index])
-        row = r.to_dict()
-        row.update(gold=gold, prediction=r.answer)
-        row["correct"] = r.ok and gold is not None and normalize_answer(r.answer) == normalize_answer(gold)
-        del row["answer"]
-        rows[r.index] = row
+    results, batch_times = _answer_all(engine, records, gen, batch_size, use_latents, causal, alignment, instr)
+    rows = _graded_rows(results, records)
     report = _summarise(rows, batch_times, chance_accuracy, extra_errors)
     report["accuracy_by_difficulty"] = accuracy_by_difficulty([rows[i] for i in sorted(rows)],
                                                               [rec_fields[i] for i in sorted(rows)])
     probe = None
     if instr is not None and probe_records is not None and instr.probe_rows:
-        p_fields = [record_fields(r, probe_fields) for r in probe_records]
-        model.eval()
-        try:
-            train_rows = collect_segment_latents(engine, probe_records, p_fields, batch_size)
-        finally:
-            model.train(model_was_training)
-        if train_rows:
-            probe = fit_linear_probe(train_rows, instr.probe_rows)
+        probe = _fit_probe(engine, instr, probe_records, probe_fields, batch_size)
     if threshold is None:
         threshold = getattr(model.config, "latent_stop_threshold", None)
     report.update(
@@ -223,6 +189,64 @@ def evaluate_generated(
         probe=probe,
     )
     return {**report, "predictions": [rows[i] for i in sorted(rows)]}
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    """``model`` in eval mode inside the block, its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _answer_all(engine: LatentInference, records: Sequence[Any], gen: GenerationSettings, batch_size: int,
+                use_latents: bool, causal: _CausalRunner | None, alignment: AlignmentProbe | None,
+                instr: InstrumentRunner | None) -> tuple[list[InferenceResult], list[float]]:
+    """Every record's result (in record order) and each batch's wall time; the checks and instruments
+    see every batch as it runs."""
+    results: list[InferenceResult] = []
+    batch_times: list[float] = []
+    with _eval_mode(engine.model):
+        for outcome, errors in engine.iter_batches(records, gen, batch_size, return_latents=use_latents):
+            results.extend(errors)
+            if outcome is None:
+                continue
+            results.extend(outcome.results)
+            batch_times.append(_batch_seconds(outcome.results[0].timings))
+            if causal is not None:
+                causal(outcome)
+                alignment(outcome.results, records)
+            if instr is not None:
+                instr(outcome)
+            for r in outcome.results:
+                r.latents = None  # only the causal and alignment checks need them
+    results.sort(key=lambda r: r.index)
+    return results, batch_times
+
+
+def _graded_rows(results: list[InferenceResult], records: Sequence[Any]) -> dict[int, dict[str, Any]]:
+    """One row per record index: the result's fields, ``gold``, ``prediction`` and ``correct``."""
+    rows: dict[int, dict[str, Any]] = {}
+    for r in results:
+        gold = _gold(records[r.index])
+        row = r.to_dict()
+        row.update(gold=gold, prediction=r.answer)
+        row["correct"] = r.ok and gold is not None and normalize_answer(r.answer) == normalize_answer(gold)
+        del row["answer"]
+        rows[r.index] = row
+    return rows
+
+
+def _fit_probe(engine: LatentInference, instr: InstrumentRunner, probe_records: Sequence[Any],
+               probe_fields: Mapping[str, Mapping[str, Any]] | None, batch_size: int) -> dict[str, Any] | None:
+    """The linear probe fit on ``probe_records``' latents, scored on the evaluated records' latents."""
+    p_fields = [record_fields(r, probe_fields) for r in probe_records]
+    with _eval_mode(engine.model):
+        train_rows = collect_segment_latents(engine, probe_records, p_fields, batch_size)
+    return fit_linear_probe(train_rows, instr.probe_rows) if train_rows else None
 
 
 def _summarise(
