@@ -692,6 +692,52 @@ class _AtomicLines:
         self.tmp.unlink(missing_ok=True)
 
 
+def _check_import_arguments(fmt: str, src: Path, limit: int | None, split_name: str,
+                            image_root: Path | None) -> None:
+    """``ValueError`` for an unknown format or a bad limit or split name, ``FileNotFoundError`` for a
+    missing input or image root."""
+    if fmt not in _READERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", split_name or ""):
+        raise ValueError(f"split name must be a plain file name (letters, digits, . _ -), got {split_name!r}")
+    if not Path(src).exists():
+        raise FileNotFoundError(f"input not found: {src}")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"image root is not a directory: {image_root}")
+
+
+def _convert_rows(rows: Iterable[_Row | ImportSkip], report: ImportReport, out: _AtomicLines, out_dir: Path,
+                  link: bool, limit: int | None) -> None:
+    """Check and write each row (its images placed under ``out_dir``); a row that fails is a skip, and
+    a repeated id is refused. Stops after ``limit`` converted records."""
+    first_seen: dict[str, str] = {}
+    for item in rows:
+        if isinstance(item, ImportSkip):
+            report.skipped.append(item)
+            continue
+        try:
+            if not item.question:
+                raise _RowError("empty question")
+            if not item.answer:
+                raise _RowError("empty answer")
+            if item.id in first_seen:
+                raise _RowError(f"duplicate id {item.id!r} (first used at {first_seen[item.id]})")
+            record = _materialize(item, out_dir, link)
+        except _RowError as err:
+            report.skipped.append(ImportSkip(item.location, item.id, str(err)))
+            continue
+        first_seen[item.id] = item.location
+        for img in (*item.images, *item.cot_images):
+            if img.root is not None:
+                report.image_roots[img.root] = report.image_roots.get(img.root, 0) + 1
+        out.write(record)
+        report.converted += 1
+        if limit is not None and report.converted >= limit:
+            break
+
+
 def import_dataset(
     fmt: str,
     src: Path,
@@ -714,17 +760,8 @@ def import_dataset(
     Raises ``ValueError`` for an unknown format or bad arguments, ``FileNotFoundError`` for a missing
     input and :class:`DatasetImportError` when the input cannot be imported at all.
     """
-    if fmt not in _READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", split_name or ""):
-        raise ValueError(f"split name must be a plain file name (letters, digits, . _ -), got {split_name!r}")
+    _check_import_arguments(fmt, src, limit, split_name, image_root)
     src, out_dir = Path(src), Path(out_dir)
-    if not src.exists():
-        raise FileNotFoundError(f"input not found: {src}")
-    if image_root is not None and not Path(image_root).is_dir():
-        raise FileNotFoundError(f"image root is not a directory: {image_root}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ImportReport(
         format=fmt,
@@ -743,30 +780,7 @@ def import_dataset(
     rows = _READERS[fmt](src, outputs, Path(image_root) if image_root is not None else None)
     out = _AtomicLines(report.output_path)
     try:
-        first_seen: dict[str, str] = {}
-        for item in rows if limit != 0 else ():
-            if isinstance(item, ImportSkip):
-                report.skipped.append(item)
-                continue
-            try:
-                if not item.question:
-                    raise _RowError("empty question")
-                if not item.answer:
-                    raise _RowError("empty answer")
-                if item.id in first_seen:
-                    raise _RowError(f"duplicate id {item.id!r} (first used at {first_seen[item.id]})")
-                record = _materialize(item, out_dir, link)
-            except _RowError as err:
-                report.skipped.append(ImportSkip(item.location, item.id, str(err)))
-                continue
-            first_seen[item.id] = item.location
-            for img in (*item.images, *item.cot_images):
-                if img.root is not None:
-                    report.image_roots[img.root] = report.image_roots.get(img.root, 0) + 1
-            out.write(record)
-            report.converted += 1
-            if limit is not None and report.converted >= limit:
-                break
+        _convert_rows(rows if limit != 0 else (), report, out, out_dir, link, limit)
         skipped = _AtomicLines(report.skipped_path)
         try:
             for skip in report.skipped:
