@@ -26,7 +26,8 @@ import torch
 
 from latentvl.data.records import load_records
 from latentvl.data.relay_bands import make_relay_bands
-from latentvl.inference.halting import evaluate_halting, halting_markdown, plot_used_by_difficulty, read_difficulties
+from latentvl.evaluation.halting import evaluate_halting, read_difficulties
+from latentvl.reports.halting import halting_markdown, plot_used_by_difficulty
 from latentvl.training.config import TrainConfig
 from latentvl.training.trainer import train
 

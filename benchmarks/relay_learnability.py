@@ -22,8 +22,8 @@ import time
 import torch
 
 from latentvl import LatentCollator, build_tiny_model, set_latent_fields
+from latentvl.data.palettes import RELAY_COLOURS
 from latentvl.data.records import RecordDataset, load_records
-from latentvl.data.synthetic import RELAY_COLOURS
 
 
 def main() -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
+
+from latentvl import LatentCollator, set_latent_fields
 
 
 def legacy_key(key: str) -> str:
@@ -29,3 +33,45 @@ def fire_at(model, schedule: dict[int, list[int]]):
         return out
 
     return model.latent_stop_head.register_forward_hook(hook)
+
+
+# ------------------------------------------------------------------ batches for the model tests
+def rand_image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def make_sample(i: int, m: int, size=(84, 56), cot_sizes=None) -> dict:
+    cot_sizes = cot_sizes or [(56 + 28 * ((i + k) % 4), 56 + 28 * (k % 3)) for k in range(m)]
+    return {
+        "id": f"s{i}",
+        "question": f"Q{i}?" + "x" * (i % 3),
+        "images": [rand_image(*size, seed=100 + i)],
+        "cot_images": [rand_image(w, h, seed=200 + 10 * i + k) for k, (w, h) in enumerate(cot_sizes)],
+        "answer": "ABCD"[: 1 + i % 4],
+    }
+
+
+def collate_samples(model, processor, samples, side="right"):
+    return LatentCollator(processor, model.config, padding_side=side)(samples)
+
+
+def set_stage(model, stage: str, **extra):
+    if stage == "A":
+        set_latent_fields(model.config, latent_mode_stage="A", latent_stop_loss_weight=0.0, latent_cost_weight=0.0,
+                          **extra)
+    else:
+        set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3,
+                          **extra)
+
+
+def run_pass1(model, batch, threshold=None):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                 mm_token_type_ids=batch["mm_token_type_ids"], latent_mode=True,
+                 latent_segments=batch["latent_segments"], latent_budgets=batch["latent_budgets"],
+                 latent_threshold=threshold)
+
+
+MIXED = [(0, 1), (1, 3), (2, 0), (3, 3), (4, 1)]  # (index, M)
+

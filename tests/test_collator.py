@@ -14,7 +14,6 @@ from latentvl.budget import compute_latent_budget, num_visual_tokens
 from latentvl.config import LatentSettings
 from latentvl.data.collator import CollatorInputError, LatentCollator, grid_from_size, verify_segments
 from latentvl.model.layout import LatentInputError, check_latent_inputs
-from latentvl.model.tiny import build_tiny_model
 from latentvl.tokens import LATENT_END, LATENT_PAD, LATENT_START
 
 PROPERTY = settings(max_examples=25, deadline=None,
@@ -22,11 +21,6 @@ PROPERTY = settings(max_examples=25, deadline=None,
 TEXT = st.text(alphabet=[chr(i) for i in range(32, 127) if chr(i) != "|"] + ["\n"], max_size=16)
 SIZES = st.tuples(st.integers(28, 224), st.integers(28, 224))
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model()
 
 
 @pytest.fixture(scope="module")

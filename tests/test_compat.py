@@ -10,15 +10,10 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
-from latentvl import LatentCollator, build_tiny_model, set_latent_fields
+from latentvl import LatentCollator
 from latentvl.model.compat import CACHE_KWARG, output_cache, resolve_cache
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny_model(seed=0)
-    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_gamma=0.5, latent_budget_max=4)
-    return model, processor
+TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 4}  # the `tiny` fixture
 
 
 def _batch(model, processor):

@@ -24,7 +24,10 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     # the report leads with accuracy against difficulty for every arm, with the chance line
     assert md.index("## Accuracy against difficulty") < md.index("## Arms") < md.index("## Bars")
     assert difficulty_table(report) in md and "chance" in difficulty_table(report)
-    assert "| model | train steps | test accuracy | mean used/budget |" in md
+    # the ratio of totals, under its own label (not "mean used/budget", which is the mean of per-image ratios)
+    assert "| model | train steps | test accuracy | used/budget, all latents |" in md
+    assert report["results"]["stage_a"]["used_ratio"] == report["results"]["stage_a"]["used"] / \
+        report["results"]["stage_a"]["budget"]
     assert results_table(report) in md and alignment_table(report) in md
     assert set(report["results"]) == set(ARMS)
     assert report["steps"] == {"stage_a": 4, "stage_c": 3, "baseline_no_latents": 7, "pause": 7,
@@ -68,6 +71,10 @@ def test_quick_and_full_exclude_each_other_and_full_lengthens():
 def test_example_config_matches_the_built_in_settings(tmp_path):
     shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     assert shipped == DEFAULTS
+    # the repository's configs/demo.yaml is the package's file (one home for the demo's defaults)
+    package_file = REPO / "src" / "latentvl" / "configs" / "demo.yaml"
+    assert (REPO / "configs" / "demo.yaml").read_bytes() == package_file.read_bytes()
+    assert 'latentvl = ["configs/*.yaml"]' in (REPO / "pyproject.toml").read_text()  # shipped as package data
     custom = tmp_path / "d.yaml"
     custom.write_text("demo:\n  steps_a: 7\ntrain:\n  lr: 0.01\n")
     settings = load_demo_settings(custom)
@@ -75,3 +82,18 @@ def test_example_config_matches_the_built_in_settings(tmp_path):
     assert settings["train"]["latent"] == DEFAULTS["train"]["latent"]
     quick = load_demo_settings(None, quick=True)
     assert quick["demo"]["steps_a"] == DEFAULTS["quick"]["steps_a"]
+
+
+def test_demo_task_choices_come_from_the_shipped_settings():
+    import argparse
+
+    from latentvl.commands.demo import add_arguments
+    from latentvl.demo import DEMO_TASKS
+
+    assert DEMO_TASKS == tuple(DEFAULTS["demo"]["data"]) and "relay" in DEMO_TASKS
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for task in DEMO_TASKS:
+        assert parser.parse_args(["--task", task]).task == task
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", "no-such-task"])

@@ -7,14 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from latentvl import LatentCollator, LatentConfigError, LatentSettings, build_tiny_model, set_latent_fields
+from latentvl import LatentCollator, LatentConfigError, LatentSettings, set_latent_fields
 
-
-@pytest.fixture()
-def tiny():
-    model, processor = build_tiny_model(seed=0)
-    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=0.5, latent_budget_max=3)
-    return model, processor
+TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 0.5, "latent_budget_max": 3}  # `fresh_tiny`
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
@@ -48,16 +43,16 @@ def test_field_defaults_off_and_must_be_bool():
         LatentSettings(latent_feedback_norm=1).validate()
 
 
-def test_gain_starts_at_the_embedding_init_scale(tiny):
-    model, _ = tiny
+def test_gain_starts_at_the_embedding_init_scale(fresh_tiny):
+    model, _ = fresh_tiny
     std = model.config.text_config.initializer_range
     assert torch.allclose(model.latent_feedback_gain.weight, torch.full_like(model.latent_feedback_gain.weight, std))
 
 
-def test_slot_inputs_are_the_normalised_hidden_states(tiny):
+def test_slot_inputs_are_the_normalised_hidden_states(fresh_tiny):
     """Every active slot's input has RMS 1 over the gain; the first slot of each sample (fed from the same
     prefix either way) is exactly the gain applied to the raw hidden state of the default pass."""
-    model, processor = tiny
+    model, processor = fresh_tiny
     batch = _batch(model, processor)
     with torch.no_grad():
         model.latent_feedback_gain.weight.copy_(torch.linspace(0.01, 0.05, model.latent_feedback_gain.weight.numel()))
@@ -74,8 +69,8 @@ def test_slot_inputs_are_the_normalised_hidden_states(tiny):
 
 
 @pytest.mark.parametrize("stage", ["A", "C"])
-def test_training_reaches_the_gain(tiny, stage):
-    model, processor = tiny
+def test_training_reaches_the_gain(fresh_tiny, stage):
+    model, processor = fresh_tiny
     weights = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3} if stage == "C" else {}
     set_latent_fields(model.config, latent_feedback_norm=True, latent_mode_stage=stage, **weights)
     model.train()
@@ -84,8 +79,8 @@ def test_training_reaches_the_gain(tiny, stage):
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0
 
 
-def test_pause_tokens_ignore_the_gain(tiny):
-    model, processor = tiny
+def test_pause_tokens_ignore_the_gain(fresh_tiny):
+    model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False, latent_feedback_norm=True)
     with torch.no_grad():
         vec = _pass1(model, _batch(model, processor)).ce_patch_vec
@@ -93,12 +88,12 @@ def test_pause_tokens_ignore_the_gain(tiny):
     assert torch.equal(vec, pause.expand_as(vec))
 
 
-def test_gain_survives_save_and_load_and_trains_under_lora(tiny, tmp_path):
+def test_gain_survives_save_and_load_and_trains_under_lora(fresh_tiny, tmp_path):
     from latentvl.model.loading import load_latent_model
     from latentvl.training.config import TrainConfig
     from latentvl.training.trainer import latent_model, prepare_for_training
 
-    model, processor = tiny
+    model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback_norm=True)
     with torch.no_grad():
         model.latent_feedback_gain.weight.fill_(0.125)

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 from helpers import fire_at
 from PIL import Image
 
-from latentvl import LatentCollator, build_tiny_model, set_latent_fields
+from latentvl import LatentCollator, set_latent_fields
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny_model(seed=0)
-    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_gamma=0.5, latent_budget_max=6)
-    return model, processor
+TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 6}  # the `tiny` fixture
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:

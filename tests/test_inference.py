@@ -11,7 +11,6 @@ from PIL import Image
 
 from latentvl import (
     LatentCollator,
-    build_tiny_model,
     compute_latent_budget,
     num_visual_tokens,
     set_latent_fields,
@@ -57,11 +56,14 @@ def to_stage_c(model, seed=0):
     return model
 
 
+TINY_SEED = 5  # the `tiny` fixture: a random model whose sharpened greedy answers both stop and run to the limit
+TINY_LATENT = {"latent_budget_alpha": 0.8}  # budgets of 3-4 for these image sizes
+
+
 @pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny_model(seed=5)
-    set_latent_fields(model.config, latent_budget_alpha=0.8)  # budgets of 3-4 for these image sizes
-    return sharpen(model, eos_scale=2.0), processor
+def tiny(tiny):
+    """The shared tiny model (conftest), sharpened so that its answers depend on the input."""
+    return sharpen(tiny[0], eos_scale=2.0), tiny[1]
 
 
 @pytest.fixture(scope="module")

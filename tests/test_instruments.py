@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentvl import LatentCollator, build_tiny_model, set_latent_fields
+from latentvl import LatentCollator
 from latentvl.data.records import load_records
 from latentvl.data.synthetic import implied_answer, make_dataset
 from latentvl.inference.causal import step_overrides, truncate_latents
@@ -29,11 +29,8 @@ def relay(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = build_tiny_model(seed=0, num_layers=2)
-    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=0.5, latent_budget_max=2)
-    return model, processor
+TINY_SIZE = {"num_layers": 2}  # the `tiny` fixture
+TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 0.5, "latent_budget_max": 2}
 
 
 def _batch(model, processor, relay: Path, n: int = 3):

@@ -11,14 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from latentvl import LatentCollator, LatentConfigError, LatentSettings, build_tiny_model, set_latent_fields
+from latentvl import LatentCollator, LatentConfigError, LatentSettings, set_latent_fields
 
-
-@pytest.fixture()
-def tiny():
-    model, processor = build_tiny_model(seed=0)
-    set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=0.5, latent_budget_max=3)
-    return model, processor
+TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 0.5, "latent_budget_max": 3}  # `fresh_tiny`
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
@@ -53,8 +48,8 @@ def test_feedback_field_defaults_on_and_must_be_bool():
         LatentSettings(latent_feedback="no").validate()
 
 
-def test_pause_slots_hold_the_pause_embedding_whatever_the_input(tiny):
-    model, processor = tiny
+def test_pause_slots_hold_the_pause_embedding_whatever_the_input(fresh_tiny):
+    model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False)
     pause = model.latent_pause_embedding.weight[0].detach()
     with torch.no_grad():
@@ -69,9 +64,9 @@ def test_pause_slots_hold_the_pause_embedding_whatever_the_input(tiny):
     assert not torch.allclose(fed, pause.expand_as(fed))
 
 
-def test_no_hidden_state_reaches_the_next_slot(tiny):
+def test_no_hidden_state_reaches_the_next_slot(fresh_tiny):
     """The slot inputs have no gradient path to the language model: nothing computed is fed back."""
-    model, processor = tiny
+    model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False)
     out = _pass1(model, _batch(model, processor))
     weights = [p for p in model.model.language_model.parameters()]
@@ -82,8 +77,8 @@ def test_no_hidden_state_reaches_the_next_slot(tiny):
 
 
 @pytest.mark.parametrize("stage", ["A", "C"])
-def test_training_loss_reaches_the_pause_embedding(tiny, stage):
-    model, processor = tiny
+def test_training_loss_reaches_the_pause_embedding(fresh_tiny, stage):
+    model, processor = fresh_tiny
     weights = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3} if stage == "C" else {}
     set_latent_fields(model.config, latent_feedback=False, latent_align_weight=0.0, latent_mode_stage=stage,
                       **weights)
@@ -95,10 +90,10 @@ def test_training_loss_reaches_the_pause_embedding(tiny, stage):
     assert float(out.align) == 0.0
 
 
-def test_pause_embedding_survives_save_and_load(tiny, tmp_path):
+def test_pause_embedding_survives_save_and_load(fresh_tiny, tmp_path):
     from latentvl.model.loading import load_latent_model
 
-    model, processor = tiny
+    model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False)
     with torch.no_grad():
         model.latent_pause_embedding.weight.fill_(0.25)
@@ -109,12 +104,12 @@ def test_pause_embedding_survives_save_and_load(tiny, tmp_path):
     assert torch.equal(loaded.latent_pause_embedding.weight, model.latent_pause_embedding.weight)
 
 
-def test_lora_trains_the_pause_embedding(tiny):
+def test_lora_trains_the_pause_embedding(fresh_tiny):
     """Under LoRA the pause vector is one of the modules saved in full: the loss reaches its trainable copy."""
     from latentvl.training.config import TrainConfig
     from latentvl.training.trainer import latent_model, prepare_for_training
 
-    model, processor = tiny
+    model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False, latent_align_weight=0.0)
     batch = _batch(model, processor)
     peft_model = prepare_for_training(model, TrainConfig(train_data="x.jsonl", lora=True, lora_r=4,

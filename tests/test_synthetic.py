@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from latentvl import fileio
+from latentvl.commands import make_data
 from latentvl.data import synthetic
 from latentvl.data.records import RecordDataset, load_metadata, load_records
 from latentvl.data.synthetic import (
@@ -296,7 +297,7 @@ def test_shapes_answer_is_the_colour_of_the_largest_shape(shapes_dir: Path) -> N
 
 def _args(**kw) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    synthetic.add_arguments(parser)
+    make_data.add_arguments(parser)
     argv = []
     for key, value in kw.items():
         flag = "--" + key.replace("_", "-")
@@ -306,7 +307,7 @@ def _args(**kw) -> argparse.Namespace:
 
 def test_cli_writes_says_where_and_prints_a_record(tmp_path: Path, capsys) -> None:
     out = tmp_path / "d"
-    assert synthetic.run(_args(task="shapes", n=10, seed=1, out=out)) == 0
+    assert make_data.run(_args(task="shapes", n=10, seed=1, out=out)) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed
     sample_line = next(line for line in printed.splitlines() if line.startswith("sample record: "))
@@ -316,12 +317,12 @@ def test_cli_writes_says_where_and_prints_a_record(tmp_path: Path, capsys) -> No
 
 def test_cli_refuses_to_overwrite_without_flag_and_cleans_stale_images(tmp_path: Path, capsys) -> None:
     out = tmp_path / "d"
-    assert synthetic.run(_args(task="maze", n=20, seed=1, out=out)) == 0
+    assert make_data.run(_args(task="maze", n=20, seed=1, out=out)) == 0
     before = _hashes(out)
-    assert synthetic.run(_args(task="maze", n=8, seed=1, out=out)) == 2
+    assert make_data.run(_args(task="maze", n=8, seed=1, out=out)) == 2
     assert "already holds a dataset" in capsys.readouterr().err
     assert _hashes(out) == before
-    assert synthetic.run(_args(task="maze", n=8, seed=1, out=out, overwrite=True)) == 0
+    assert make_data.run(_args(task="maze", n=8, seed=1, out=out, overwrite=True)) == 0
     referenced = {p for r in _all_records(out) for p in r["images"] + r["cot_images"]}
     on_disk = {f"images/{p.name}" for p in (out / "images").iterdir()}
     assert on_disk == referenced and len(_all_records(out)) == 8
@@ -330,7 +331,7 @@ def test_cli_refuses_to_overwrite_without_flag_and_cleans_stale_images(tmp_path:
 def test_cli_knobs_reach_the_generator(tmp_path: Path) -> None:
     out = tmp_path / "d"
     args = _args(task="maze", n=30, seed=2, out=out, grid_min=4, grid_max=4, max_cot=2, size_min=112, size_max=140)
-    assert synthetic.run(args) == 0
+    assert make_data.run(args) == 0
     meta = load_metadata(out / "meta.json")
     assert meta["knobs"]["grid_max"] == 4 and meta["knobs"]["max_cot"] == 2
     assert "max_shapes" not in meta["knobs"]
@@ -480,6 +481,6 @@ def test_relay_knobs_are_checked(tmp_path: Path, knobs: dict, message: str) -> N
 
 def test_relay_cli_flags(tmp_path: Path) -> None:
     out = tmp_path / "d"
-    assert synthetic.run(_args(task="relay", n=12, seed=1, out=out, colours=4, hops_min=2, hops_max=3)) == 0
+    assert make_data.run(_args(task="relay", n=12, seed=1, out=out, colours=4, hops_min=2, hops_max=3)) == 0
     records = _all_records(out)
     assert {r["answer"] for r in records} == set("RGBY") and {r["difficulty"] for r in records} <= {2, 3}

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from latentvl.training import cli as train_cli
+from latentvl.commands import train as train_cli
 from latentvl.training.config import TOKEN_FIELDS, TrainConfig, TrainConfigError, load_config
 from latentvl.training.schedules import lr_factor, threshold_at
 from latentvl.training.trainer import current_threshold

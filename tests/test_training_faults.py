@@ -232,7 +232,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, stop
 def _cli(argv):
     import argparse
 
-    from latentvl.training import cli as train_cli
+    from latentvl.commands import train as train_cli
 
     parser = argparse.ArgumentParser()
     train_cli.add_arguments(parser)
@@ -360,7 +360,7 @@ def test_a_full_disk_during_the_optimizer_save_says_enospc(tmp_path, monkeypatch
 def test_resume_followed_by_an_override():
     import argparse
 
-    from latentvl.training import cli as train_cli
+    from latentvl.commands import train as train_cli
 
     parser = argparse.ArgumentParser()
     train_cli.add_arguments(parser)

@@ -6,7 +6,7 @@ own hidden states; stage C adds a learned stop head that decides how many of tho
 
 from .budget import budgets_from_grids, compute_latent_budget, num_visual_tokens
 from .config import LatentConfigError, LatentSettings, set_latent_fields
-from .model.layout import LatentInputError
+from .errors import InputError, LatentInputError
 from .model.modeling import (
     LatentCausalLMOutput,
     LatentLossOutput,
@@ -32,6 +32,7 @@ __all__ = [
     "LatentCausalLMOutput",
     "LatentCollator",
     "LatentConfigError",
+    "InputError",
     "LatentInputError",
     "LatentLossOutput",
     "LatentPassOutput",

@@ -1,4 +1,4 @@
-"""The ``latentvl`` command: one subcommand per job, each defined next to the code it runs."""
+"""The ``latentvl`` command: one subcommand per job, each in its module of :mod:`latentvl.commands`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import sys
 
 # subcommand name -> module that defines ``add_arguments(parser)`` and ``run(args) -> int``
 SUBCOMMANDS = {
-    "make-data": "latentvl.data.synthetic",
-    "make-relay-bands": "latentvl.data.relay_bands",
-    "import": "latentvl.data.importers",
-    "train": "latentvl.training.cli",
-    "demo": "latentvl.demo",
-    "infer": "latentvl.inference.cli",
-    "eval": "latentvl.inference.evaluate",
-    "lmms-task": "latentvl.integrations.lmms_task",
-    "halting": "latentvl.inference.halting",
+    "make-data": "latentvl.commands.make_data",
+    "make-relay-bands": "latentvl.commands.make_relay_bands",
+    "import": "latentvl.commands.import_data",
+    "train": "latentvl.commands.train",
+    "demo": "latentvl.commands.demo",
+    "infer": "latentvl.commands.infer",
+    "eval": "latentvl.commands.eval",
+    "lmms-task": "latentvl.commands.lmms_task",
+    "halting": "latentvl.commands.halting",
 }
 
 

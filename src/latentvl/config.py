@@ -11,14 +11,12 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .errors import LatentConfigError
+
 STAGES = ("A", "C")
 COST_MODES = ("count", "expected")
 STOP_TARGET_MODES = ("ratio", "answer")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-
-
-class LatentConfigError(ValueError):
-    """A latent config field has an invalid value; the message names the field and the value."""
 
 
 @dataclass

@@ -34,19 +34,16 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from ..budget import compute_latent_budget, num_visual_tokens
 from ..config import LatentSettings
-from ..model.layout import check_latent_inputs
+from ..errors import CollatorInputError, ImageReadError
+from ..images import read_image
 from ..processor import LatentProcessor
+from ..segments import verify_segments
 from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
-from .records import open_rgb
 
 IGNORE_INDEX = -100
 
 Grid = tuple[int, int, int]
 Segment = tuple[int, int, int]
-
-
-class CollatorInputError(ValueError):
-    """A record cannot be collated; the message names the sample id and the field."""
 
 
 @dataclass
@@ -65,42 +62,39 @@ class EncodedSample:
 
 
 # --------------------------------------------------------------------------- small helpers
-def _image_label(value: Any) -> str:
-    return repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else type(value).__name__
-
-
-def _read(value: Any, sample_id: str, where: str, read: Any) -> Any:
-    """``read(path)`` with errors that name the sample and field; PIL images pass through as ``None``."""
-    if isinstance(value, Image.Image):
-        return None
-    if isinstance(value, (str, os.PathLike)):
-        try:
-            return read(value)
-        except (OSError, ValueError) as err:
-            raise CollatorInputError(
-                f"sample {sample_id!r}: {where}: cannot read image {_image_label(value)}: {err}"
-            ) from err
-    raise CollatorInputError(
-        f"sample {sample_id!r}: {where}: expected a PIL image or a path, got {type(value).__name__}"
-    )
-
-
 def load_image(value: Any, sample_id: str, where: str) -> Image.Image:
-    """A PIL image (RGB) from a PIL image or a path, read as the dataset reads it (``open_rgb``);
-    ``where`` names the field, e.g. ``images[0]``."""
-    return value if isinstance(value, Image.Image) else _read(value, sample_id, where, open_rgb)
+    """A PIL image (RGB) from a PIL image or a path (:func:`latentvl.images.read_image`); ``where`` names
+    the field, e.g. ``images[0]``."""
+    return _read(value, sample_id, where, header_only=False)
 
 
 def image_size(value: Any, sample_id: str, where: str) -> tuple[int, int]:
     """``(width, height)`` of a PIL image or an image file; for a file only the header is read."""
-    if isinstance(value, Image.Image):
-        return value.size
+    return _read(value, sample_id, where, header_only=True)
 
-    def header_size(path: Any) -> tuple[int, int]:
-        with Image.open(path) as im:
-            return im.size
 
-    return _read(value, sample_id, where, header_size)
+def sample_id_of(sample: Any, index: int) -> str:
+    """A sample's id as errors name it: its ``id`` (a mapping's key or an attribute), else ``#index``."""
+    sid = sample.get("id") if isinstance(sample, Mapping) else getattr(sample, "id", None)
+    return str(sid) if sid is not None and sid != "" else f"#{index}"
+
+
+def image_list(sample: Mapping[str, Any], key: str, sid: str) -> list[Any]:
+    """The list of images or paths under ``key`` (none: ``[]``); anything else is a
+    :class:`CollatorInputError` naming the sample and field."""
+    value = sample.get(key)
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike, Image.Image)) or not isinstance(value, Sequence):
+        raise CollatorInputError(f"sample {sid!r}: field {key!r} must be a list of images or paths")
+    return list(value)
+
+
+def _read(value: Any, sample_id: str, where: str, header_only: bool) -> Any:
+    try:
+        return read_image(value, header_only=header_only)
+    except ImageReadError as err:
+        raise CollatorInputError(f"sample {sample_id!r}: {where}: {err}") from err
 
 
 def _size_limits(image_processor: Any) -> tuple[int, int]:
@@ -126,40 +120,6 @@ def grid_from_size(image_processor: Any, width: int, height: int) -> Grid:
     min_pixels, max_pixels = _size_limits(image_processor)
     h, w = smart_resize(int(height), int(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return (1, h // patch, w // patch)
-
-
-def verify_segments(
-    input_ids: torch.Tensor,
-    segments: list[list[Segment]],
-    budgets: list[list[int]],
-    latent_token_id: int,
-    sample_ids: list[str],
-    latent_start_token_id: int | None = None,
-    latent_end_token_id: int | None = None,
-) -> None:
-    """Check segments against padded ``input_ids`` ``[B, S]``; raise naming the sample id on a mismatch.
-
-    Beyond :func:`latentvl.model.layout.check_latent_inputs` (one segment per CoT image, in order,
-    only latent ids, length == budget) it checks that no latent id lies outside the segments and, when
-    the ids are given, that each segment is framed by ``<|latent_start|>`` and ``<|latent_end|>``.
-    """
-    check_latent_inputs(input_ids, segments, budgets, latent_token_id, "A", sample_ids=sample_ids)
-    rows = input_ids.tolist()
-    for b, (row, segs) in enumerate(zip(rows, segments, strict=True)):
-        who = f"sample {b} (id {sample_ids[b]!r})"
-        for i, (start, end, img) in enumerate(segs):
-            where = f"{who}: segment {i} ({start}, {end}, {img})"
-            if img != i:
-                raise CollatorInputError(f"{where}: belongs to CoT image {img}, expected {i}")
-            if latent_start_token_id is not None and (start == 0 or row[start - 1] != latent_start_token_id):
-                raise CollatorInputError(f"{where}: not preceded by {LATENT_START}")
-            if latent_end_token_id is not None and (end >= len(row) or row[end] != latent_end_token_id):
-                raise CollatorInputError(f"{where}: not followed by {LATENT_END}")
-        inside = sum(end - start for start, end, _ in segs)
-        total = sum(1 for t in row if t == latent_token_id)
-        if total != inside:
-            raise CollatorInputError(
-                f"{who}: {total} latent tokens in input_ids but the segments cover {inside}")
 
 
 # --------------------------------------------------------------------------- the collator
@@ -305,7 +265,17 @@ class LatentCollator:
         self, sample: Mapping[str, Any], question_grids: list[Grid], sample_id: str | None = None
     ) -> list[int]:
         """Budgets for a record at inference (D9): explicit, else CoT image sizes, else default segments."""
-        sid = sample_id if sample_id is not None else self._sample_id(sample, 0)
+        return self.plan_budgets(sample, question_grids, sample_id)[0]
+
+    def plan_budgets(
+        self, sample: Mapping[str, Any], question_grids: list[Grid], sample_id: str | None = None
+    ) -> tuple[list[int], str]:
+        """The budgets of a record at inference and where they came from (D9), the one place that orders
+        the sources: ``explicit`` (``latent_budgets``), else ``cot_images`` (``cot_image_sizes`` as
+        ``(width, height)`` pairs, else the ``cot_images`` listed, of which only the header is read), else
+        ``default`` (``default_num_segments`` segments with the first question image's budget); ``none``
+        when that gives no segment. Raises :class:`CollatorInputError` naming the sample and field."""
+        sid = sample_id if sample_id is not None else sample_id_of(sample, 0)
         explicit = sample.get("latent_budgets")
         if explicit is not None:
             if not isinstance(explicit, Sequence) or isinstance(explicit, str):
@@ -316,8 +286,11 @@ class LatentCollator:
                     raise CollatorInputError(
                         f"sample {sid!r}: latent_budgets[{i}]={b!r} must be an integer >= 1")
                 out.append(int(b))
-            return out
+            return out, "explicit" if out else "none"
         sizes = sample.get("cot_image_sizes")
+        if sizes is None:
+            cot = image_list(sample, "cot_images", sid)
+            sizes = [image_size(v, sid, f"cot_images[{i}]") for i, v in enumerate(cot)] if cot else None
         if sizes is not None:
             grids = []
             for i, wh in enumerate(sizes):
@@ -331,15 +304,11 @@ class LatentCollator:
                     raise CollatorInputError(
                         f"sample {sid!r}: cot_image_sizes[{i}]={wh!r} must be positive")
                 grids.append(self._grid(w, h, sid, f"cot_image_sizes[{i}]"))
-            return [self.budget_for_grid(g) for g in grids]
-        cot = self._image_list(sample, "cot_images", sid)
-        if cot:
-            sizes = [image_size(v, sid, f"cot_images[{i}]") for i, v in enumerate(cot)]
-            return [self.budget_for_grid(self._grid(w, h, sid, f"cot_images[{i}]"))
-                    for i, (w, h) in enumerate(sizes)]
+            return [self.budget_for_grid(g) for g in grids], "cot_images" if grids else "none"
         if not question_grids:
-            return []
-        return [self.budget_for_grid(question_grids[0])] * self.default_num_segments
+            return [], "none"
+        budgets = [self.budget_for_grid(question_grids[0])] * self.default_num_segments
+        return budgets, "default" if budgets else "none"
 
     def _grid(self, width: int, height: int, sid: str, where: str) -> Grid:
         try:
@@ -348,20 +317,6 @@ class LatentCollator:
             raise CollatorInputError(f"sample {sid!r}: {where}: size {width}x{height}: {err}") from err
 
     # ------------------------------------------------------------------ record access
-    @staticmethod
-    def _sample_id(sample: Mapping[str, Any], index: int) -> str:
-        sid = sample.get("id") if isinstance(sample, Mapping) else None
-        return str(sid) if sid is not None else f"#{index}"
-
-    @staticmethod
-    def _image_list(sample: Mapping[str, Any], key: str, sid: str) -> list[Any]:
-        value = sample.get(key)
-        if value is None:
-            return []
-        if isinstance(value, (str, os.PathLike, Image.Image)) or not isinstance(value, Sequence):
-            raise CollatorInputError(f"sample {sid!r}: field {key!r} must be a list of images or paths")
-        return list(value)
-
     @staticmethod
     def _string(sample: Mapping[str, Any], key: str, sid: str) -> str:
         value = sample.get(key)
@@ -427,17 +382,17 @@ class LatentCollator:
         q_images: list[list[Image.Image]] = []
         cot_images: list[list[Image.Image]] = []
         for n, sample in enumerate(samples):
-            sid = self._sample_id(sample, n)
+            sid = sample_id_of(sample, n)
             if not isinstance(sample, Mapping):
                 raise CollatorInputError(f"sample {sid!r}: expected a dict, got {type(sample).__name__}")
             ids.append(sid)
             questions.append(self._string(sample, "question", sid))
             answers.append(None if self.for_generation else self._string(sample, "answer", sid))
             q_images.append([load_image(v, sid, f"images[{i}]")
-                             for i, v in enumerate(self._image_list(sample, "images", sid))])
+                             for i, v in enumerate(image_list(sample, "images", sid))])
             wants_cot_pixels = self.use_latents and not self.for_generation
             cot_images.append([load_image(v, sid, f"cot_images[{i}]")
-                               for i, v in enumerate(self._image_list(sample, "cot_images", sid))]
+                               for i, v in enumerate(image_list(sample, "cot_images", sid))]
                               if wants_cot_pixels else [])
 
         pixel_values, image_grid_thw = self._process_images([im for ims in q_images for im in ims])
@@ -495,6 +450,11 @@ class LatentCollator:
             "latent_segments": segments,
             "latent_budget_total": [sum(e.budgets) for e in encoded],
         }
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A collated batch with every tensor on ``device`` (the other entries as they are)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _split_grids(grid_thw: torch.Tensor | None, counts: list[int]) -> list[list[Grid]]:

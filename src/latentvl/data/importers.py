@@ -15,21 +15,19 @@ Python API: :func:`import_dataset` returns an :class:`ImportReport`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 import os
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from PIL import Image
+from ..errors import DatasetImportError, ImageReadError
+from ..images import decoded_format
 
 __all__ = [
     "FORMATS",
@@ -38,17 +36,12 @@ __all__ = [
     "ImportSkip",
     "extract_answer",
     "import_dataset",
-    "add_arguments",
-    "run",
+
 ]
 
 FORMATS = ("zebra-cot", "mirage", "monet")
 IMAGES_DIRNAME = "images"
 _INSTALL_HINT = "pip install 'latentvl[import]'"
-
-
-class DatasetImportError(Exception):
-    """The import as a whole cannot run (bad arguments, unreadable input, missing dependency)."""
 
 
 class ImportSkip(NamedTuple):
@@ -621,12 +614,10 @@ def _check_image(img: _Image) -> str:
         if not img.path.is_file():
             raise _RowError(f"{img.label}: not a file ({img.path})")
     try:
-        with Image.open(img.path if img.data is None else io.BytesIO(img.data)) as im:
-            im.load()
-            return im.format or ""
-    except Exception as err:  # PIL raises many types for broken data
+        return decoded_format(img.path if img.data is None else img.data)
+    except ImageReadError as err:
         what = "file" if img.data is None else "inline bytes"
-        raise _RowError(f"{img.label}: cannot decode the image {what} ({type(err).__name__}: {err})") from err
+        raise _RowError(f"{img.label}: cannot decode the image {what} ({err})") from err
 
 
 def _place_file(src: Path, dest: Path, link: bool) -> None:
@@ -701,6 +692,52 @@ class _AtomicLines:
         self.tmp.unlink(missing_ok=True)
 
 
+def _check_import_arguments(fmt: str, src: Path, limit: int | None, split_name: str,
+                            image_root: Path | None) -> None:
+    """``ValueError`` for an unknown format or a bad limit or split name, ``FileNotFoundError`` for a
+    missing input or image root."""
+    if fmt not in _READERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", split_name or ""):
+        raise ValueError(f"split name must be a plain file name (letters, digits, . _ -), got {split_name!r}")
+    if not Path(src).exists():
+        raise FileNotFoundError(f"input not found: {src}")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"image root is not a directory: {image_root}")
+
+
+def _convert_rows(rows: Iterable[_Row | ImportSkip], report: ImportReport, out: _AtomicLines, out_dir: Path,
+                  link: bool, limit: int | None) -> None:
+    """Check and write each row (its images placed under ``out_dir``); a row that fails is a skip, and
+    a repeated id is refused. Stops after ``limit`` converted records."""
+    first_seen: dict[str, str] = {}
+    for item in rows:
+        if isinstance(item, ImportSkip):
+            report.skipped.append(item)
+            continue
+        try:
+            if not item.question:
+                raise _RowError("empty question")
+            if not item.answer:
+                raise _RowError("empty answer")
+            if item.id in first_seen:
+                raise _RowError(f"duplicate id {item.id!r} (first used at {first_seen[item.id]})")
+            record = _materialize(item, out_dir, link)
+        except _RowError as err:
+            report.skipped.append(ImportSkip(item.location, item.id, str(err)))
+            continue
+        first_seen[item.id] = item.location
+        for img in (*item.images, *item.cot_images):
+            if img.root is not None:
+                report.image_roots[img.root] = report.image_roots.get(img.root, 0) + 1
+        out.write(record)
+        report.converted += 1
+        if limit is not None and report.converted >= limit:
+            break
+
+
 def import_dataset(
     fmt: str,
     src: Path,
@@ -723,17 +760,8 @@ def import_dataset(
     Raises ``ValueError`` for an unknown format or bad arguments, ``FileNotFoundError`` for a missing
     input and :class:`DatasetImportError` when the input cannot be imported at all.
     """
-    if fmt not in _READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", split_name or ""):
-        raise ValueError(f"split name must be a plain file name (letters, digits, . _ -), got {split_name!r}")
+    _check_import_arguments(fmt, src, limit, split_name, image_root)
     src, out_dir = Path(src), Path(out_dir)
-    if not src.exists():
-        raise FileNotFoundError(f"input not found: {src}")
-    if image_root is not None and not Path(image_root).is_dir():
-        raise FileNotFoundError(f"image root is not a directory: {image_root}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ImportReport(
         format=fmt,
@@ -752,30 +780,7 @@ def import_dataset(
     rows = _READERS[fmt](src, outputs, Path(image_root) if image_root is not None else None)
     out = _AtomicLines(report.output_path)
     try:
-        first_seen: dict[str, str] = {}
-        for item in rows if limit != 0 else ():
-            if isinstance(item, ImportSkip):
-                report.skipped.append(item)
-                continue
-            try:
-                if not item.question:
-                    raise _RowError("empty question")
-                if not item.answer:
-                    raise _RowError("empty answer")
-                if item.id in first_seen:
-                    raise _RowError(f"duplicate id {item.id!r} (first used at {first_seen[item.id]})")
-                record = _materialize(item, out_dir, link)
-            except _RowError as err:
-                report.skipped.append(ImportSkip(item.location, item.id, str(err)))
-                continue
-            first_seen[item.id] = item.location
-            for img in (*item.images, *item.cot_images):
-                if img.root is not None:
-                    report.image_roots[img.root] = report.image_roots.get(img.root, 0) + 1
-            out.write(record)
-            report.converted += 1
-            if limit is not None and report.converted >= limit:
-                break
+        _convert_rows(rows if limit != 0 else (), report, out, out_dir, link, limit)
         skipped = _AtomicLines(report.skipped_path)
         try:
             for skip in report.skipped:
@@ -793,56 +798,3 @@ def import_dataset(
 
 # --------------------------------------------------------------------------------------------------
 # command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the input")
-    parser.add_argument(
-        "input", type=Path, metavar="IN", help="input file, or a directory searched recursively"
-    )
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output directory (created if needed)")
-    parser.add_argument(
-        "--link", action="store_true", help="hard-link (else symlink) image files instead of copying them"
-    )
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N converted records")
-    parser.add_argument(
-        "--split-name", default="data", metavar="NAME", help="writes OUT_DIR/NAME.jsonl (default: data)"
-    )
-    parser.add_argument(
-        "--image-root",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="resolve relative image paths against DIR (default: the input file's directory, then the "
-        "working directory for a path that is not there)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        report = import_dataset(
-            args.format,
-            args.input,
-            args.out_dir,
-            link=args.link,
-            limit=args.limit,
-            split_name=args.split_name,
-            image_root=args.image_root,
-        )
-    except (DatasetImportError, OSError, ValueError) as err:
-        print(f"latentvl import: error: {err}", file=sys.stderr)
-        return 2
-    print(f"converted {report.converted} record(s) -> {report.output_path}")
-    if report.image_roots:
-        print(report.roots_summary())
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} record(s) (also in {report.skipped_path}):")
-        for skip in report.skipped:
-            who = f" (id {skip.id!r})" if skip.id is not None else ""
-            print(f"  {skip.location}{who}: {skip.reason}")
-    else:
-        print("skipped 0 records")
-    if report.converted == 0 and report.skipped:
-        print("latentvl import: error: no record could be converted", file=sys.stderr)
-        return 1
-    return 0

@@ -25,6 +25,9 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import RecordError
+from ..images import image_file_problem, open_rgb
+
 __all__ = [
     "META_FILENAME",
     "Record",
@@ -38,10 +41,6 @@ __all__ = [
 
 META_FILENAME = "meta.json"
 _REQUIRED_FIELDS = ("id", "question", "images", "cot_images", "answer")
-
-
-class RecordError(ValueError):
-    """A record (or a record file) is invalid; the message names the file, line and id."""
 
 
 @dataclass
@@ -68,20 +67,6 @@ class SkippedRecord:
 
 def _where(source: str, rec_id: str | None) -> str:
     return f"{source} (id {rec_id!r})" if rec_id is not None else source
-
-
-def _check_image_file(path: Path) -> str | None:
-    """None if ``path`` is a file PIL can identify and verify, else the reason it is not."""
-    if not path.exists():
-        return "does not exist"
-    if not path.is_file():
-        return "is not a file"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as err:  # PIL raises many types for broken files
-        return f"cannot be opened as an image ({type(err).__name__}: {err})"
-    return None
 
 
 def _resolve(base: Path, raw: str) -> Path:
@@ -121,7 +106,7 @@ def _parse_record(
                 return None, rec_id, f"{key}[{i}] must be a non-empty path string, got {item!r}"
             p = _resolve(base, item)
             if check_images:
-                problem = _check_image_file(p)
+                problem = image_file_problem(p)
                 if problem is not None:
                     return None, rec_id, f"{key}[{i}] {item!r} {problem}"
             resolved.append(p)
@@ -218,18 +203,6 @@ def load_metadata(jsonl_path: str | os.PathLike[str]) -> dict | None:
     if not isinstance(meta, dict):
         raise RecordError(f"{meta_path}: metadata must be a JSON object, got {type(meta).__name__}")
     return meta
-
-
-def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully into memory as RGB; transparent areas are composited onto white."""
-    with Image.open(path) as im:
-        im.load()
-        has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-        if has_alpha:
-            rgba = im.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return im.convert("RGB")
 
 
 class RecordDataset(Dataset):

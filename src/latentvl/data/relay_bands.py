@@ -37,7 +37,6 @@ also carries ``"difficulty": m`` (records ignore unknown keys; evaluation reads 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -48,22 +47,14 @@ from typing import Any
 from PIL import Image
 
 from ..fileio import write_atomic
+from .palettes import RELAY_BANDS_PALETTE
 from .synthetic import Sample, _jsonl, _png_bytes
 
-__all__ = ["PALETTE", "RELAY_BANDS_DEFAULTS", "add_arguments", "make_relay_bands", "relay_bands_sample", "run"]
+__all__ = ["PALETTE", "RELAY_BANDS_DEFAULTS", "make_relay_bands", "relay_bands_sample"]
 
 TOKEN_PX = 28  # one merged visual token (2 x 2 patches of 14 px)
 HALF_PX = TOKEN_PX // 2
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "R": (230, 25, 25),
-    "G": (25, 200, 40),
-    "B": (30, 70, 240),
-    "Y": (245, 225, 20),
-    "M": (200, 40, 210),
-    "C": (20, 210, 220),
-    "K": (20, 20, 20),
-    "W": (250, 250, 250),
-}
+PALETTE = RELAY_BANDS_PALETTE  # latentvl.data.palettes
 RULES = ("table", "fixed")
 RELAY_BANDS_DEFAULTS: dict[str, Any] = {
     "colours": 5,
@@ -222,27 +213,3 @@ def make_relay_bands(n: int, seed: int, out: str | os.PathLike[str], overwrite: 
     }
     write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return meta
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=1000, help="number of records (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--colours", type=int, default=RELAY_BANDS_DEFAULTS["colours"])
-    parser.add_argument("--min-hops", type=int, default=RELAY_BANDS_DEFAULTS["min_hops"])
-    parser.add_argument("--max-hops", type=int, default=RELAY_BANDS_DEFAULTS["max_hops"])
-    parser.add_argument("--rule", choices=RULES, default=RELAY_BANDS_DEFAULTS["rule"])
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    meta = make_relay_bands(args.n, args.seed, args.out, overwrite=args.overwrite, colours=args.colours,
-                            min_hops=args.min_hops, max_hops=args.max_hops, rule=args.rule)
-    print(f"wrote {meta['n']} relay_bands records to {args.out} (chance {meta['chance_accuracy']:.3f})")
-    return 0
-
-
-if __name__ == "__main__":  # python -m latentvl.data.relay_bands --out DIR
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

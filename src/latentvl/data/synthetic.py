@@ -34,14 +34,12 @@ Tasks (answers are balanced within each split, so chance is known exactly):
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import os
 import random
 import re
-import sys
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from ..fileio import write_atomic
+from .palettes import RELAY_COLOURS
 
 __all__ = [
     "DEFAULT_KNOBS",
@@ -60,14 +59,13 @@ __all__ = [
     "SHAPES_ANSWERS",
     "TASKS",
     "Sample",
-    "add_arguments",
+
     "carve_maze",
     "generate_sample",
     "implied_answer",
     "make_dataset",
     "maze_neighbours",
     "relay_implied_answer",
-    "run",
     "solve_maze",
 ]
 
@@ -396,17 +394,7 @@ def _shapes_sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sa
 # ---------------------------------------------------------------------------------------------- relay
 
 RELAY_QUESTION = "Relay hops: {k}"
-# Well-separated colours; the answer is the letter. ``colours`` takes the first C of them.
-RELAY_COLOURS: dict[str, tuple[int, int, int]] = {
-    "R": (230, 25, 25),
-    "G": (0, 170, 0),
-    "B": (30, 60, 230),
-    "Y": (240, 200, 0),
-    "C": (0, 200, 210),
-    "M": (200, 0, 200),
-    "K": (20, 20, 20),
-    "O": (255, 130, 0),
-}
+# The answer is the colour's letter (latentvl.data.palettes); ``colours`` takes the first C of them.
 RELAY_START = (128, 128, 128)  # left half of the start tile
 RELAY_TILE = SIDE_STEP  # one rule tile = one merged visual token (2x2 patches of 14 px)
 RELAY_SWATCH = 2 * SIDE_STEP  # CoT swatch side: 4 visual tokens (the tiny processor's minimum)
@@ -586,7 +574,6 @@ def generate_sample(task: str, rng: random.Random, target: str, knobs: dict[str,
 # ---------------------------------------------------------------------------------------------- files
 
 
-
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -636,10 +623,25 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
         raise ValueError(f"n={n} must be >= 1")
     overwrite = bool(knobs.get("overwrite", False))
     k = _check_knobs(task, knobs)
-    spec = TASKS[task]
-    answers = _answers(task, k)
     out = Path(out)
     sizes = _split_sizes(n, k["val_fraction"], k["test_fraction"])
+    image_dir = _prepare_output(out, sizes, overwrite)
+    rows, annotations, written = _write_samples(task, seed, k, sizes, image_dir)
+    for split, split_rows in rows.items():
+        write_atomic(out / f"{split}.jsonl", _jsonl(split_rows))
+    write_atomic(out / "annotations.jsonl", _jsonl(annotations))
+    meta = _dataset_meta(task, n, seed, k, rows, annotations)
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    if overwrite:  # drop images of an earlier, larger run so the folder matches the records
+        for old in image_dir.iterdir():
+            if _IMAGE_NAME.match(old.name) and old.name not in written:
+                old.unlink()
+    return meta
+
+
+def _prepare_output(out: Path, sizes: dict[str, int], overwrite: bool) -> Path:
+    """Refuse a folder that holds a dataset unless ``overwrite``; create ``images/``; remove ``meta.json``
+    (written last: while it is missing the folder is an incomplete dataset). Returns the image folder."""
     existing = [
         name for name in ("meta.json", "annotations.jsonl", *(f"{s}.jsonl" for s in sizes)) if (out / name).exists()
     ]
@@ -649,9 +651,16 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
         )
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    # meta.json is written last: while it is missing the folder is an incomplete dataset
     (out / "meta.json").unlink(missing_ok=True)
+    return image_dir
 
+
+def _write_samples(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int], image_dir: Path
+                   ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], set[str]]:
+    """Draw every split's samples (answers balanced per split, one seeded generator per record), write their
+    images, and return the records by split, the annotations and the image names written."""
+    spec = TASKS[task]
+    answers = _answers(task, k)
     written: set[str] = set()
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in sizes}
     annotations: list[dict[str, Any]] = []
@@ -678,10 +687,14 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
             )
             annotations.append({"id": rec_id, "split": split, "answer": sample.answer, **sample.annotation})
             index += 1
-    for split, split_rows in rows.items():
-        write_atomic(out / f"{split}.jsonl", _jsonl(split_rows))
-    write_atomic(out / "annotations.jsonl", _jsonl(annotations))
+    return rows, annotations, written
 
+
+def _dataset_meta(task: str, n: int, seed: int, k: dict[str, Any], rows: dict[str, list[dict[str, Any]]],
+                  annotations: list[dict[str, Any]]) -> dict[str, Any]:
+    """``meta.json``: the task, answer set and counts, chance per split, CoT and difficulty counts, knobs."""
+    spec = TASKS[task]
+    answers = _answers(task, k)
     all_counts = Counter(r["answer"] for split_rows in rows.values() for r in split_rows)
     cot_counts = Counter(len(r["cot_images"]) for split_rows in rows.values() for r in split_rows)
     sides = [a["side"] for a in annotations]
@@ -721,77 +734,7 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
             "tracing the solution (a model above these uses more than local cues)",
             **spec.baselines(annotations),
         }
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-    if overwrite:  # drop images of an earlier, larger run so the folder matches the records
-        for old in image_dir.iterdir():
-            if _IMAGE_NAME.match(old.name) and old.name not in written:
-                old.unlink()
     return meta
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``latentvl make-data``."""
-    d = DEFAULT_KNOBS
-    parser.add_argument("--task", choices=sorted(TASKS), default="maze", help="which task (default: maze)")
-    parser.add_argument("--n", type=int, default=1000, help="number of records in all splits (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="default: %(default)s")
-    parser.add_argument("--test-fraction", type=float, default=d["test_fraction"], help="default: %(default)s")
-    parser.add_argument(
-        "--min-cot", type=int, default=d["min_cot"], help="fewest CoT images per record (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-cot", type=int, default=d["max_cot"], help="most CoT images per record (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--size-min", type=int, default=d["size_min"], help="smallest image side in px (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--size-max", type=int, default=d["size_max"], help="largest image side in px (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--grid-min", type=int, default=d["grid_min"], help="maze: smallest grid (cells/side) (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--grid-max", type=int, default=d["grid_max"], help="maze: largest grid (cells/side) (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--min-moves", type=int, default=d["min_moves"], help="maze: shortest start-goal path (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-shapes", type=int, default=d["max_shapes"], help="shapes: most shapes (2..4) (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--colours", type=int, default=d["colours"], help="relay: number of colours (3..8) (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--hops-min", type=int, default=d["hops_min"], help="relay: fewest hops k (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--hops-max", type=int, default=d["hops_max"], help="relay: most hops k (< colours) (default: %(default)s)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``latentvl make-data``: generate, then say where it wrote and show one record."""
-    knobs = {key: getattr(args, key) for key in DEFAULT_KNOBS}
-    knobs = {
-        key: v for key, v in knobs.items() if key in ("val_fraction", "test_fraction") or key in _TASK_KNOBS[args.task]
-    }
-    try:
-        meta = make_dataset(args.task, args.n, args.seed, args.out, overwrite=args.overwrite, **knobs)
-    except (ValueError, FileExistsError) as err:
-        print(f"make-data: error: {err}", file=sys.stderr)
-        return 2
-    sizes = ", ".join(f"{s} {v['size']}" for s, v in meta["splits"].items())
-    print(f"wrote {meta['n']} {meta['task']} records to {args.out} ({sizes}); images in {args.out / 'images'}")
-    chance = meta["chance_accuracy"]
-    print(f"answers {meta['answer_counts']}, chance accuracy {chance:.3f}; metadata in {args.out / 'meta.json'}")
-    with open(args.out / "train.jsonl", encoding="utf-8") as f:
-        print("sample record:", f.readline().strip())
-    return 0

@@ -24,22 +24,20 @@ Example::
 
 from __future__ import annotations
 
-import os
 import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig
 
 from ..config import COMPILE_BACKENDS, LatentSettings
-from ..data.collator import LatentCollator, grid_from_size
-from ..data.records import Record, open_rgb
+from ..data.collator import LatentCollator, grid_from_size, image_list, load_image, sample_id_of, to_device
+from ..data.records import Record
+from ..errors import CollatorInputError, ImageReadError, SampleError
 from ..model.modeling import LatentPassOutput
 
 __all__ = [
@@ -56,15 +54,6 @@ __all__ = [
 ]
 
 END_OF_TURN = "<|im_end|>"
-
-
-class SampleError(ValueError):
-    """One sample cannot run; ``kind`` is one of ``missing_image``, ``unreadable_image``, ``too_long``,
-    ``invalid_input``."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -221,43 +210,14 @@ def _sample_fields(sample: Any, index: int) -> dict[str, Any]:
     else:
         raise SampleError("invalid_input",
                           f"sample #{index}: expected a Record or a dict, got {type(sample).__name__}")
-    d["id"] = _sample_id(sample, index)
+    d["id"] = sample_id_of(sample, index)
     return d
 
 
-def _sample_id(sample: Any, index: int) -> str:
-    sid = getattr(sample, "id", None) or (sample.get("id") if isinstance(sample, Mapping) else None)
-    return str(sid) if sid is not None else f"#{index}"
-
-
-def _image_list(d: Mapping[str, Any], key: str, sid: str) -> list[Any]:
-    value = d.get(key)
-    if value is None:
-        return []
-    if isinstance(value, (str, os.PathLike, Image.Image)) or not isinstance(value, Sequence):
-        raise SampleError("invalid_input", f"sample {sid!r}: {key!r} must be a list of images or paths")
-    return list(value)
-
-
-def _open(value: Any, sid: str, where: str, header_only: bool) -> Any:
-    """A PIL image (RGB) or, with ``header_only``, its ``(width, height)``; a classified error otherwise."""
-    if isinstance(value, Image.Image):
-        return value.size if header_only else value.convert("RGB")
-    if not isinstance(value, (str, os.PathLike)):
-        raise SampleError("invalid_input", f"sample {sid!r}: {where}: expected a PIL image or a path, "
-                                           f"got {type(value).__name__}")
-    path = Path(value)
-    if not path.is_file():
-        raise SampleError("missing_image", f"sample {sid!r}: {where}: image file '{path}' does not exist")
-    try:
-        if header_only:
-            with Image.open(path) as im:
-                return im.size
-        return open_rgb(path)
-    except Exception as err:  # PIL raises many types for broken files
-        raise SampleError("unreadable_image",
-                          f"sample {sid!r}: {where}: cannot read image '{path}' ({type(err).__name__}: {err})"
-                          ) from err
+def _sample_error(err: CollatorInputError) -> SampleError:
+    """A collator error as a per-sample error; an image that cannot be read keeps its kind."""
+    cause = err.__cause__
+    return SampleError(cause.kind if isinstance(cause, ImageReadError) else "invalid_input", str(err))
 
 
 def _sync(device: torch.device) -> None:
@@ -319,37 +279,18 @@ class LatentInference:
         question = d.get("question")
         if not isinstance(question, str) or not question.strip():
             raise SampleError("invalid_input", f"sample {sid!r}: 'question' must be a non-empty string")
-        images = [_open(v, sid, f"images[{i}]", header_only=False)
-                  for i, v in enumerate(_image_list(d, "images", sid))]
-        q_grids = [grid_from_size(self.processor.image_processor, *im.size) for im in images]
-        item: dict[str, Any] = {"id": sid, "question": question, "images": images}
-        budgets: list[int] = []
-        source = "none"
-        if self.use_latents:
-            plan: dict[str, Any] = {}
-            if d.get("latent_budgets") is not None:
-                plan["latent_budgets"], source = d["latent_budgets"], "explicit"
-            elif d.get("cot_image_sizes") is not None:
-                plan["cot_image_sizes"], source = d["cot_image_sizes"], "cot_images"
-            else:
-                cot = _image_list(d, "cot_images", sid)
-                if cot:
-                    plan["cot_image_sizes"] = [_open(v, sid, f"cot_images[{i}]", header_only=True)
-                                               for i, v in enumerate(cot)]
-                    source = "cot_images"
-                else:
-                    source = "default"
-            try:
-                budgets = self.collator.generation_budgets(plan, q_grids, sid)
-            except ValueError as err:
-                raise SampleError("invalid_input", str(err)) from err
-            if not budgets:
-                source = "none"
-            item["latent_budgets"] = budgets
         try:
+            images = [load_image(v, sid, f"images[{i}]") for i, v in enumerate(image_list(d, "images", sid))]
+            q_grids = [grid_from_size(self.processor.image_processor, *im.size) for im in images]
+            budgets, source = self.collator.plan_budgets(d, q_grids, sid) if self.use_latents else ([], "none")
             encoded = self.collator.encode_sample(sid, question, q_grids, budgets, None)
+        except CollatorInputError as err:
+            raise _sample_error(err) from err
         except ValueError as err:
             raise SampleError("invalid_input", str(err)) from err
+        item: dict[str, Any] = {"id": sid, "question": question, "images": images}
+        if self.use_latents:
+            item["latent_budgets"] = budgets
         need = len(encoded) + max_new_tokens
         if need > self.max_length:
             raise SampleError(
@@ -361,8 +302,7 @@ class LatentInference:
     # ------------------------------------------------------------------ the two steps
     def collate(self, prepared: list[PreparedSample]) -> dict[str, Any]:
         batch = self.collator([p.item for p in prepared])
-        dev = self.device
-        return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return to_device(batch, self.device)
 
     @torch.no_grad()
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -467,7 +407,7 @@ class LatentInference:
                 try:
                     good.append(self.prepare(samples[i], i, gen.max_new_tokens))
                 except SampleError as err:
-                    errors.append(_error_result(_sample_id(samples[i], i), i, err.kind, str(err)))
+                    errors.append(_error_result(sample_id_of(samples[i], i), i, err.kind, str(err)))
             if not good:
                 yield None, errors
                 continue

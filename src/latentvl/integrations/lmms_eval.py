@@ -31,8 +31,8 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from ..inference.cli import DTYPES
 from ..inference.generate import GenerationSettings, LatentInference, Patches, SampleError
+from ..model.loading import DTYPES
 
 __all__ = ["TESTED_LMMS_EVAL", "LatentVLChat", "LatentVLSimple", "LoglikelihoodResult", "parse_budgets", "parse_sizes"]
 

@@ -12,6 +12,9 @@ from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
 from ..tokens import resize_embeddings_for_latents as _resize
 from .modeling import LatentQwen2_5_VLForConditionalGeneration
 
+# dtype names that load_latent_model takes ("auto": as saved)
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def load_latent_model(
     path: str | Path,

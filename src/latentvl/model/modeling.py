@@ -30,9 +30,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import LatentSettings
+from ..segments import LatentInputError, Layout, build_layout
 from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # importing registers the functions
 from .compat import CACHE_KWARG, output_cache, resolve_cache
-from .layout import LatentInputError, Layout, build_layout
 from .losses import (
     alignment_loss,
     answer_stop_target,

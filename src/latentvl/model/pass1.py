@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..segments import Layout
 from .kv_store import LatentKVStore
-from .layout import Layout
 
 if TYPE_CHECKING:
     from ..config import LatentSettings

@@ -252,24 +252,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path:
-    """``"latest"`` -> the newest checkpoint of ``output_dir``; else the given checkpoint directory."""
-    if resume == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            raise CheckpointError(
-                f"resume=latest: no checkpoint under {Path(output_dir) / CHECKPOINT_DIRNAME}"
-            )
-        return found
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path
-    found = latest_checkpoint(path)  # an output_dir was given
-    if found is not None:
-        return found
-    raise CheckpointError(f"resume={resume!r}: not a checkpoint directory (no {STATE_FILE})")
-
-
 def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     """``trainer_state.json`` as a dict; :class:`CorruptCheckpointError` naming the file if unreadable."""
     path = Path(ckpt) / STATE_FILE

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from ..config import LatentSettings
+from ..data.collator import to_device
+from ..segments import segment_problems
 
 
 @dataclass
@@ -84,51 +86,33 @@ def _segments(batch: dict[str, Any]) -> list[list[tuple[int, int, int]]]:
 
 
 # ------------------------------------------------------------------------------------------- 1 and 2
-def check_segment_tokens(batch: dict[str, Any], latent_token_id: int) -> CheckResult:
-    name = "1. every slot inside a segment is latent_token_id"
-    ids = batch["input_ids"]
-    problems, n = [], 0
-    for b, segs in enumerate(_segments(batch)):
-        for i, (start, end, img) in enumerate(segs):
-            n += 1
-            if not 0 <= start < end <= ids.shape[1]:
-                problems.append(f"{_who(batch, b)}, segment {i} {(start, end, img)}: out of bounds")
-                continue
-            row = ids[b, start:end]
-            bad = (row != latent_token_id).nonzero().flatten().tolist()
-            if bad:
-                p = start + bad[0]
-                problems.append(
-                    f"{_who(batch, b)}, segment {i} {(start, end, img)}: position {p} holds token "
-                    f"{int(ids[b, p])}, not {latent_token_id} ({len(bad)} bad slot(s))"
-                )
+def _segment_check(name: str, batch: dict[str, Any], kinds: tuple[str, ...], latent_token_id: int, stage: str,
+                   passed_detail: str = "") -> CheckResult:
+    """The problems of :func:`latentvl.segments.segment_problems` of the given kinds, as one result."""
+    problems = [p.message for p in segment_problems(batch["input_ids"], batch["latent_segments"],
+                                                    batch["latent_budgets"], latent_token_id, stage,
+                                                    batch.get("ids"))
+                if p.kind in kinds]
     if problems:
         return CheckResult(name, False, "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
-    return CheckResult(name, True, f"{n} segments")
+    return CheckResult(name, True, passed_detail)
+
+
+def check_segment_tokens(batch: dict[str, Any], latent_token_id: int) -> CheckResult:
+    """§8.1: every slot inside a segment (and inside the sequence) is ``latent_token_id``."""
+    n = sum(len(segs) for segs in batch["latent_segments"])
+    return _segment_check("1. every slot inside a segment is latent_token_id", batch, ("bounds", "tokens"),
+                          latent_token_id, "A", f"{n} segments")
 
 
 def check_segment_lengths(batch: dict[str, Any], stage: str) -> CheckResult:
+    """§8.2: one segment per CoT image, each as long as its budget."""
     name = (
         "2. stage A: every segment length equals its budget"
         if stage == "A"
         else "2. every segment spans its full budget (design §2; the upper bound in stage C)"
     )
-    problems = []
-    for b, (segs, budgets) in enumerate(zip(_segments(batch), batch["latent_budgets"], strict=True)):
-        if len(segs) != len(budgets):
-            problems.append(f"{_who(batch, b)}: {len(segs)} segments for {len(budgets)} CoT images")
-            continue
-        for i, (start, end, img) in enumerate(segs):
-            if not 0 <= img < len(budgets):
-                problems.append(f"{_who(batch, b)}, segment {i}: img_idx {img} out of range")
-            elif end - start != int(budgets[img]):
-                problems.append(
-                    f"{_who(batch, b)}, segment {i} {(start, end, img)}: length {end - start} "
-                    f"!= budget {budgets[img]}"
-                )
-    if problems:
-        return CheckResult(name, False, "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
-    return CheckResult(name, True)
+    return _segment_check(name, batch, ("count", "index", "budget", "length"), -1, stage)
 
 
 # ------------------------------------------------------------------------------------------------ 3
@@ -213,12 +197,9 @@ def check_no_think(
     segs = _segments(batch)
     settings = LatentSettings.from_config(model.config)
     device = next(model.parameters()).device
-    ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    mm = batch.get("mm_token_type_ids")
-    mm = mm.to(device) if mm is not None else None
-    pix, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
-    pix = pix.to(device) if pix is not None else None
-    grid = grid.to(device) if grid is not None else None
+    on = to_device(batch, device)
+    ids, att, mm = on["input_ids"], on["attention_mask"], on.get("mm_token_type_ids")
+    pix, grid = on.get("pixel_values"), on.get("image_grid_thw")
     pos = model.compute_position_ids(ids, att, mm, grid)
     ids2, att2, mm2, pos2, keep, kept_cols = _drop_latent_slots(batch, pos.cpu())
     if kv_mask is None:
@@ -306,8 +287,7 @@ def _run_checks(
     report.results.append(_guard("2. segment lengths", lambda: check_segment_lengths(batch, stage)))
 
     def third() -> CheckResult:
-        device = next(model.parameters()).device
-        get = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        get = to_device(batch, next(model.parameters()).device)
         out = model(
             input_ids=get["input_ids"],
             attention_mask=get["attention_mask"],

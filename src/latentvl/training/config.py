@@ -37,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from ..config import LatentConfigError, LatentSettings
+from ..config import LatentSettings
+from ..errors import LatentConfigError, TrainConfigError
 
 STAGES = ("A", "C", "AC")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -52,10 +53,6 @@ TOKEN_FIELDS = ("latent_token_id", "latent_start_token_id", "latent_end_token_id
 # Stage-C defaults of the two weights (design §1 examples); stage A forces both to 0.
 STAGE_C_WEIGHT_DEFAULTS = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3}
 LORA_DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-class TrainConfigError(ValueError):
-    """A training option is invalid; the message starts with the option's name."""
 
 
 @dataclass
@@ -156,26 +153,31 @@ class TrainConfig:
             self.stage_c_latent_fields().get("latent_stop_threshold", LatentSettings.latent_stop_threshold)
         )
 
-    @property
-    def global_batch_size(self) -> int:
-        """Per step, over all processes: batch_size * grad_accum * world size (world size 1 here)."""
-        return self.batch_size * self.grad_accum
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Raise :class:`TrainConfigError` naming the first invalid field; return self."""
+        self._validate_finite()
+        self._validate_run()
+        self._validate_counts()
+        self._validate_optimiser()
+        self._validate_latent()
+        return self
 
-        def bad(name: str, why: str) -> TrainConfigError:
-            return TrainConfigError(f"{name}={getattr(self, name)!r}: {why}")
+    def _bad(self, name: str, why: str) -> TrainConfigError:
+        return TrainConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        # non-finite numbers are refused everywhere (NaN passes every "< 0" test; inf trains nothing)
+    def _validate_finite(self) -> None:
+        """Non-finite numbers are refused everywhere (NaN passes every "< 0" test; inf trains nothing)."""
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise bad(f.name, "must be a finite number")
+                raise self._bad(f.name, "must be a finite number")
         for name, value in self.latent.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainConfigError(f"latent.{name}={value!r}: must be a finite number")
+
+    def _validate_run(self) -> None:
+        """The choices, the data and the stage schedule."""
         for name, choices in (
             ("stage", STAGES),
             ("optimizer", OPTIMIZERS),
@@ -185,14 +187,17 @@ class TrainConfig:
             ("distributed", DISTRIBUTED_MODES),
         ):
             if getattr(self, name) not in choices:
-                raise bad(name, f"must be one of {list(choices)}")
+                raise self._bad(name, f"must be one of {list(choices)}")
         if self.train_data is None:
-            raise bad("train_data", "is required (a JSONL file of records)")
+            raise self._bad("train_data", "is required (a JSONL file of records)")
         if self.stage == "AC":
             if self.switch_step is None or not 0 < self.switch_step < self.max_steps:
-                raise bad("switch_step", f"stage AC needs 0 < switch_step < max_steps={self.max_steps}")
+                raise self._bad("switch_step", f"stage AC needs 0 < switch_step < max_steps={self.max_steps}")
         if self.stage != "A" and not self.use_latents:
-            raise bad("use_latents", "stage C needs latents (the no-latent baseline is a stage-A run)")
+            raise self._bad("use_latents", "stage C needs latents (the no-latent baseline is a stage-A run)")
+
+    def _validate_counts(self) -> None:
+        """Sizes, steps and intervals."""
         positive = (
             "tiny_hidden_size",
             "tiny_num_layers",
@@ -204,7 +209,7 @@ class TrainConfig:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
+                raise self._bad(name, "must be >= 1")
         for name in (
             "warmup_steps",
             "eval_every",
@@ -214,40 +219,41 @@ class TrainConfig:
             "threshold_anneal_steps",
         ):
             if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0")
+                raise self._bad(name, "must be >= 0")
         for name in ("max_length", "eval_max_samples", "eval_batch_size", "num_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise bad(name, "must be >= 1 or null")
+                raise self._bad(name, "must be >= 1 or null")
         if self.tiny_hidden_size % 8:
-            raise bad("tiny_hidden_size", "must be a multiple of 8 (4 heads, rotary halves)")
+            raise self._bad("tiny_hidden_size", "must be a multiple of 8 (4 heads, rotary halves)")
+
+    def _validate_optimiser(self) -> None:
+        """Optimiser, schedule, threshold, LoRA and the run's tolerances."""
         if not self.lr > 0:
-            raise bad("lr", "must be > 0")
+            raise self._bad("lr", "must be > 0")
         if self.weight_decay < 0:
-            raise bad("weight_decay", "must be >= 0")
+            raise self._bad("weight_decay", "must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise bad(name, "must be in [0, 1)")
+                raise self._bad(name, "must be in [0, 1)")
         if not self.adam_eps > 0:
-            raise bad("adam_eps", "must be > 0")
+            raise self._bad("adam_eps", "must be > 0")
         if self.momentum < 0:
-            raise bad("momentum", "must be >= 0")
+            raise self._bad("momentum", "must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise bad("min_lr_ratio", "must be in [0, 1]")
+            raise self._bad("min_lr_ratio", "must be in [0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise bad("grad_clip", "must be > 0 or null")
+            raise self._bad("grad_clip", "must be > 0 or null")
         if not 0.0 <= self.threshold_start <= 1.0:
-            raise bad("threshold_start", "must be in [0, 1]")
+            raise self._bad("threshold_start", "must be in [0, 1]")
         if self.lora_alpha <= 0:
-            raise bad("lora_alpha", "must be > 0")
+            raise self._bad("lora_alpha", "must be > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", "must be in [0, 1)")
+            raise self._bad("lora_dropout", "must be in [0, 1)")
         if not self.dist_timeout_s > 0:
-            raise bad("dist_timeout_s", "must be > 0 (seconds)")
+            raise self._bad("dist_timeout_s", "must be > 0 (seconds)")
         if not self.check_tolerance > 0:
-            raise bad("check_tolerance", "must be > 0")
-        self._validate_latent()
-        return self
+            raise self._bad("check_tolerance", "must be > 0")
 
     def _validate_latent(self) -> None:
         known = set(LatentSettings.field_names())
@@ -312,13 +318,6 @@ class TrainConfig:
             extra = f"; did you mean {close}?" if close else ""
             raise TrainConfigError(f"{key}: unknown option{extra}")
         setattr(self, key, _coerce(value, hints[key], key))
-
-    def apply_overrides(self, overrides: list[str]) -> TrainConfig:
-        """Apply ``key=value`` strings (value parsed as YAML), then validate."""
-        for item in overrides:
-            self.set(*parse_override(item))
-        return self.validate()
-
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``"key=value"`` -> ``(key, value)``, the value read as YAML (empty = None)."""

@@ -20,12 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.collator import CollatorInputError
-from ..data.records import Record, RecordDataset, RecordError, load_records
-
-
-class TrainDataError(ValueError):
-    """The training data cannot be used as configured; the message names the file (and record)."""
+from ..data.records import Record, RecordDataset, load_records
+from ..errors import CollatorInputError, RecordError, TrainDataError
 
 
 class StreamBatchSampler(Sampler[list[int]]):

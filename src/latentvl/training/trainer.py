@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import LatentSettings
-from ..data.collator import LatentCollator
+from ..data.collator import LatentCollator, to_device
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
@@ -173,10 +173,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
@@ -431,13 +427,71 @@ class _Where:
     phase = "start-up (process group, model wrapping, resume)"
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds, built by :func:`_start` and carried through the loop."""
+
+    cfg: TrainConfig
+    callbacks: list[Any]
+    where: _Where
+    accelerator: Any
+    rank: int
+    world: int
+    device: torch.device
+    main: bool
+    out_dir: Path
+    state: TrainState
+    result: TrainResult
+    resume_dir: Path | None = None
+    last_ckpt: Path | None = None
+    model: nn.Module | None = None  # what is trained (a PeftModel under LoRA)
+    lm: nn.Module | None = None  # the latent model inside it
+    processor: Any = None
+    collator: LatentCollator | None = None
+    sampler: StreamBatchSampler | None = None
+    batches: Any = None  # the stream of collated micro-batches
+    train_items: BatchTimeDataset | None = None
+    eval_records: list | None = None
+    skips: SkipReport | None = None
+    fsdp: bool = False
+    module: nn.Module | None = None  # the LatentLossModule, wrapped by DDP or sharded by FSDP2
+    optimizer: Any = None
+    scheduler: Any = None
+    metrics: MetricsWriter | None = None
+    checked: set[str] = field(default_factory=set)  # stages whose design §8 checks passed
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+
 def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    run, warnings = _start(cfg, callbacks, where)  # 1. the run
+    _build_model(run)  # 2. the model
+    data_warning = _build_data(run)  # 3. the data
+    _build_engine(run)  # 4. optimiser, schedule, engine
+    if run.resume_dir is not None:  # 5. resume
+        _restore(run)
+    _open_metrics(run, [data_warning, *warnings])
+    try:
+        while run.state.step < cfg.max_steps:  # 6. the loop
+            _train_step(run)
+        _finish(run)  # 7. the end
+    finally:
+        run.metrics.close()
+    run.result.step = run.state.step
+    run.result.stage = run.state.stage
+    if run.main:
+        run.metrics.message(f"done: {run.state.step} steps; checkpoint {run.result.checkpoint}")
+    return run.result
 
-    # 1. the run ---------------------------------------------------------------------------------
+
+# 1. the run ---------------------------------------------------------------------------------------
+def _start(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> tuple[_Run, list[str]]:
+    """The engine and the output folder; the checkpoint to resume from, its state, and seeds."""
     accelerator = make_accelerator(cfg)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
     if main:
@@ -447,16 +501,16 @@ def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult
         for note in resume_notes:
             print(f"warning: {note}", flush=True)
     state = TrainState(stage=cfg.stage_at(0))
-    resume_warnings: list[str] = []
+    warnings: list[str] = []
     if resume_dir is not None:
         saved = ckpt.read_trainer_state(resume_dir)
         if isinstance(saved.get("config"), dict):  # refuse changes the run could not honour
-            resume_warnings = check_resume_config(
+            warnings = check_resume_config(
                 saved["config"],
                 cfg,
                 step=int(saved["step"]),
                 saved_global_batch=saved.get("global_batch"),
-                world_size=world,
+                world_size=accelerator.num_processes,
             )
         state = TrainState(
             step=int(saved["step"]),
@@ -464,46 +518,67 @@ def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult
             stage=cfg.stage_at(int(saved["step"])),
         )
     _seed_everything(cfg.seed)
+    run = _Run(
+        cfg=cfg, callbacks=callbacks, where=where, accelerator=accelerator, rank=accelerator.process_index,
+        world=accelerator.num_processes, device=accelerator.device, main=main, out_dir=out_dir, state=state,
+        result=TrainResult(output_dir=out_dir, step=state.step, stage=state.stage),
+        resume_dir=resume_dir, last_ckpt=resume_dir,
+    )
+    return run, warnings
 
-    # 2. the model -------------------------------------------------------------------------------
-    base, processor = build_model(cfg, state.stage, resume_dir)
-    model = prepare_for_training(base, cfg)
-    if resume_dir is not None and cfg.lora:
-        missing = _load_lora_state(model, ckpt.load_lora_state(resume_dir))
+
+# 2. the model -------------------------------------------------------------------------------------
+def _build_model(run: _Run) -> None:
+    """The model of the current stage, prepared for training; LoRA adapters restored on resume."""
+    base, run.processor = build_model(run.cfg, run.state.stage, run.resume_dir)
+    run.model = prepare_for_training(base, run.cfg)
+    if run.resume_dir is not None and run.cfg.lora:
+        missing = _load_lora_state(run.model, ckpt.load_lora_state(run.resume_dir))
         if missing:
-            raise ckpt.CheckpointError(f"{resume_dir}: LoRA state lacks {missing[:5]}")
-    lm = latent_model(model)
+            raise ckpt.CheckpointError(f"{run.resume_dir}: LoRA state lacks {missing[:5]}")
+    run.lm = latent_model(run.model)
 
-    # 3. the data --------------------------------------------------------------------------------
-    skips = SkipReport(out_dir / SKIPPED_FILE if main else None, keep_batch_entries=resume_dir is not None)
-    train_records = load_split(cfg.train_data, cfg.skip_invalid, skips, "train")
-    data_warning = check_latent_data(train_records, cfg.train_data, cfg.stage, cfg.use_latents)
-    eval_records = load_split(cfg.eval_data, cfg.skip_invalid, skips, "eval") if cfg.eval_data else None
-    collator = LatentCollator(
-        processor,
-        lm.config,
+
+# 3. the data --------------------------------------------------------------------------------------
+def _build_data(run: _Run) -> str | None:
+    """Records, the collator and this process's stream of micro-batches; returns a data warning."""
+    cfg = run.cfg
+    run.skips = SkipReport(run.out_dir / SKIPPED_FILE if run.main else None,
+                           keep_batch_entries=run.resume_dir is not None)
+    train_records = load_split(cfg.train_data, cfg.skip_invalid, run.skips, "train")
+    warning = check_latent_data(train_records, cfg.train_data, cfg.stage, cfg.use_latents)
+    run.eval_records = load_split(cfg.eval_data, cfg.skip_invalid, run.skips, "eval") if cfg.eval_data else None
+    run.collator = LatentCollator(
+        run.processor,
+        run.lm.config,
         max_length=cfg.max_length,
         system_prompt=cfg.system_prompt,
         use_latents=cfg.use_latents,
     )
-    sampler = StreamBatchSampler(
-        len(train_records), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, start=state.samples_seen
+    run.sampler = StreamBatchSampler(
+        len(train_records), cfg.batch_size, cfg.grad_accum, run.world, run.rank, cfg.seed,
+        start=run.state.samples_seen,
     )
-    batches = micro_batches(train_records, collator, sampler, cfg.num_workers, cfg.skip_invalid)
-    train_items = BatchTimeDataset(train_records, cfg.skip_invalid)  # random access, for the checks' batch
+    run.batches = micro_batches(train_records, run.collator, run.sampler, cfg.num_workers, cfg.skip_invalid)
+    run.train_items = BatchTimeDataset(train_records, cfg.skip_invalid)  # random access, for the checks' batch
+    return warning
 
-    # 4. optimiser, schedule, engine -------------------------------------------------------------
-    fsdp = cfg.distributed == "fsdp" and world > 1
-    if fsdp:
+
+# 4. optimiser, schedule, engine -------------------------------------------------------------------
+def _build_engine(run: _Run) -> None:
+    """The loss module wrapped for DDP or sharded by FSDP2, its optimiser and the LR schedule."""
+    cfg = run.cfg
+    run.fsdp = cfg.distributed == "fsdp" and run.world > 1
+    if run.fsdp:
         if cfg.lora:
             raise ValueError("lora with distributed=fsdp is not supported; use ddp for LoRA runs")
-        module = shard_fsdp2(LatentLossModule(model).to(device), _mixed_precision(cfg))
-        optimizer = make_optimizer(cfg, model)  # after sharding: the parameters are DTensors now
+        run.module = shard_fsdp2(LatentLossModule(run.model).to(run.device), _mixed_precision(cfg))
+        run.optimizer = make_optimizer(cfg, run.model)  # after sharding: the parameters are DTensors now
     else:
-        optimizer = make_optimizer(cfg, model)
-        module, optimizer = accelerator.prepare(LatentLossModule(model), optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
+        optimizer = make_optimizer(cfg, run.model)
+        run.module, run.optimizer = run.accelerator.prepare(LatentLossModule(run.model), optimizer)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer,
         functools.partial(
             lr_factor,
             warmup_steps=cfg.warmup_steps,
@@ -513,250 +588,278 @@ def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult
         ),
     )
 
-    # 5. resume ----------------------------------------------------------------------------------
-    if resume_dir is not None:
-        saved_opt = ckpt.load_optimizer_state(resume_dir)
-        _load_optimizer(optimizer, module, saved_opt["optimizer"], fsdp)
-        scheduler.load_state_dict(saved_opt["scheduler"])
-        rng = ckpt.load_rng_state(resume_dir, rank)
-        if rng is not None:
-            ckpt.set_rng_state(rng)
 
-    metrics = MetricsWriter(
-        out_dir,
-        enabled=main,
+# 5. resume ----------------------------------------------------------------------------------------
+def _restore(run: _Run) -> None:
+    """Optimiser, schedule and this process's random states from the checkpoint resumed."""
+    saved_opt = ckpt.load_optimizer_state(run.resume_dir)
+    _load_optimizer(run.optimizer, run.module, saved_opt["optimizer"], run.fsdp)
+    run.scheduler.load_state_dict(saved_opt["scheduler"])
+    rng = ckpt.load_rng_state(run.resume_dir, run.rank)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+
+
+def _open_metrics(run: _Run, warnings: list[str | None]) -> None:
+    """The metrics writer; the warnings, the config and a line that says what this run does."""
+    cfg = run.cfg
+    run.metrics = MetricsWriter(
+        run.out_dir,
+        enabled=run.main,
         total_steps=cfg.max_steps,
-        start_step=state.step,
+        start_step=run.state.step,
         tensorboard=cfg.tensorboard,
         progress_bar=cfg.progress_bar,
     )
-    if main:
-        for text in [data_warning, *resume_warnings]:
-            if text:
-                metrics.message(f"warning: {text}")
-    if main:
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
-        resumed_from = f" from {resume_dir} (step {state.step})" if resume_dir else ""
-        metrics.message(
-            f"training {cfg.max_steps} steps, stage {cfg.stage}, {world} process(es), "
-            f"global batch {cfg.batch_size * cfg.grad_accum * world}{resumed_from}"
-        )
-    result = TrainResult(output_dir=out_dir, step=state.step, stage=state.stage)
-    last_ckpt = resume_dir
-    checked: set[str] = set()
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if not run.main:
+        return
+    for text in warnings:
+        if text:
+            run.metrics.message(f"warning: {text}")
+    (run.out_dir / "config.yaml").write_text(cfg.to_yaml())
+    resumed_from = f" from {run.resume_dir} (step {run.state.step})" if run.resume_dir else ""
+    run.metrics.message(
+        f"training {cfg.max_steps} steps, stage {cfg.stage}, {run.world} process(es), "
+        f"global batch {run.global_batch}{resumed_from}"
+    )
 
-    def save(step: int) -> Path:
-        trainer_state = {
-            "step": step,
-            "pinned": cfg.stage == "AC" and step == cfg.switch_step,  # the finished stage A: never pruned
-            "samples_seen": state.samples_seen,
-            "stage": state.stage,
-            "threshold": current_threshold(cfg, max(step - 1, 0)),
-            "world_size": world,
-            "global_batch": global_batch,
-            "seed": cfg.seed,
-            "config": cfg.to_dict(),
-            "last_metrics": result.history[-1] if result.history else None,
-        }
-        model_sd = None
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            full = get_model_state_dict(
-                module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+# 6. the loop --------------------------------------------------------------------------------------
+def _train_step(run: _Run) -> None:
+    """One optimiser step: stage switch, the stage's checks, micro-batches, update, log, eval, save."""
+    cfg, state = run.cfg, run.state
+    step_no = state.step + 1
+    for cb in run.callbacks:
+        if hasattr(cb, "on_step_begin"):
+            cb.on_step_begin(state.step, run.lm)
+    stage = cfg.stage_at(state.step)
+    if stage != run.lm.config.latent_mode_stage:
+        set_stage(run.lm, cfg, stage)
+        run.metrics.message(f"step {step_no}: switching to stage {stage}")
+    state.stage = stage
+    threshold = current_threshold(cfg, state.step)
+    if cfg.run_checks and stage not in run.checked:
+        _check_stage(run, step_no, stage, threshold)
+    t0 = time.perf_counter()
+    sums, step_ids = _accumulate(run, step_no, threshold)
+    grad_norm, lr = _update(run, step_no, step_ids)
+    record = _log_step(run, step_no, stage, threshold, sums, grad_norm, lr, time.perf_counter() - t0)
+    for cb in run.callbacks:
+        if hasattr(cb, "on_step_end"):
+            cb.on_step_end(step_no, record, run.lm)
+    _evaluate_and_save(run, step_no)
+
+
+def _check_stage(run: _Run, step_no: int, stage: str, threshold: float | None) -> None:
+    """The design §8 checks on this step's first micro-batch, before the stage's first update; every
+    process must pass."""
+    run.where.phase = f"step {step_no}: the design §8 checks (stage {stage})"
+    first = collate_reporting(run.collator, run.train_items)(
+        [run.train_items[i] for i in run.sampler.micro_batch(run.state.samples_seen, 0)]
+    )
+    check = functools.partial(
+        run_checks,
+        batch=to_device(first, run.device),
+        stage=stage,
+        threshold=threshold,
+        tolerance=run.cfg.check_tolerance,
+    )
+    report = _through_root(run.module, run.fsdp, check)
+    ok_everywhere = _all_sum([0.0 if report.ok else 1.0], run.device)[0] == 0
+    run.result.checks.append(report)
+    run.metrics.message(report.format())
+    if not ok_everywhere:
+        if report.ok:
+            report.results.append(CheckResult("other processes", False, "a check failed on another process"))
+        raise PreflightError(report)
+    run.checked.add(stage)
+
+
+def _accumulate(run: _Run, step_no: int, threshold: float | None) -> tuple[dict[str, float], list[str]]:
+    """Forward and backward over the step's micro-batches; sums of the parts and slot counts, and the
+    step's sample ids. Reports images skipped at batch time; stops on a non-finite loss before the
+    update touches the weights."""
+    cfg = run.cfg
+    run.where.phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
+    sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
+    bad_ids: list[str] = []
+    step_ids: list[str] = []
+    step_skipped: list[dict[str, Any]] = []
+    for micro in range(cfg.grad_accum):
+        batch = to_device(next(run.batches), run.device)
+        step_ids.extend(batch["ids"])
+        step_skipped.extend(batch.get("skipped") or [])
+        sync = micro == cfg.grad_accum - 1
+        skip_sync = not sync and run.world > 1 and not run.fsdp  # FSDP2 reduces every micro-batch
+        ctx = run.accelerator.no_sync(run.module) if skip_sync else contextlib.nullcontext()
+        with ctx:
+            out = run.module(batch, threshold)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                bad_ids.extend(batch["ids"])
+            run.accelerator.backward(loss / cfg.grad_accum)
+        for k in ("loss", "ce", "align", "stop", "cost"):
+            sums[k] += float(out[k].detach())
+        sums["used"] += out["used"]
+        sums["budget"] += out["budget"]
+        sums["n"] += 1
+
+    run.where.phase = f"step {step_no}: the all-reduce of the loss checks"
+    n_bad, n_skipped = _all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], run.device)
+    if n_skipped:  # images that failed to decode at batch time (skip_invalid): report, go on
+        found = [e for part in _gather_objects(step_skipped) for e in part]
+        for e in run.skips.add("train", found, "batch") if run.main else []:
+            run.metrics.message(
+                f"step {step_no}: skipped {e['source']} (id {e['id']!r}): {e['reason']} "
+                f"[{run.skips.total} skipped in all, listed in {run.skips.path}]"
             )
-            model_sd = {k[len("model.") :]: v for k, v in full.items()} if main else None
-        return ckpt.save_checkpoint(
-            out_dir,
-            step,
-            rank=rank,
-            export_model=_export_copy(model) if main else None,
-            processor=processor,
-            optimizer_state=_optimizer_state(optimizer, module, fsdp),
-            scheduler_state=scheduler.state_dict(),
-            trainer_state=trainer_state,
-            lora_state=_lora_state(model),
-            model_state_dict=model_sd,
-            keep_last=cfg.keep_last,
-        )
+    if n_bad > 0:
+        ids = [i for part in _gather_objects(bad_ids) for i in part]
+        raise NonFiniteLossError(step_no, ids, "loss", run.last_ckpt)
+    return sums, step_ids
 
-    def evaluate(step: int) -> dict[str, Any]:
-        thr = current_threshold(cfg, max(step - 1, 0))
-        res = _through_root(
-            module,
-            fsdp,
-            lambda m: evaluate_records(
-                m,
-                collator,
-                eval_records,
-                batch_size=cfg.eval_batch_size or cfg.batch_size,
-                threshold=thr,
-                max_samples=cfg.eval_max_samples,
-                rank=rank,
-                world_size=world,
-            ),
-        )
-        record = {"step": step, "stage": state.stage, **res}
-        metrics.log_eval(record)
-        result.evals.append(record)
-        return record
 
-    # 6. the loop --------------------------------------------------------------------------------
-    try:
-        while state.step < cfg.max_steps:
-            step_no = state.step + 1
-            for cb in callbacks:
-                if hasattr(cb, "on_step_begin"):
-                    cb.on_step_begin(state.step, lm)
-            stage = cfg.stage_at(state.step)
-            if stage != lm.config.latent_mode_stage:
-                set_stage(lm, cfg, stage)
-                metrics.message(f"step {step_no}: switching to stage {stage}")
-            state.stage = stage
-            threshold = current_threshold(cfg, state.step)
+def _update(run: _Run, step_no: int, step_ids: list[str]) -> tuple[float | None, float]:
+    """Clip (stopping on a non-finite norm), step the optimiser and the schedule, advance the state.
+    Returns the gradient norm and the learning rate the step used."""
+    run.where.phase = f"step {step_no}: gradient clipping and the optimiser step"
+    grad_norm = None
+    if run.cfg.grad_clip is not None:
+        norm = run.accelerator.clip_grad_norm_(run.module.parameters(), run.cfg.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(grad_norm):
+            ids = [i for part in _gather_objects(step_ids) for i in part]
+            raise NonFiniteLossError(step_no, ids, "gradient norm", run.last_ckpt)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step = step_no
+    run.state.samples_seen += run.global_batch
+    return grad_norm, lr
 
-            # design §8 checks, on this step's first micro-batch, before the stage's first update
-            if cfg.run_checks and stage not in checked:
-                where.phase = f"step {step_no}: the design §8 checks (stage {stage})"
-                first = collate_reporting(collator, train_items)(
-                    [train_items[i] for i in sampler.micro_batch(state.samples_seen, 0)]
-                )
-                check = functools.partial(
-                    run_checks,
-                    batch=_to_device(first, device),
-                    stage=stage,
-                    threshold=threshold,
-                    tolerance=cfg.check_tolerance,
-                )
-                report = _through_root(module, fsdp, check)
-                ok_everywhere = _all_sum([0.0 if report.ok else 1.0], device)[0] == 0
-                result.checks.append(report)
-                metrics.message(report.format())
-                if not ok_everywhere:
-                    if report.ok:
-                        report.results.append(
-                            CheckResult("other processes", False, "a check failed on another process")
-                        )
-                    raise PreflightError(report)
-                checked.add(stage)
 
-            where.phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
-            t0 = time.perf_counter()
-            sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
-            bad_ids: list[str] = []
-            step_ids: list[str] = []
-            step_skipped: list[dict[str, Any]] = []
-            for micro in range(cfg.grad_accum):
-                batch = _to_device(next(batches), device)
-                step_ids.extend(batch["ids"])
-                step_skipped.extend(batch.get("skipped") or [])
-                sync = micro == cfg.grad_accum - 1
-                skip_sync = not sync and world > 1 and not fsdp  # FSDP2 reduces every micro-batch
-                ctx = accelerator.no_sync(module) if skip_sync else contextlib.nullcontext()
-                with ctx:
-                    out = module(batch, threshold)
-                    loss = out["loss"]
-                    if not torch.isfinite(loss.detach()).all():
-                        bad_ids.extend(batch["ids"])
-                    accelerator.backward(loss / cfg.grad_accum)
-                for k in ("loss", "ce", "align", "stop", "cost"):
-                    sums[k] += float(out[k].detach())
-                sums["used"] += out["used"]
-                sums["budget"] += out["budget"]
-                sums["n"] += 1
+def _log_step(run: _Run, step_no: int, stage: str, threshold: float | None, sums: dict[str, float],
+              grad_norm: float | None, lr: float, step_time: float) -> dict[str, Any]:
+    """The step's record: means over micro-batches and processes, latent slots used over the budget
+    (a ratio of totals), and each process's ratio; appended to the history and logged."""
+    run.where.phase = f"step {step_no}: the all-reduce of the step's metrics"
+    keys = list(sums)
+    total = dict(zip(keys, _all_sum([sums[k] for k in keys], run.device), strict=True))
+    per_rank = _all_gather_pair(sums["used"], sums["budget"], run.device) if run.world > 1 else None
+    n = max(total["n"], 1.0)
+    record = {
+        "step": step_no,
+        "stage": stage,
+        **{k: total[k] / n for k in ("loss", "ce", "align", "stop", "cost")},
+        "used": int(total["used"]),
+        "budget": int(total["budget"]),
+        "used_ratio": total["used"] / total["budget"] if total["budget"] else None,
+        "threshold": threshold,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "step_time": step_time,
+        "samples_seen": run.state.samples_seen,
+    }
+    if per_rank is not None:  # how each process's samples halted (they differ in stage C)
+        record["rank_used_ratio"] = [u / b if b else None for u, b in per_rank]
+    run.result.history.append(record)
+    if step_no % run.cfg.log_every == 0 or step_no == run.cfg.max_steps:
+        run.metrics.log_train(record)
+    return record
 
-            # stop on a non-finite loss before the update touches the weights
-            where.phase = f"step {step_no}: the all-reduce of the loss checks"
-            n_bad, n_skipped = _all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], device)
-            any_bad = n_bad > 0
-            if n_skipped:  # images that failed to decode at batch time (skip_invalid): report, go on
-                found = [e for part in _gather_objects(step_skipped) for e in part]
-                for e in skips.add("train", found, "batch") if main else []:
-                    metrics.message(
-                        f"step {step_no}: skipped {e['source']} (id {e['id']!r}): {e['reason']} "
-                        f"[{skips.total} skipped in all, listed in {skips.path}]"
-                    )
-            if any_bad:
-                ids = [i for part in _gather_objects(bad_ids) for i in part]
-                raise NonFiniteLossError(step_no, ids, "loss", last_ckpt)
-            where.phase = f"step {step_no}: gradient clipping and the optimiser step"
-            grad_norm = None
-            if cfg.grad_clip is not None:
-                norm = accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                if not math.isfinite(grad_norm):
-                    ids = [i for part in _gather_objects(step_ids) for i in part]
-                    raise NonFiniteLossError(step_no, ids, "gradient norm", last_ckpt)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step = step_no
-            state.samples_seen += global_batch
 
-            # log: means over micro-batches and processes
-            where.phase = f"step {step_no}: the all-reduce of the step's metrics"
-            keys = list(sums)
-            total = dict(zip(keys, _all_sum([sums[k] for k in keys], device), strict=True))
-            per_rank = _all_gather_pair(sums["used"], sums["budget"], device) if world > 1 else None
-            n = max(total["n"], 1.0)
-            record = {
-                "step": step_no,
-                "stage": stage,
-                **{k: total[k] / n for k in ("loss", "ce", "align", "stop", "cost")},
-                "used": int(total["used"]),
-                "budget": int(total["budget"]),
-                "used_ratio": total["used"] / total["budget"] if total["budget"] else None,
-                "threshold": threshold,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "step_time": time.perf_counter() - t0,
-                "samples_seen": state.samples_seen,
-            }
-            if per_rank is not None:  # how each process's samples halted (they differ in stage C)
-                record["rank_used_ratio"] = [u / b if b else None for u, b in per_rank]
-            result.history.append(record)
-            if step_no % cfg.log_every == 0 or step_no == cfg.max_steps:
-                metrics.log_train(record)
-            for cb in callbacks:
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(step_no, record, lm)
+def _evaluate_and_save(run: _Run, step_no: int) -> None:
+    """Evaluate and save on schedule (the last step does both in :func:`_finish`); a stage-A model is
+    complete at the switch, so a checkpoint of it is always kept."""
+    cfg = run.cfg
+    at_switch = cfg.stage == "AC" and step_no == cfg.switch_step
+    if step_no == cfg.max_steps:
+        return
+    if run.eval_records is not None and cfg.eval_every and (step_no % cfg.eval_every == 0 or at_switch):
+        run.where.phase = f"step {step_no}: evaluation"
+        _evaluate(run, step_no)
+    if cfg.save_every and step_no % cfg.save_every == 0 or at_switch:
+        run.where.phase = f"step {step_no}: writing checkpoint {ckpt.step_dirname(step_no)}"
+        run.last_ckpt = _save(run, step_no)
+        run.result.checkpoint = run.last_ckpt
 
-            # a stage-A model is complete at the switch: keep a checkpoint of it
-            at_switch = cfg.stage == "AC" and step_no == cfg.switch_step
-            if (
-                eval_records is not None
-                and cfg.eval_every
-                and (step_no % cfg.eval_every == 0 or at_switch)
-                and step_no != cfg.max_steps
-            ):
-                where.phase = f"step {step_no}: evaluation"
-                evaluate(step_no)
-            if (cfg.save_every and step_no % cfg.save_every == 0 or at_switch) and step_no != cfg.max_steps:
-                where.phase = f"step {step_no}: writing checkpoint {ckpt.step_dirname(step_no)}"
-                last_ckpt = save(step_no)
-                result.checkpoint = last_ckpt
 
-        # 7. the end -----------------------------------------------------------------------------
-        where.phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(state.step)}, barrier)"
-        if eval_records is not None:
-            evaluate(state.step)
-        if last_ckpt is None or ckpt.read_trainer_state(last_ckpt)["step"] != state.step:
-            last_ckpt = save(state.step)
-        result.checkpoint = last_ckpt
-        if cfg.save_final_model and main:
-            final = out_dir / "final"
-            _replace_dir_with_copy(last_ckpt / ckpt.MODEL_DIR, final)
-            result.final_model = final
-        accelerator.wait_for_everyone()
-    finally:
-        metrics.close()
-    result.step = state.step
-    result.stage = state.stage
-    if main:
-        metrics.message(f"done: {state.step} steps; checkpoint {result.checkpoint}")
-    return result
+# 7. the end ---------------------------------------------------------------------------------------
+def _finish(run: _Run) -> None:
+    """The final evaluation, the last checkpoint (unless the last step wrote it) and ``final/``."""
+    step = run.state.step
+    run.where.phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(step)}, barrier)"
+    if run.eval_records is not None:
+        _evaluate(run, step)
+    if run.last_ckpt is None or ckpt.read_trainer_state(run.last_ckpt)["step"] != step:
+        run.last_ckpt = _save(run, step)
+    run.result.checkpoint = run.last_ckpt
+    if run.cfg.save_final_model and run.main:
+        final = run.out_dir / "final"
+        _replace_dir_with_copy(run.last_ckpt / ckpt.MODEL_DIR, final)
+        run.result.final_model = final
+    run.accelerator.wait_for_everyone()
+
+
+def _save(run: _Run, step: int) -> Path:
+    """A checkpoint of ``step`` (every process writes its part; under FSDP the full state is gathered)."""
+    cfg = run.cfg
+    trainer_state = {
+        "step": step,
+        "pinned": cfg.stage == "AC" and step == cfg.switch_step,  # the finished stage A: never pruned
+        "samples_seen": run.state.samples_seen,
+        "stage": run.state.stage,
+        "threshold": current_threshold(cfg, max(step - 1, 0)),
+        "world_size": run.world,
+        "global_batch": run.global_batch,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "last_metrics": run.result.history[-1] if run.result.history else None,
+    }
+    model_sd = None
+    if run.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(run.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_sd = {k[len("model.") :]: v for k, v in full.items()} if run.main else None
+    return ckpt.save_checkpoint(
+        run.out_dir,
+        step,
+        rank=run.rank,
+        export_model=_export_copy(run.model) if run.main else None,
+        processor=run.processor,
+        optimizer_state=_optimizer_state(run.optimizer, run.module, run.fsdp),
+        scheduler_state=run.scheduler.state_dict(),
+        trainer_state=trainer_state,
+        lora_state=_lora_state(run.model),
+        model_state_dict=model_sd,
+        keep_last=cfg.keep_last,
+    )
+
+
+def _evaluate(run: _Run, step: int) -> dict[str, Any]:
+    """Teacher-forced evaluation on the eval records, split over the processes; logged and kept."""
+    cfg = run.cfg
+    thr = current_threshold(cfg, max(step - 1, 0))
+    res = _through_root(
+        run.module,
+        run.fsdp,
+        lambda m: evaluate_records(
+            m,
+            run.collator,
+            run.eval_records,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            threshold=thr,
+            max_samples=cfg.eval_max_samples,
+            rank=run.rank,
+            world_size=run.world,
+        ),
+    )
+    record = {"step": step, "stage": run.state.stage, **res}
+    run.metrics.log_eval(record)
+    run.result.evals.append(record)
+    return record
 
 
 # ------------------------------------------------------------------------------------ small pieces

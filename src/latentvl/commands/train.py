@@ -15,9 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .checks import PreflightError
-from .config import TrainConfigError, load_config
+from ..errors import CollatorInputError, RecordError, TrainConfigError, TrainDataError
+from ..training.checkpoint import CheckpointError
+from ..training.checks import PreflightError
+from ..training.config import load_config
 
 # flag -> config key; each flag is a shortcut for "key=value"
 _FLAGS = {
@@ -106,10 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from ..data.collator import CollatorInputError
-    from ..data.records import RecordError
-    from .data import TrainDataError
-    from .trainer import CollectiveError, NonFiniteLossError, train
+    from ..training.trainer import CollectiveError, NonFiniteLossError, train  # accelerate: on first use
 
     try:
         result = train(cfg)

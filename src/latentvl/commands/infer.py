@@ -1,4 +1,4 @@
-"""Answer a question about an image with a latent model: ``latentvl infer``.
+"""Answer a question about an image with a latent model.
 
 One question: ``latentvl infer --model DIR --image Q.png --question "First move from start?"``.
 Many: ``latentvl infer --model DIR --data records.jsonl --out answers.jsonl`` (batched, left padding).
@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 
+from ..data.records import RecordError, load_records
+from ..fileio import write_atomic
+from ..inference.generate import LatentInference
+from ..model.attention import LATENT_ATTENTION
+from ..model.loading import DTYPES, load_latent_model
+
 __all__ = ["add_arguments", "add_model_arguments", "load_for_inference", "run"]
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``infer`` and ``eval``: which model, where it runs, how it thinks."""
@@ -38,9 +41,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load ``(model, processor)`` from ``args.model`` onto ``args.device``, in eval mode."""
-    from ..model.attention import LATENT_ATTENTION
-    from ..model.loading import load_latent_model
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_latent_model(args.model, dtype=DTYPES[args.dtype],
                                          attn_implementation=LATENT_ATTENTION[args.attn])
@@ -105,9 +105,6 @@ def _describe(res: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``latentvl infer``; exit status 1 when any sample failed."""
-    from ..data.records import RecordError, load_records
-    from .generate import LatentInference
-
     if args.question is not None:
         sample: dict[str, Any] = {"id": "question", "question": args.question, "images": list(args.image)}
         if args.budgets is not None:
@@ -141,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [r.to_dict() for r in results]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        write_atomic(args.out, "".join(json.dumps(row) + "\n" for row in rows))
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -1,0 +1,481 @@
+"""The demo's report: ``report.md`` (tables and readings of every arm), ``report.json`` and its plots
+(``accuracy_vs_difficulty.png``, ``loss_curves.png``, ``latents.png``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.metrics import LABELS, USED_RATIO
+from ..fileio import write_atomic
+from .format import difficulty_key as _difficulty_key
+
+__all__ = [
+    "ARMS",
+    "ARM_LABELS",
+    "LATENT_ARMS",
+    "alignment_table",
+    "causal_table",
+    "difficulty_table",
+    "instrument_table",
+    "markdown",
+    "results_table",
+    "truncation_table",
+    "write_demo_report",
+]
+
+ARMS = ("baseline_no_latents", "pause", "latents_no_align", "stage_a", "stage_c")
+ARM_LABELS = {
+    "baseline_no_latents": "no latents (answer right after the question)",
+    "pause": "pause tokens (learned constant slots, no feedback)",
+    "latents_no_align": "latents without alignment",
+    "stage_a": "stage A (latents, aligned, fixed budgets)",
+    "stage_c": "stage C (learned halting)",
+}
+LATENT_ARMS = ("pause", "latents_no_align", "stage_a", "stage_c")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def difficulty_table(report: dict[str, Any]) -> str:
+    """Accuracy per difficulty (rows) for every arm (columns), with chance."""
+    r = report["results"]
+    diffs = sorted({d for arm in ARMS for d in r[arm]["accuracy_by_difficulty"]}, key=_difficulty_key)
+    head = "| difficulty | n | " + " | ".join(ARM_LABELS[a].split(" (")[0] for a in ARMS) + " | chance |"
+    rows = [head, "|" + "---|" * (len(ARMS) + 3)]
+    for d in diffs:
+        n = r["stage_a"]["accuracy_by_difficulty"].get(d, {}).get("n", "-")
+        cells = [_pct(r[a]["accuracy_by_difficulty"].get(d, {}).get("accuracy")) for a in ARMS]
+        rows.append(f"| {d} | {n} | " + " | ".join(cells) + f" | {report['test_chance_accuracy']:.3f} |")
+    cells = [_pct(r[a]["accuracy"]) for a in ARMS]
+    rows.append("| all | " + str(r["stage_a"]["n"]) + " | " + " | ".join(cells)
+                + f" | {report['test_chance_accuracy']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def results_table(report: dict[str, Any]) -> str:
+    r = report["results"]
+    chance = report["test_chance_accuracy"]
+    st = report["steps"]
+
+    def ratio(x: dict[str, Any]) -> str:
+        return f"{x['used_ratio']:.3f} ({x['used']}/{x['budget']})" if x["budget"] else "- (no latents)"
+
+    def steps(arm: str) -> str:
+        return f"{st['stage_a']} + {st['stage_c']}" if arm == "stage_c" else str(st[arm])
+
+    rows = [
+        f"| model | train steps | test accuracy | {LABELS[USED_RATIO]} |",
+        "|---|---|---|---|",
+        f"| chance (most frequent answer) | - | {chance:.3f} | - |",
+    ]
+    for arm in ARMS:
+        label = ARM_LABELS[arm]
+        if arm == "stage_c":
+            label = f"stage C (learned halting, threshold {report['final_threshold']:g})"
+        rows.append(f"| {label} | {steps(arm)} | {_pct(r[arm]['accuracy'])} | {ratio(r[arm])} |")
+    return "\n".join(rows) + "\n"
+
+
+def causal_table(report: dict[str, Any]) -> str:
+    rows = ["| model | latents masked | latents noised | latents swapped |", "|---|---|---|---|"]
+    for key in LATENT_ARMS:
+        causal = report["results"][key].get("causal") or {}
+        cells = []
+        for check in ("mask", "noise", "swap"):
+            c = causal.get(check)
+            cells.append(f"{c['accuracy']:.3f} (changed {c['answer_change_rate']:.3f})" if c else "-")
+        rows.append(f"| {ARM_LABELS[key].split(' (')[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def truncation_table(report: dict[str, Any]) -> str:
+    r = report["results"]
+    keeps = sorted({j for a in LATENT_ARMS for j in (r[a].get("truncation") or {})}, key=int)
+    if not keeps:
+        return ""
+    rows = ["| segments kept | " + " | ".join(ARM_LABELS[a].split(" (")[0] for a in LATENT_ARMS) + " |",
+            "|" + "---|" * (len(LATENT_ARMS) + 1)]
+    for j in keeps:
+        cells = []
+        for a in LATENT_ARMS:
+            t = (r[a].get("truncation") or {}).get(j)
+            cells.append(f"{t['accuracy']:.3f} (n {t['n']})" if t else "-")
+        rows.append(f"| {j} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def instrument_table(report: dict[str, Any]) -> str:
+    rows = ["| model | implant: follows | implant: unchanged | probe accuracy per segment (majority) |",
+            "|---|---|---|---|"]
+    for a in LATENT_ARMS:
+        x = report["results"][a]
+        imp = x.get("implant") or {}
+        probe = x.get("probe") or {}
+        pr = ", ".join(f"{j}: {v['accuracy']:.2f} ({v['majority']:.2f})" for j, v in probe.items()) or "-"
+        rows.append(f"| {ARM_LABELS[a].split(' (')[0]} | {_pct(imp.get('follow_rate'))} (n {imp.get('n', 0)}) "
+                    f"| {_pct(imp.get('unchanged_rate'))} | {pr} |")
+    return "\n".join(rows) + "\n"
+
+
+def alignment_table(report: dict[str, Any]) -> str:
+    rows = ["| model | cosine, latent vs its pooled target | segment mean vs own / other images | "
+            "retrieval top-1 (chance) |", "|---|---|---|---|"]
+    for key in LATENT_ARMS:
+        label = ARM_LABELS[key].split(" (")[0]
+        al = report["results"][key].get("alignment")
+        if not al or al.get("retrieval_top1") is None:
+            rows.append(f"| {label} | - | - | - |")
+            continue
+        rows.append(f"| {label} | {al['mean_cosine']:.3f} | {al['mean_cosine_own']:.3f} / "
+                    f"{al['mean_cosine_other']:.3f} | {al['retrieval_top1']:.3f} ({al['chance']:.3f}, "
+                    f"{al['retrieval_set']} segments) |")
+    return "\n".join(rows) + "\n"
+
+
+def _at(report: dict[str, Any], arm: str, d: str | None) -> float | None:
+    by = report["results"][arm]["accuracy_by_difficulty"]
+    if d is not None and d in by:
+        return by[d]["accuracy"]
+    return report["results"][arm]["accuracy"]
+
+
+def _difficulty_reading(report: dict[str, Any]) -> str:
+    d = report["hardest_difficulty"]
+    a, b, p, n = (_at(report, arm, d) for arm in ("stage_a", "baseline_no_latents", "pause", "latents_no_align"))
+    where = f"at the hardest difficulty ({d})" if d is not None else "overall"
+    return (f"Reading: {where} stage A answers {a:.3f}, the no-latent model {b:.3f}, pause tokens {p:.3f} and "
+            f"unaligned latents {n:.3f} (chance {report['test_chance_accuracy']:.3f}): stage A is "
+            f"{100 * (a - b):+.1f} points over no latents and {100 * (a - p):+.1f} over pause tokens.\n")
+
+
+def _causal_reading(report: dict[str, Any]) -> str:
+    x = report["results"]["stage_a"]
+    mask = (x.get("causal") or {}).get("mask")
+    if not mask:
+        return ""
+    drop = x["accuracy"] - mask["accuracy"]
+    if mask["answer_change_rate"] < 0.05:
+        return ("Reading: masking every latent changes fewer than 5% of stage A's answers: it answers from the "
+                "question and the latents carry little of the decision.\n")
+    return (f"Reading: masking every latent moves stage A from {x['accuracy']:.3f} to {mask['accuracy']:.3f} "
+            f"({100 * drop:+.1f} points lost) and changes {mask['answer_change_rate']:.0%} of its answers.\n")
+
+
+def _truncation_reading(report: dict[str, Any]) -> str:
+    t = report["results"]["stage_a"].get("truncation") or {}
+    if not t:
+        return ""
+    parts = ", ".join(f"{j}: {v['accuracy']:.2f}" for j, v in t.items())
+    return (f"Reading: stage A's accuracy with only the first j segments kept ({parts}; all kept: "
+            f"{report['results']['stage_a']['accuracy']:.2f}).\n")
+
+
+def _implant_reading(report: dict[str, Any]) -> str:
+    imp = report["results"]["stage_a"].get("implant") or {}
+    if not imp.get("n"):
+        return "Reading: no implant was possible (the records carry no cot_states).\n"
+    if imp.get("follow_rate") is None:
+        return (f"Reading: implants changed {1 - imp['unchanged_rate']:.0%} of stage A's answers (the task "
+                "supplies no implied answer).\n")
+    return (f"Reading: after an implant, stage A gives the answer the implanted state implies in "
+            f"{imp['follow_rate']:.0%} of {imp['n_with_implied_answer']} cases and keeps its own answer in "
+            f"{imp['unchanged_rate']:.0%}.\n")
+
+
+def _probe_reading(report: dict[str, Any]) -> str:
+    probe = report["results"]["stage_a"].get("probe") or {}
+    if not probe:
+        return ""
+    accs = [v["accuracy"] for v in probe.values()]
+    majs = [v["majority"] for v in probe.values()]
+    return (f"Reading: a linear probe reads segment i's state from stage A's latents with mean accuracy "
+            f"{sum(accs) / len(accs):.2f} (majority state {sum(majs) / len(majs):.2f}).\n")
+
+
+def _alignment_reading(report: dict[str, Any]) -> str:
+    al = report["results"]["stage_a"].get("alignment")
+    if not al or al.get("retrieval_top1") is None:
+        return ""
+    own, other = al["mean_cosine_own"], al["mean_cosine_other"]
+    found = f"find their own image {al['retrieval_top1']:.0%} of the time against {al['chance']:.1%} by chance"
+    return (f"Reading: stage A's segment means have cosine {own:.2f} with their own CoT image and {other:.2f} with "
+            f"other samples' and {found}.\n")
+
+
+def _setup(report: dict[str, Any]) -> str:
+    t = report["settings"]["train"]
+    lat = t["latent"]
+    budgets: dict[int, int] = {}
+    for s in report["per_sample"]["stage_a"]:
+        for b in s["budgets"]:
+            budgets[int(b)] = budgets.get(int(b), 0) + 1
+    spread = ", ".join(f"{b}: {n}" for b, n in sorted(budgets.items()))
+    sched = ", ".join(f"{p['steps']} on {p['train_data']}" for p in report["schedule"])
+    return (
+        f"Tiny Qwen2.5-VL (hidden {t['tiny_hidden_size']}, {t['tiny_num_layers']} language layers), batch "
+        f"{t['batch_size']}, {t['optimizer']} lr {t['lr']:g} ({t['lr_scheduler']}, "
+        f"{t['warmup_steps']} warm-up steps), seed {report['settings']['demo']['seed']}, the same for every "
+        f"arm. Stage-A schedule: {sched}; stage C and the controls' last "
+        f"{report['steps']['stage_c']} steps on all train records. Budgets: alpha "
+        f"{lat['latent_budget_alpha']:g}, gamma {lat['latent_budget_gamma']:g}, max {lat['latent_budget_max']}; "
+        f"CoT images of the test split per budget: {spread}. Stage C: stop threshold {t['threshold_start']:g} -> "
+        f"{report['final_threshold']:g} over {t['threshold_anneal_steps']} steps, stop weight "
+        f"{lat['latent_stop_loss_weight']:g}, cost weight {lat['latent_cost_weight']:g}. Pause tokens: "
+        "`latent_feedback: false`, no alignment (their slot inputs are one constant vector).\n"
+    )
+
+
+_CHECK_TEXT = {
+    "stage_a_over_no_latents_at_hardest": "stage A >= no latents + {a_over_no_latents:.0%} at the hardest difficulty",
+    "stage_a_over_pause_at_hardest": "stage A >= pause tokens + {a_over_pause:.0%} at the hardest difficulty",
+    "masking_latents_costs_stage_a": "masking every latent costs stage A >= {mask_drop:.0%}",
+    "implant_followed": "implant: >= {implant_follow:.0%} of stage A's answers follow the implanted state",
+    "stage_c_within_5_points_of_a": "stage C no more than {max_c_accuracy_drop:.0%} below stage A",
+    "stage_c_used_ratio_below_1": "stage C used/budget (all latents) below {max_c_used_ratio:g}",
+}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md`` of the demo's report."""
+    ok = {True: "met", False: "NOT met"}
+    bars = report["bars"]
+    lines = [
+        "# latentvl demo report",
+        "",
+        f"Task `{report['task']}`: {report['n_records']} generated records ("
+        + " / ".join(f"{n} {split}" for split, n in report["splits"].items())
+        + "). All numbers below are measured on the held-out test split "
+        f"({report['results']['stage_a']['n']} records).",
+        "",
+        "## Accuracy against difficulty, every arm",
+        "",
+        "![accuracy against difficulty](accuracy_vs_difficulty.png)",
+        "",
+        difficulty_table(report),
+        _difficulty_reading(report),
+        "## Arms",
+        "",
+        results_table(report),
+        _setup(report),
+        "## Bars",
+        "",
+        *[f"- {_CHECK_TEXT[name].format(**bars)}: {ok[v]}" for name, v in report["checks"].items()],
+        "",
+        "Accuracy: greedy two-step inference (latent pass, then generate), exact match of the answer. "
+        "Stage C halts with the final threshold. used/budget, all latents: the latents used over the budget, "
+        "both summed over every CoT segment of the test split (`used_ratio`).",
+        "",
+        "## Do the answers depend on the latents?",
+        "",
+        "Causal checks of `latentvl eval` on the test split: accuracy when every latent is masked out of "
+        "attention, replaced by noise of the same norm, or swapped with another sample's latents (share of "
+        "answers changed in brackets).",
+        "",
+        causal_table(report),
+        _causal_reading(report),
+        "Truncation: only the first j CoT segments' latents kept, the rest masked (over the samples with more "
+        "than j segments).",
+        "",
+        truncation_table(report),
+        _truncation_reading(report),
+        "Implant: one segment's latents replaced, during the latent pass, by those another sample produced "
+        "for a different state; the later latents continue from it. Linear probe: per segment index, a "
+        "softmax regression from a latent to the state of its CoT image, fit on train-split latents.",
+        "",
+        instrument_table(report),
+        _implant_reading(report),
+        _probe_reading(report),
+        "## Do the latents look like their CoT images?",
+        "",
+        "Each test record's CoT images, read for this measurement only, encoded by the vision tower and "
+        "pooled into as many groups as the segment used latents (the alignment loss's targets).",
+        "",
+        alignment_table(report),
+        _alignment_reading(report),
+        "Per-arm evaluation reports: "
+        + ", ".join(
+            f"[{name}]({Path(r['eval_report']).relative_to(report['out']).as_posix()})"
+            for name, r in report["results"].items()
+            if r.get("eval_report")
+        )
+        + ".",
+        "",
+        "## Plots",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![latents used against budget](latents.png)",
+        "",
+        "## Time",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in report["timings_s"].items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot_accuracy_vs_difficulty(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = report["results"]
+    diffs = sorted({d for a in ARMS for d in r[a]["accuracy_by_difficulty"]}, key=_difficulty_key)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"baseline_no_latents": ("tab:gray", "s"), "pause": ("tab:purple", "v"),
+              "latents_no_align": ("tab:green", "^"), "stage_a": ("tab:blue", "o"), "stage_c": ("tab:orange", "D")}
+    for arm in ARMS:
+        ys = [r[arm]["accuracy_by_difficulty"].get(d, {}).get("accuracy") for d in diffs]
+        pts = [(d, y) for d, y in zip(diffs, ys) if y is not None]
+        if pts:
+            color, marker = styles[arm]
+            ax.plot([d for d, _ in pts], [100 * y for _, y in pts], marker=marker, color=color,
+                    label=ARM_LABELS[arm].split(" (")[0])
+    ax.axhline(100 * report["test_chance_accuracy"], color="k", ls="--", lw=1, label="chance")
+    ax.set_xlabel("difficulty (relay: hops k)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Held-out accuracy against difficulty, every arm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _plot_losses(path: Path, curves: dict[str, list[dict[str, Any]]], steps_a: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    longest = max((len(v) for v in curves.values()), default=1)
+    window = max(1, longest // 40)
+    colors = {"baseline_no_latents": "tab:gray", "pause": "tab:purple", "latents_no_align": "tab:green",
+              "stage_a": "tab:blue", "stage_c": "tab:orange"}
+
+    def series(rows, key, offset=0):
+        rows = [r for r in rows if r.get(key) is not None]
+        xs = [r["step"] + offset for r in rows]
+        return xs, _smooth([float(r[key]) for r in rows], window)
+
+    panels = [("loss", "total loss"), ("ce", "answer cross-entropy"), ("align", "alignment (1 - cos)"),
+              ("stop", "stop loss (stage C)")]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for arm, rows in curves.items():
+            if key == "align" and arm in ("baseline_no_latents", "pause", "latents_no_align"):
+                continue
+            if key == "stop" and arm != "stage_c":
+                continue
+            xs, ys = series(rows, key, steps_a if arm == "stage_c" else 0)
+            if xs:
+                ax.plot(xs, ys, label=ARM_LABELS[arm].split(" (")[0], color=colors.get(arm), alpha=0.85)
+        ax.axvline(steps_a, color="k", lw=0.8, ls=":")
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        if key in ("loss", "ce"):
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Training curves (moving average over {window} steps; dotted line: end of stage A)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_latents(
+    path: Path, c_rows: list[dict[str, Any]], samples: list[dict[str, Any]], report: dict[str, Any]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    steps = [r["step"] for r in c_rows]
+    ax1.plot(
+        steps, [r["used_ratio"] for r in c_rows], color="tab:orange", alpha=0.35,
+        label="used/budget, all latents (batch)"
+    )
+    ax1.plot(
+        steps,
+        _smooth([r["used_ratio"] for r in c_rows], max(1, len(c_rows) // 20)),
+        color="tab:orange",
+        label="used/budget (moving average)",
+    )
+    ax1.plot(steps, [r["threshold"] for r in c_rows], color="k", ls="--", label="stop threshold")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_xlabel("stage-C training step")
+    ax1.set_title("Stage C: latents used per budget during training")
+    ax1.legend(fontsize=8, loc="lower left")
+    ax1.grid(alpha=0.3)
+
+    per_budget: dict[int, list[int]] = {}
+    for s in samples:
+        for budget, used in zip(s["budgets"], s["used_lens"], strict=True):
+            per_budget.setdefault(int(budget), []).append(int(used))
+    if per_budget:
+        budgets = sorted(per_budget)
+        for bud in budgets:
+            used = per_budget[bud]
+            counts: dict[int, int] = {}
+            for u in used:
+                counts[u] = counts.get(u, 0) + 1
+            ax2.scatter(
+                [bud] * len(counts),
+                list(counts),
+                s=[20 + 200 * k / len(used) for k in counts.values()],
+                color="tab:orange",
+                alpha=0.5,
+            )
+        ax2.plot(
+            budgets,
+            [sum(per_budget[b]) / len(per_budget[b]) for b in budgets],
+            "o-",
+            color="tab:red",
+            label="mean used (test)",
+        )
+        top = max(budgets)
+        ax2.plot([0, top + 0.5], [0, top + 0.5], color="tab:blue", ls="--", label="used = budget (stage A)")
+        ax2.set_xlim(0, top + 1)
+        ax2.set_ylim(0, top + 1)
+    ax2.set_xlabel("budget B_i of the CoT image")
+    ax2.set_ylabel("latents used L_i'")
+    ax2.set_title("Held-out test split: used latents against budget (dot size = share)")
+    ax2.legend(fontsize=8, loc="upper left")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+
+def write_demo_report(out: Path, report: dict[str, Any], histories: dict[str, list[dict[str, Any]]],
+                      stage_c_samples: list[dict[str, Any]]) -> None:
+    """The plots, ``report.json`` and ``report.md`` of the demo in ``out``."""
+    steps_a = report["steps"]["stage_a"]
+    _plot_accuracy_vs_difficulty(out / "accuracy_vs_difficulty.png", report)
+    _plot_losses(out / "loss_curves.png", histories, steps_a)
+    _plot_latents(out / "latents.png", histories["stage_c"], stage_c_samples, report)
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.md", markdown(report))

@@ -1,0 +1,215 @@
+"""The training unit through the model (design §6): loss parts, gradients, alignment targets, the
+stage switch, mixed precision, and overfitting a few samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import MIXED, collate_samples, fire_at, make_sample, set_stage
+
+from latentvl import (
+    LatentCollator,
+    LatentSettings,
+    build_tiny_model,
+    compute_latent_budget,
+    set_latent_fields,
+)
+
+TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 6}  # the `tiny` fixture
+
+
+def test_losses_and_gradients(tiny):
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
+    set_stage(model, "A")
+    model.zero_grad()
+    out = model.latent_loss(batch)
+    out.latent.ce_patch_vec.retain_grad()
+    out.loss.backward()
+    assert out.ce > 0 and out.align > 0 and out.stop == 0 and out.cost == 0
+    assert out.latent.ce_patch_vec.grad.abs().sum() > 0  # CE/align reach the latent vectors
+    assert model.latent_stop_head.weight.grad is None  # no stop-head gradient in stage A
+
+    set_stage(model, "C")
+    out = model.latent_loss(batch)
+    head_grad = torch.autograd.grad(out.loss, model.latent_stop_head.weight)[0]
+    assert head_grad.abs().sum() > 0  # the stop head trains in stage C
+    assert out.stop > 0
+    assert out.cost.item() == pytest.approx(np.mean([sum(u) for u in out.latent.latent_used_lens]))
+    set_stage(model, "A")
+
+
+def _pooled_by_hand(features: torch.Tensor, groups: int) -> torch.Tensor:
+    """D4's raster-order groups, written out: group g averages tokens [floor(gN/u), ceil((g+1)N/u))."""
+    n = features.shape[0]
+    return torch.stack([features[(g * n) // groups: -((-(g + 1) * n) // groups)].mean(0) for g in range(groups)])
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_loss_sum_and_alignment_targets_as_wired_in_latent_loss(tiny, stage):
+    """``latent_loss`` against an independent recomputation: each active latent is aligned with its own
+    CoT image (encoded alone), pooled into as many groups as its segment has active latents, and the
+    total is ce + w_align * align + w_stop * stop + w_cost * cost, the stop and cost terms in stage C only."""
+    model, processor = tiny
+    set_stage(model, stage)
+    set_latent_fields(model.config, latent_align_weight=0.7)
+    if stage == "C":
+        set_latent_fields(model.config, latent_stop_loss_weight=1.3, latent_cost_weight=0.01)
+    samples = [make_sample(i, m) for i, m in [(1, 3), (2, 0), (3, 2)]]
+    batch = collate_samples(model, processor, samples)
+    handle = fire_at(model, {0: [0], 2: [1]}) if stage == "C" else None
+    try:
+        with torch.no_grad():
+            out = model.latent_loss(batch)
+    finally:
+        if handle is not None:
+            handle.remove()
+        set_stage(model, "A")
+        set_latent_fields(model.config, latent_align_weight=1.0)
+    p1 = out.latent
+    if stage == "C":
+        assert any(u < b for us, bs in zip(p1.latent_used_lens, batch["latent_budgets"]) for u, b in zip(us, bs))
+    # every CoT image encoded on its own, in the order the samples list them
+    grids = batch["cot_image_grid_thw"]
+    sizes = [int(g.prod()) for g in grids]
+    pixels = batch["cot_pixel_values"].split(sizes)
+    with torch.no_grad():
+        feats = [model.model.get_image_features(px, g[None]).pooler_output[0] for px, g in zip(pixels, grids)]
+    first = np.cumsum([0] + [len(sample["cot_images"]) for sample in samples])
+    costs = []
+    for (b, col), vec in zip(p1.ce_patch_pos.tolist(), p1.ce_patch_vec):
+        (k, (s, _e, img)), = [(k, seg) for k, seg in enumerate(sorted(batch["latent_segments"][b]))
+                              if seg[0] <= col < seg[1]]
+        used = p1.latent_used_lens[b][k]
+        assert col - s < used  # only active slots are aligned
+        target = _pooled_by_hand(feats[first[b] + img], used)[col - s]
+        costs.append(1 - torch.nn.functional.cosine_similarity(vec, target, dim=0))
+    assert len(costs) == sum(sum(u) for u in p1.latent_used_lens)
+    assert out.align.item() == pytest.approx(torch.stack(costs).mean().item(), abs=1e-5)
+    if stage == "A":
+        assert out.stop == 0 and out.cost == 0
+        want = out.ce + 0.7 * out.align
+    else:
+        assert out.stop > 0 and out.cost.item() == pytest.approx(np.mean([sum(u) for u in p1.latent_used_lens]))
+        want = out.ce + 0.7 * out.align + 1.3 * out.stop + 0.01 * out.cost
+    assert out.loss.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_switching_to_stage_c_alone_trains_the_stop_head():
+    """The config's own defaults (1.0, 1e-3) make ``latent_mode_stage="C"`` train the stop head."""
+    model, processor = build_tiny_model(seed=0, num_layers=2)
+    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_max=6)
+    set_latent_fields(model.config, latent_mode_stage="C")
+    out = model.latent_loss(collate_samples(model, processor, [make_sample(1, 3)]))
+    assert out.stop > 0
+    assert out.loss.item() == pytest.approx((out.ce + out.align + out.stop + 1e-3 * out.cost).item(), abs=1e-5)
+    assert torch.autograd.grad(out.loss, model.latent_stop_head.weight)[0].abs().sum() > 0
+
+
+def test_collator_and_model_merge_the_same_patches(tiny):
+    """The collator's merge size is the model's: as many <|image_pad|> tokens per image as the vision
+    tower returns features, and budgets from the same count; a processor that merges differently is refused."""
+    from latentvl.budget import num_visual_tokens
+    from latentvl.model.tiny import build_tiny_image_processor
+    from latentvl.processor import LatentProcessor
+
+    model, processor = tiny
+    collator = LatentCollator(processor, model.config)
+    assert collator.merge_size == model.config.vision_config.spatial_merge_size
+    batch = collator([make_sample(i, m) for i, m in [(1, 2), (3, 1)]])
+    with torch.no_grad():
+        feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        cot = model.model.get_image_features(batch["cot_pixel_values"], batch["cot_image_grid_thw"]).pooler_output
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == sum(f.shape[0] for f in feats)
+    s = LatentSettings.from_config(model.config)
+    budgets = [b for per_sample in batch["latent_budgets"] for b in per_sample]
+    assert [num_visual_tokens(g.tolist(), collator.merge_size) for g in batch["cot_image_grid_thw"]] == [
+        f.shape[0] for f in cot]
+    assert budgets == [compute_latent_budget(f.shape[0], s.latent_budget_alpha, s.latent_budget_gamma,
+                                             s.latent_budget_min, s.latent_budget_max) for f in cot]
+    other = build_tiny_image_processor()
+    other.merge_size = 1
+    with pytest.raises(ValueError, match="merge_size=1 .*spatial_merge_size=2"):
+        LatentCollator(LatentProcessor(tokenizer=processor.tokenizer, image_processor=other), model.config)
+
+
+def test_ce_gradient_flows_through_latent_vectors_only_when_used(tiny):
+    model, processor = tiny
+    set_stage(model, "A")
+    set_latent_fields(model.config, latent_align_weight=0.0)
+    try:
+        batch = collate_samples(model, processor, [make_sample(1, 3)])
+        out = model.latent_loss(batch)
+        vec_grad = torch.autograd.grad(out.loss, out.latent.ce_patch_vec)[0]
+        assert vec_grad.abs().sum() > 0
+    finally:
+        set_latent_fields(model.config, latent_align_weight=1.0)
+
+
+def test_expected_cost_is_differentiable(tiny):
+    model, processor = tiny
+    set_stage(model, "C", latent_cost_mode="expected")
+    set_latent_fields(model.config, latent_stop_loss_weight=0.0)
+    try:
+        batch = collate_samples(model, processor, [make_sample(1, 3)])
+        out = model.latent_loss(batch)
+        g = torch.autograd.grad(out.loss, model.latent_stop_head.bias)[0]
+        assert g.item() < 0  # raising the stop bias lowers the expected length
+    finally:
+        set_stage(model, "A", latent_cost_mode="count")
+
+
+def test_overfit_four_samples():
+    model, processor = build_tiny_model(seed=1)
+    set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_gamma=0.5, latent_budget_max=4)
+    model.train()
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in [(0, 1), (1, 2), (2, 0), (3, 1)]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        out = model.latent_loss(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_latent_loss_under_bf16_autocast(tiny, stage, one_thread):
+    """The trainer's default on a GPU (bf16 autocast over float32 weights), here on the CPU: both passes
+    and the K/V store's backward run, with finite gradients, and the loss stays near the float32 one."""
+    model, processor = tiny
+    set_stage(model, stage)
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
+    try:
+        ref = model.latent_loss(batch).loss.item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.latent_loss(batch)
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert len(grads) > 50 and all(torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().max() > 0 for g in grads)
+        assert out.loss.item() == pytest.approx(ref, rel=0.05)
+    finally:
+        model.zero_grad(set_to_none=True)
+        set_stage(model, "A")
+
+
+def test_bf16_weights_give_the_float32_gradients_to_bf16_precision(one_thread):
+    """A model held in bf16 (as FSDP's bf16 policy or a bf16 checkpoint runs it): the K/V store keeps bf16
+    keys and values, accumulates their gradients in float32, and the gradient matches float32's."""
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, processor = build_tiny_model(seed=0)
+        model = model.to(dtype)
+        batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        model.latent_loss(batch).loss.backward()
+        grads[dtype] = torch.cat([p.grad.float().flatten() for p in model.model.language_model.parameters()])
+    a, b = grads[torch.float32], grads[torch.bfloat16]
+    assert torch.isfinite(b).all()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert (a - b).norm() / a.norm() < 0.05
+
