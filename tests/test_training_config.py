@@ -87,6 +87,7 @@ def test_every_latent_field_can_be_set():
         "latent_prefix_grad": False,
         "latent_compile": "aot_eager",
         "latent_feedback": False,
+        "latent_feedback_norm": True,
     }
     assert set(values) == set(settable)
     cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])
