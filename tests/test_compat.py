@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
 from latentvl import LatentCollator
-from latentvl.model.compat import CACHE_KWARG, output_cache, resolve_cache
+from latentvl.model.compat import CACHE_KWARG, enable_activation_checkpointing, output_cache, resolve_cache
 
 TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 4}  # the `tiny` fixture
 
@@ -76,3 +76,16 @@ def test_cached_step_with_patches_and_gating_equals_the_full_forward(tiny, keywo
                  latent_kv_mask=kv_mask, use_cache=True, ce_patch_pos=pos, ce_patch_vec=vec, **{keyword: cache})
     assert torch.allclose(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=0)
     assert output_cache(step).get_seq_length() == ids.shape[1]
+
+
+def test_activation_checkpointing_without_deprecation_warning(fresh_tiny):
+    """Checkpointing goes on through the installed version's name (5.24 deprecates the old one)."""
+    import warnings
+
+    model, _ = fresh_tiny
+    layers = model.model.language_model.layers
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        enable_activation_checkpointing(model)
+    assert all(m.gradient_checkpointing for m in layers)

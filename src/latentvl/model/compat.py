@@ -3,7 +3,8 @@
 transformers 5.17 calls the KV cache ``past_key_values`` (forward keyword and output field); newer 5.x
 releases (5.24 is tested) call it ``cache``: the old name warns there and goes away in 5.40.
 ``generate()`` passes the cache under the installed version's name, so the model's forward accepts
-both and hands it on under :data:`CACHE_KWARG`.
+both and hands it on under :data:`CACHE_KWARG`. 5.24 also renames ``gradient_checkpointing_enable`` to
+``activation_checkpointing_enable`` (the old name warns and goes away in v6).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-__all__ = ["CACHE_KWARG", "output_cache", "resolve_cache"]
+__all__ = ["CACHE_KWARG", "enable_activation_checkpointing", "output_cache", "resolve_cache"]
 
 
 def _cache_keyword() -> str:
@@ -35,3 +36,12 @@ def resolve_cache(cache: Any, past_key_values: Any) -> Any:
 def output_cache(output: Any) -> Any:
     """The KV cache of a model output (None if it has none), without the old name's warning."""
     return getattr(output, CACHE_KWARG, None)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation (gradient) checkpointing on ``model``'s layers, through the installed
+    transformers' own name for it, so no deprecation warning is raised."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator, to_device
+from ..model.compat import enable_activation_checkpointing
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
@@ -309,7 +310,7 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             visual.merger.requires_grad_(True)
     if cfg.gradient_checkpointing:
         # Pass 2 only: the model switches it off inside pass 1, which needs its KV cache.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
