@@ -1,11 +1,13 @@
-"""How fast does one arm learn the relay task? A bare training loop with per-difficulty test accuracy.
+"""How fast does one arm learn a serial task? A bare training loop with per-difficulty test accuracy.
 
 Trains one arm of the demo (``A``: latents aligned to the CoT swatches; ``noalign``; ``pause``; ``nolat``)
 with ``model.latent_loss`` (AdamW, linear warm-up then cosine to 10%, global-norm clip 1.0) on a dataset
 written by ``latentvl make-data --task relay``, and every ``--eval-every`` steps prints the test accuracy
-per number of hops (teacher-forced: the arg-max over the colour letters at the answer position, which is
-greedy decoding's first token). ``--curriculum N`` grows the largest k sampled from 1 to all over N steps;
-``--answer0`` asks for the start colour instead (zero hops: a control of perception alone)::
+per number of hops (teacher-forced: the arg-max over the answer letters at the answer position, which is
+greedy decoding's first token; the letters are the dataset's ``meta.json`` ``answer_set``, else the relay
+colours). ``--curriculum N`` grows the largest k sampled from 1 to the data's largest over N steps;
+``--answer0`` asks for the start colour instead (zero hops: a control of perception alone). It also runs
+on the A5 word problem written by ``benchmarks/word_problem_data.py``::
 
     latentvl make-data --task relay --n 3000 --hops-min 1 --hops-max 3 --out data/relay
     python benchmarks/relay_learnability.py --data data/relay --arm A --steps 800 --lr 2e-3 --curriculum 400
@@ -18,6 +20,7 @@ import json
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--budget-max", type=int, default=2)
+    ap.add_argument("--budget-gamma", type=float, default=0.5)
+    ap.add_argument("--align-weight", type=float, default=None,
+                    help="alignment weight (default: 1 for A, 0 for the other arms, as in the demo)")
+    ap.add_argument("--feedback-norm", action="store_true", help="latent_feedback_norm: true (latent arms)")
     ap.add_argument("--curriculum", type=int, default=0, help="steps over which the largest k grows (0: off)")
     ap.add_argument("--answer0", action="store_true", help="answer the start colour (zero hops)")
     ap.add_argument("--seed", type=int, default=0)
@@ -47,8 +54,9 @@ def main() -> None:
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     model, proc = build_tiny_model(seed=a.seed, hidden_size=a.hidden, num_layers=a.layers)
-    fields = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 0.5, "latent_budget_max": a.budget_max,
-              "latent_align_weight": 1.0 if a.arm == "A" else 0.0}
+    align = a.align_weight if a.align_weight is not None else (1.0 if a.arm == "A" else 0.0)
+    fields = {"latent_budget_alpha": 1.0, "latent_budget_gamma": a.budget_gamma, "latent_budget_max": a.budget_max,
+              "latent_align_weight": 0.0 if a.arm == "noalign" else align, "latent_feedback_norm": a.feedback_norm}
     if a.arm == "pause":
         fields["latent_feedback"] = False
     set_latent_fields(model.config, **fields)
@@ -60,7 +68,10 @@ def main() -> None:
         with open(f"{a.data}/{split}.jsonl", encoding="utf-8") as f:
             raw.update({r["id"]: r for r in map(json.loads, f)})
     dtr, dte = RecordDataset(train), RecordDataset(test)
-    letters = list(RELAY_COLOURS)
+    meta = Path(a.data) / "meta.json"
+    answer_set = json.loads(meta.read_text(encoding="utf-8")).get("answer_set") if meta.exists() else None
+    letters = list(answer_set or RELAY_COLOURS)
+    k_top = max(int(raw[r.id]["difficulty"]) for r in train)
     letter_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(c) for c in letters])
 
     def item(ds, i):
@@ -97,7 +108,7 @@ def main() -> None:
     ces: list[float] = []
     for s in range(a.steps):
         if a.curriculum:
-            k_max = 1 + int(4 * s / a.curriculum)
+            k_max = min(k_top, 1 + int(k_top * s / a.curriculum))
             pool = [i for i in range(len(dtr)) if raw[train[i].id]["difficulty"] <= k_max]
             idx = rng.sample(pool, a.batch_size)
         else:
