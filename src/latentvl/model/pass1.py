@@ -139,10 +139,13 @@ def _static_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor,
 
 
 @functools.cache
-def compiled_latent_step(backend: str = "inductor"):
-    """:func:`_static_step` through ``torch.compile`` with ``backend`` (one compiled function per backend;
-    its graphs are built on first use and reused by every later step and pass of the same shapes)."""
-    return torch.compile(_static_step, backend=backend, dynamic=False)
+def compiled_latent_step(backend: str = "inductor", grad: bool = True):
+    """:func:`_static_step` through ``torch.compile`` with ``backend`` (one compiled function per backend and
+    grad mode; its graphs are built on first use and reused by every later step and pass of the same
+    shapes). Without gradient, inductor writes the step's wrapper in C++ (``cpp_wrapper``): a step is a few
+    dozen small kernels, whose calls from Python cost about as much as the kernels on a CPU."""
+    options = {"cpp_wrapper": True} if backend == "inductor" and not grad else None
+    return torch.compile(_static_step, backend=backend, dynamic=False, options=options)
 
 
 def step_runner(lm, store: LatentKVStore, key_bias: torch.Tensor, layer_types: tuple[str, ...],
@@ -154,7 +157,7 @@ def step_runner(lm, store: LatentKVStore, key_bias: torch.Tensor, layer_types: t
     """
     if compile_option is False:
         return lambda x, pos, c: _eager_step(lm, x, pos, key_bias, c, store, layer_types)
-    step = compiled_latent_step("inductor" if compile_option is True else compile_option)
+    step = compiled_latent_step("inductor" if compile_option is True else compile_option, torch.is_grad_enabled())
     device = key_bias.device
 
     def run(x, pos, c):
