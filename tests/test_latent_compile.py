@@ -172,6 +172,26 @@ def test_inductor_compiled_inference_equals_eager(tiny32, one_thread):
     _assert_same_pass(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_steps_take_the_cpp_wrapper_only_without_gradient(tiny32, monkeypatch, one_thread):
+    """On a CPU the no-grad step is compiled with inductor's C++ wrapper, the step under autograd without."""
+    from latentvl.model import pass1
+
+    asked, compiled = [], pass1.compiled_latent_step
+
+    def recording(backend="inductor", cpp_wrapper=False):
+        asked.append((backend, cpp_wrapper))
+        return compiled(backend, cpp_wrapper)
+
+    monkeypatch.setattr(pass1, "compiled_latent_step", recording)
+    model = tiny32
+    _stage(model, "A")
+    batch = _batch(model)
+    w = torch.randn(*batch[0].shape, model.config.text_config.hidden_size)
+    _pass1(model, batch, "eager")
+    _pass1(model, batch, "eager", (w, torch.zeros(batch[0].shape)))
+    assert asked == [("eager", True), ("eager", False)]
+
+
 # ------------------------------------------------------------------------------------ training step
 def _loss_batch(model, extra_pad: int = 0, rows: int = 3) -> dict:
     """:func:`_batch` as a collated training batch (labels on the text after the segments), right-padded
