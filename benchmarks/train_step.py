@@ -139,7 +139,8 @@ def main() -> None:
     print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
           f"{args.segments} segments x {args.budget} latents ({steps} steps); answer {args.answer}; "
           f"backend {args.backend}; median of {args.repeats}")
-    print(f"compiled step: {graphs} graphs captured (one per pass shape and grad mode), {breaks} graph breaks")
+    print(f"compiled: {graphs} graphs captured (pass 1: one per pass shape and grad mode; pass 2: one per "
+          f"stage), {breaks} graph breaks")
     if args.no_training:
         print_inference(args, med, first)
         return

@@ -172,6 +172,85 @@ def test_inductor_compiled_inference_equals_eager(tiny32, one_thread):
     _assert_same_pass(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_steps_take_the_cpp_wrapper_only_without_gradient(tiny32, monkeypatch, one_thread):
+    """On a CPU the no-grad step is compiled with inductor's C++ wrapper, the step under autograd without."""
+    from latentvl.model import pass1
+
+    asked, compiled = [], pass1.compiled_latent_step
+
+    def recording(backend="inductor", cpp_wrapper=False):
+        asked.append((backend, cpp_wrapper))
+        return compiled(backend, cpp_wrapper)
+
+    monkeypatch.setattr(pass1, "compiled_latent_step", recording)
+    model = tiny32
+    _stage(model, "A")
+    batch = _batch(model)
+    w = torch.randn(*batch[0].shape, model.config.text_config.hidden_size)
+    _pass1(model, batch, "eager")
+    _pass1(model, batch, "eager", (w, torch.zeros(batch[0].shape)))
+    assert asked == [("eager", True), ("eager", False)]
+
+
+# ------------------------------------------------------------------------------------ training step
+def _loss_batch(model, extra_pad: int = 0, rows: int = 3) -> dict:
+    """:func:`_batch` as a collated training batch (labels on the text after the segments), right-padded
+    by ``extra_pad`` more columns and cut to ``rows`` rows: other shapes of the same samples."""
+    ids, mask, segs, budgets = _batch(model)
+    ids = torch.nn.functional.pad(ids, (0, extra_pad))[:rows]
+    mask = torch.nn.functional.pad(mask, (0, extra_pad))[:rows]
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :8] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "latent_segments": segs[:rows],
+            "latent_budgets": budgets[:rows]}
+
+
+def _loss_and_grads(model, batch: dict, compile_option):
+    set_latent_fields(model.config, latent_compile=compile_option)
+    try:
+        out = model.latent_loss(batch)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out.loss, params, allow_unused=True)
+    finally:
+        set_latent_fields(model.config, latent_compile=False)
+
+
+def _pass2_graphs() -> int:
+    from latentvl.model.modeling import _pass2_forward
+
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(_pass2_forward.__code__))
+
+
+@pytest.mark.parametrize("stage", ["A", "C"])
+def test_compiled_training_step_gives_the_eager_loss_and_gradients(tiny64, stage, one_thread):
+    """``latent_loss`` under ``latent_compile`` (pass 1's steps and pass 2's forward compiled; stage C's
+    ``latent_kv_mask`` in pass 2) gives the eager loss, logits and the gradient of every parameter
+    (float64, to 1e-9), without a graph break. Pass 2's recompiles are bounded: a static graph first, then
+    one more each time a size (length, then rows) first changes; a later shape compiles nothing."""
+    model = tiny64
+    _stage(model, stage, latent_null_scale=0.0, latent_detach_step_inputs=False, latent_prefix_grad=True,
+           latent_align_weight=0.0)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for extra_pad, rows in ((0, 3), (2, 3), (5, 2), (1, 3), (3, 2)):
+        batch = _loss_batch(model, extra_pad, rows)
+        want, grads_want = _loss_and_grads(model, batch, False)
+        got, grads_got = _loss_and_grads(model, batch, "aot_eager")
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-9, atol=1e-12)
+        if stage == "C":
+            torch.testing.assert_close(got.stop, want.stop, rtol=1e-9, atol=1e-12)
+        assert sum(x is not None for x in grads_want) > 10
+        for a, b in zip(grads_got, grads_want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        graphs.append(_pass2_graphs())
+    assert not counters["graph_break"]
+    assert graphs[:3] == [1, 2, 3] and graphs[3:] == [3, 3]
+
+
 # ---------------------------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
 def talker():

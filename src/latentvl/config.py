@@ -29,8 +29,9 @@ class LatentSettings:
     per-feature gain (``latent_feedback_gain``, initialised to the embeddings' init std) before it enters
     its slot; False feeds the last hidden state as it is (the design note's). No effect on pause tokens.
 
-    ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile`` (True: the
-    inductor backend; a string names the backend, one of :data:`COMPILE_BACKENDS`); False runs them eagerly.
+    ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile``, and so does
+    pass 2's forward in :meth:`latent_loss` (True: the inductor backend; a string names the backend, one of
+    :data:`COMPILE_BACKENDS`); False runs them eagerly.
 
     ``latent_stop_loss_weight`` (1.0) and ``latent_cost_weight`` (1e-3) are stage C's weights, the design
     note's defaults. Stage A trains both at 0 whatever they hold: the loss applies them only in stage C

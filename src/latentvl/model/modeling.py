@@ -19,6 +19,7 @@ prefix of pass 1 without autograd (the question's activations are not kept): che
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,23 @@ def _register_checkpoint_mapping(class_name: str) -> None:
     parent = cm.get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration")
     if parent is not None and cm.get_checkpoint_conversion_mapping(class_name) is None:
         cm.register_checkpoint_conversion_mapping(class_name, parent)
+
+
+def _pass2_forward(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                   labels: torch.Tensor, gating: dict[str, Any]):
+    """Pass 2 in training: the full-sequence forward of ``inputs_embeds`` ``[B, S, H]`` (latents patched in)
+    with ``labels`` ``[B, S]`` (its CE loss) and the gating keywords (stage C's ``latent_kv_mask``)."""
+    return Qwen2_5_VLForConditionalGeneration.forward(
+        model, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        labels=labels, use_cache=False, **gating)
+
+
+@functools.cache
+def compiled_pass2(backend: str = "inductor"):
+    """:func:`_pass2_forward` through ``torch.compile`` with ``backend`` (``latent_compile`` in training).
+    ``dynamic=None``: a batch of a new shape compiles once more, then one graph with dynamic sizes serves
+    every later shape, so recompiles stay bounded as batch lengths vary."""
+    return torch.compile(_pass2_forward, backend=backend, dynamic=None)
 
 
 @dataclass
@@ -428,11 +446,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         embeds2 = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]),
                                    p1.ce_patch_vec.to(embeds.dtype))
         stage_c = s.latent_mode_stage == "C"
-        out = Qwen2_5_VLForConditionalGeneration.forward(
-            self, inputs_embeds=embeds2, attention_mask=attention_mask, position_ids=position_ids,
-            labels=batch["labels"], use_cache=False,
-            **self._gating_kwargs(p1.latent_kv_mask if stage_c else None),
-        )
+        pass2 = _pass2_forward if s.latent_compile is False else compiled_pass2(
+            "inductor" if s.latent_compile is True else s.latent_compile)
+        out = pass2(self, embeds2, attention_mask, position_ids, batch["labels"],
+                    self._gating_kwargs(p1.latent_kv_mask if stage_c else None))
         ce = out.loss
         zero = ce.new_zeros(())
 
