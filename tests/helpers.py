@@ -73,5 +73,27 @@ def run_pass1(model, batch, threshold=None):
                  latent_threshold=threshold)
 
 
+def save_and_load(model, processor, path):
+    """``model`` saved to ``path`` and loaded back with :func:`latentvl.model.loading.load_latent_model`."""
+    from latentvl.model.loading import load_latent_model
+
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    loaded, _ = load_latent_model(path)
+    return loaded
+
+
+def lora_trained_copies(model, batch, name: str) -> list:
+    """Wrap ``model`` with LoRA (q/v projections, r 4), backpropagate ``latent_loss(batch)`` and return the
+    trainable parameters whose name contains ``name`` (the copies LoRA trains of a module saved in full)."""
+    from latentvl.training.config import TrainConfig
+    from latentvl.training.trainer import latent_model, prepare_for_training
+
+    peft_model = prepare_for_training(model, TrainConfig(train_data="x.jsonl", lora=True, lora_r=4,
+                                                         lora_target_modules=["q_proj", "v_proj"]))
+    latent_model(peft_model).latent_loss(batch).loss.backward()
+    return [p for n, p in peft_model.named_parameters() if name in n and p.requires_grad]
+
+
 MIXED = [(0, 1), (1, 3), (2, 0), (3, 3), (4, 1)]  # (index, M)
 

@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import lora_trained_copies, rand_image, run_pass1, save_and_load
 
 from latentvl import LatentCollator, LatentConfigError, LatentSettings, set_latent_fields
 
 TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 0.5, "latent_budget_max": 3}  # `fresh_tiny`
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
-
-
 def _batch(model, processor):
     samples = [
-        {"id": f"s{i}", "question": f"Q{i}?", "images": [_image(56, 56, i)],
-         "cot_images": [_image(56, 56, 100 + i + k) for k in range(1 + i)], "answer": "AB"[: 1 + i]}
+        {"id": f"s{i}", "question": f"Q{i}?", "images": [rand_image(56, 56, i)],
+         "cot_images": [rand_image(56, 56, 100 + i + k) for k in range(1 + i)], "answer": "AB"[: 1 + i]}
         for i in range(2)
     ]
     return LatentCollator(processor, model.config)(samples)
-
-
-def _pass1(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                 mm_token_type_ids=batch["mm_token_type_ids"], latent_mode=True,
-                 latent_segments=batch["latent_segments"], latent_budgets=batch["latent_budgets"])
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +43,9 @@ def test_slot_inputs_are_the_normalised_hidden_states(fresh_tiny):
     batch = _batch(model, processor)
     with torch.no_grad():
         model.latent_feedback_gain.weight.copy_(torch.linspace(0.01, 0.05, model.latent_feedback_gain.weight.numel()))
-        raw = _pass1(model, batch)
+        raw = run_pass1(model, batch)
         set_latent_fields(model.config, latent_feedback_norm=True)
-        normed = _pass1(model, batch)
+        normed = run_pass1(model, batch)
     gain = model.latent_feedback_gain.weight.detach()
     assert torch.allclose(_rms(normed.ce_patch_vec / gain), torch.ones(normed.ce_patch_vec.shape[0]), atol=1e-4)
     assert _rms(raw.ce_patch_vec).min() > 10 * _rms(normed.ce_patch_vec).max()  # the default feeds it raw
@@ -83,30 +70,19 @@ def test_pause_tokens_ignore_the_gain(fresh_tiny):
     model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False, latent_feedback_norm=True)
     with torch.no_grad():
-        vec = _pass1(model, _batch(model, processor)).ce_patch_vec
+        vec = run_pass1(model, _batch(model, processor)).ce_patch_vec
     pause = model.latent_pause_embedding.weight[0].detach()
     assert torch.equal(vec, pause.expand_as(vec))
 
 
 def test_gain_survives_save_and_load_and_trains_under_lora(fresh_tiny, tmp_path):
-    from latentvl.model.loading import load_latent_model
-    from latentvl.training.config import TrainConfig
-    from latentvl.training.trainer import latent_model, prepare_for_training
-
     model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback_norm=True)
     with torch.no_grad():
         model.latent_feedback_gain.weight.fill_(0.125)
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    loaded, _ = load_latent_model(tmp_path / "m")
+    loaded = save_and_load(model, processor, tmp_path / "m")
     assert loaded.config.latent_feedback_norm is True
     assert torch.equal(loaded.latent_feedback_gain.weight, model.latent_feedback_gain.weight)
-
-    batch = _batch(model, processor)
-    peft_model = prepare_for_training(model, TrainConfig(train_data="x.jsonl", lora=True, lora_r=4,
-                                                         lora_target_modules=["q_proj", "v_proj"]))
-    latent_model(peft_model).latent_loss(batch).loss.backward()
-    trained = [p for n, p in peft_model.named_parameters() if "latent_feedback_gain" in n and p.requires_grad]
+    trained = lora_trained_copies(model, _batch(model, processor), "latent_feedback_gain")
     assert trained, "the feedback gain has no trainable copy under LoRA"
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import lora_trained_copies, save_and_load
 from PIL import Image
 
 from latentvl import LatentCollator, LatentConfigError, LatentSettings, set_latent_fields
@@ -91,31 +92,19 @@ def test_training_loss_reaches_the_pause_embedding(fresh_tiny, stage):
 
 
 def test_pause_embedding_survives_save_and_load(fresh_tiny, tmp_path):
-    from latentvl.model.loading import load_latent_model
-
     model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False)
     with torch.no_grad():
         model.latent_pause_embedding.weight.fill_(0.25)
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    loaded, _ = load_latent_model(tmp_path / "m")
+    loaded = save_and_load(model, processor, tmp_path / "m")
     assert loaded.config.latent_feedback is False
     assert torch.equal(loaded.latent_pause_embedding.weight, model.latent_pause_embedding.weight)
 
 
 def test_lora_trains_the_pause_embedding(fresh_tiny):
     """Under LoRA the pause vector is one of the modules saved in full: the loss reaches its trainable copy."""
-    from latentvl.training.config import TrainConfig
-    from latentvl.training.trainer import latent_model, prepare_for_training
-
     model, processor = fresh_tiny
     set_latent_fields(model.config, latent_feedback=False, latent_align_weight=0.0)
-    batch = _batch(model, processor)
-    peft_model = prepare_for_training(model, TrainConfig(train_data="x.jsonl", lora=True, lora_r=4,
-                                                         lora_target_modules=["q_proj", "v_proj"]))
-    out = latent_model(peft_model).latent_loss(batch)
-    out.loss.backward()
-    trained = [p for n, p in peft_model.named_parameters() if "latent_pause_embedding" in n and p.requires_grad]
+    trained = lora_trained_copies(model, _batch(model, processor), "latent_pause_embedding")
     assert trained, "the pause embedding has no trainable copy under LoRA"
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)
