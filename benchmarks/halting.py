@@ -1,9 +1,14 @@
 """Halting that follows the content: the answer-driven stop target against the fixed ratio, same task and steps.
 
-    PYTHONPATH=src python benchmarks/halting.py --out runs/halting
+    PYTHONPATH=src python benchmarks/halting.py --out runs/halting              # the a5 word problem
+    PYTHONPATH=src python benchmarks/halting.py --task relay_bands --out runs/hb
 
-1. ``relay_bands`` data (hops 1..4, one CoT strip of 4 tokens for every record: budget 4 whatever the hops);
-2. stage A once (every latent active);
+1. data whose one CoT strip has the same size for every record, so the budget says nothing about the
+   difficulty: ``a5`` (default; hops 1..4, a strip of 5 cells: the states, the last held) or ``relay_bands``
+   (hops 1..4, a strip of 4 tokens);
+2. stage A once (every latent active; for a5 with the demo's recipe: the vision tower frozen, teacher
+   forcing falling from 1 to 0 over the first 80% of the steps, tail dropout 0.3; stage C then at lr 5e-4
+   and stop threshold 0.7);
 3. stage C twice from the stage-A weights, identical but for ``latent_stop_target_mode``: ``ratio`` and
    ``answer``;
 4. each stage-C model on the held-out test split at learned halting and at full budget: accuracy, used/budget,
@@ -26,6 +31,7 @@ import torch
 
 from latentvl.data.records import load_records
 from latentvl.data.relay_bands import make_relay_bands
+from latentvl.data.synthetic import make_dataset
 from latentvl.evaluation.halting import evaluate_halting, read_difficulties
 from latentvl.reports.halting import halting_markdown, plot_used_by_difficulty
 from latentvl.training.config import TrainConfig
@@ -67,7 +73,8 @@ def _cfg(seed: int, **fields: Any) -> TrainConfig:
     return TrainConfig.from_dict({**TRAIN, **fields, "latent": latent, "seed": seed})
 
 
-def step_cost(records_file: Path, reps: int = 6, batch_size: int = 8) -> dict[str, float]:
+def step_cost(records_file: Path, reps: int = 6, batch_size: int = 8, budget_max: int | None = None
+              ) -> dict[str, float]:
     """Seconds per stage-C training step (both passes, backward) in each mode, interleaved in one process.
 
     The same batch, the same weights; the modes alternate so that a busy machine slows both alike. Also
@@ -80,7 +87,8 @@ def step_cost(records_file: Path, reps: int = 6, batch_size: int = 8) -> dict[st
                                         num_layers=TRAIN["tiny_num_layers"])
     lat = TRAIN["latent"]
     set_latent_fields(model.config, latent_budget_alpha=lat["latent_budget_alpha"],
-                      latent_budget_gamma=lat["latent_budget_gamma"], latent_budget_max=lat["latent_budget_max"])
+                      latent_budget_gamma=lat["latent_budget_gamma"],
+                      latent_budget_max=budget_max or lat["latent_budget_max"])
     records, _ = load_records(records_file)
     ds = RecordDataset(records[:batch_size])
     batch = LatentCollator(processor, model.config)([ds[i] for i in range(len(ds))])
@@ -105,20 +113,31 @@ def step_cost(records_file: Path, reps: int = 6, batch_size: int = 8) -> dict[st
             "ratio_lm_calls": counts["ratio"], "answer_lm_calls": counts["answer"]}
 
 
+A5_DECAY = 0.8  # the a5 recipe of latentvl/configs/demo.yaml (`per_task.a5`): teacher forcing decays over 80%
+
+
 def run(out: Path, n: int, steps_a: int, steps_c: int, seed: int, rule: str = "fixed", tolerance: float = 0.1,
-        log=print) -> dict[str, Any]:
+        log=print, task: str = "a5") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    meta = make_relay_bands(n, seed, out / "data", overwrite=True, rule=rule)
+    if task == "a5":
+        meta = make_dataset("a5", n, seed, out / "data", overwrite=True, hops_min=1, hops_max=4)
+        shared = {"freeze_vision": True, "batch_size": 16, "latent": {"latent_budget_max": 5}}
+        stage_a = {**shared, "teacher_forcing_decay_steps": round(A5_DECAY * steps_a),
+                   "latent": {**shared["latent"], "latent_teacher_forcing": 1.0, "latent_tail_dropout": 0.3}}
+        stage_c = {**shared, "lr": 5e-4, "latent": {**shared["latent"], "latent_stop_threshold": 0.7}}
+    else:
+        meta = make_relay_bands(n, seed, out / "data", overwrite=True, rule=rule)
+        shared, stage_a, stage_c = {}, {}, {}
     timings["data_s"] = time.perf_counter() - t0
     train_file, test_file = out / "data" / "train.jsonl", out / "data" / "test.jsonl"
     log(f"data: {n} records, test chance {meta['splits']['test']['chance_accuracy']:.3f}")
 
     t0 = time.perf_counter()
     res_a = train(_cfg(seed, stage="A", max_steps=steps_a, train_data=str(train_file),
-                       output_dir=str(out / "stage_a")))
+                       output_dir=str(out / "stage_a"), **stage_a))
     timings["stage_a_s"] = time.perf_counter() - t0
     log(f"stage A: {steps_a} steps in {timings['stage_a_s']:.0f} s")
 
@@ -129,7 +148,8 @@ def run(out: Path, n: int, steps_a: int, steps_c: int, seed: int, rule: str = "f
         t0 = time.perf_counter()
         res = train(_cfg(seed, stage="C", max_steps=steps_c, train_data=str(train_file), warmup_steps=0,
                          init_from=str(res_a.checkpoint), output_dir=str(out / f"stage_c_{mode}"),
-                         latent={"latent_stop_target_mode": mode, "latent_stop_target_tolerance": tolerance}))
+                         **{**stage_c, "latent": {**stage_c.get("latent", {}), "latent_stop_target_mode": mode,
+                                                  "latent_stop_target_tolerance": tolerance}}))
         timings[f"stage_c_{mode}_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         from latentvl import LatentCollator
@@ -140,14 +160,14 @@ def run(out: Path, n: int, steps_a: int, steps_c: int, seed: int, rule: str = "f
             model, processor = load_latent_model(res.checkpoint / "model")
         collator = LatentCollator(processor, model.config)
         results[mode] = evaluate_halting(model, collator, test_records, difficulty,
-                                         threshold=TRAIN["latent"]["latent_stop_threshold"])
+                                         threshold=model.config.latent_stop_threshold)
         results[mode]["train_step_s"] = timings[f"stage_c_{mode}_s"] / steps_c
         timings[f"eval_{mode}_s"] = time.perf_counter() - t1
         got = results[mode]
         log(f"stage C ({mode}): {steps_c} steps in {timings[f'stage_c_{mode}_s']:.0f} s; "
             f"accuracy {got['learned']['accuracy']:.3f} (full budget {got['full_budget']['accuracy']:.3f}), "
             f"used/budget {got['learned']['used_ratio']:.3f}, Spearman {got['learned']['spearman_used_difficulty']}")
-    cost = step_cost(train_file)
+    cost = step_cost(train_file, budget_max=shared.get("latent", {}).get("latent_budget_max"))
     log(f"stage-C step, same batch and weights, interleaved: ratio {cost['ratio_step_s']:.3f} s, answer "
         f"{cost['answer_step_s']:.3f} s ({cost['answer_over_ratio']:.2f}x); language-model calls "
         f"{cost['ratio_lm_calls']} vs {cost['answer_lm_calls']}")
@@ -159,17 +179,18 @@ def run(out: Path, n: int, steps_a: int, steps_c: int, seed: int, rule: str = "f
         "answer_used_ratio_at_most_0.75": answer["learned"]["used_ratio"] <= 0.75,
     }
     report = {
-        "task": "relay_bands", "rule": rule, "tolerance": tolerance, "n": n, "seed": seed, "steps_a": steps_a,
-        "steps_c": steps_c,
+        "task": task, "rule": rule if task == "relay_bands" else None, "tolerance": tolerance, "n": n,
+        "seed": seed, "steps_a": steps_a, "steps_c": steps_c,
         "test_n": len(test_records), "test_chance_accuracy": meta["splits"]["test"]["chance_accuracy"],
         "results": results, "bars": bars, "timings": timings,
         "step_cost": cost,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     md = [
-        "# Halting: answer-driven stop target vs fixed ratio (relay_bands)",
+        f"# Halting: answer-driven stop target vs fixed ratio ({task})",
         "",
-        f"relay_bands (rule {rule}), {n} records, test split {len(test_records)} (chance "
+        f"{task}{f' (rule {rule})' if task == 'relay_bands' else ''}, {n} records, test split "
+        f"{len(test_records)} (chance "
         f"{report['test_chance_accuracy']:.3f}); stop-target tolerance {tolerance} nats; stage A "
         f"{steps_a} steps, then stage C {steps_c} steps in each mode from the same stage-A weights; seed {seed}.",
         f"A stage-C step (batch 8, both passes and backward, same weights, modes interleaved) takes "
@@ -196,14 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/halting")
     p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--steps-a", type=int, default=500)
-    p.add_argument("--steps-c", type=int, default=150)
+    p.add_argument("--steps-a", type=int, default=None, help="stage-A steps (default: a5 1000, relay_bands 500)")
+    p.add_argument("--steps-c", type=int, default=None, help="stage-C steps in each mode (default: 150)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=("a5", "relay_bands"), default="a5")
     p.add_argument("--rule", choices=("fixed", "table"), default="fixed",
                    help="relay_bands rule: fixed (learnable in minutes) or table (a drawn cycle per sample)")
     p.add_argument("--tolerance", type=float, default=0.1, help="latent_stop_target_tolerance of the answer mode")
     args = p.parse_args(argv)
-    report = run(Path(args.out), args.n, args.steps_a, args.steps_c, args.seed, args.rule, args.tolerance)
+    steps_a = args.steps_a or (1000 if args.task == "a5" else 500)
+    steps_c = args.steps_c or 150
+    report = run(Path(args.out), args.n, steps_a, steps_c, args.seed, args.rule, args.tolerance, task=args.task)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     return 0 if all(report["bars"].values()) else 1
 

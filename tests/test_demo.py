@@ -20,7 +20,8 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert f"report: {out / 'report.md'}" in printed
     md = (out / "report.md").read_text()
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "relay"
+    assert report["task"] == "a5"
+    assert report["results"]["stage_a"]["instrument_unit"] == "latent"  # a5 records give one state per latent
     # the report leads with accuracy against difficulty for every arm, with the chance line
     assert md.index("## Accuracy against difficulty") < md.index("## Arms") < md.index("## Bars")
     assert difficulty_table(report) in md and "chance" in difficulty_table(report)
@@ -79,9 +80,26 @@ def test_example_config_matches_the_built_in_settings(tmp_path):
     custom.write_text("demo:\n  steps_a: 7\ntrain:\n  lr: 0.01\n")
     settings = load_demo_settings(custom)
     assert settings["demo"]["steps_a"] == 7 and settings["train"]["lr"] == 0.01
-    assert settings["train"]["latent"] == DEFAULTS["train"]["latent"]
+    assert settings["train"]["latent"] == load_demo_settings(None)["train"]["latent"]  # untouched by the file
     quick = load_demo_settings(None, quick=True)
     assert quick["demo"]["steps_a"] == DEFAULTS["quick"]["steps_a"]
+
+
+def test_per_task_entry_applies_to_its_task_and_a_config_file_wins(tmp_path):
+    a5 = load_demo_settings(None)
+    per = DEFAULTS["per_task"]["a5"]
+    assert a5["demo"]["task"] == "a5" and a5["demo"]["steps_a"] == per["steps_a"]
+    assert a5["train"]["freeze_vision"] is True and a5["demo"]["curriculum"] == []
+    assert a5["train"]["latent"]["latent_budget_gamma"] == per["train"]["latent"]["latent_budget_gamma"]
+    assert a5["train"]["lr"] == DEFAULTS["train"]["lr"]  # what the entry does not name stays
+    relay = load_demo_settings(None, task="relay")
+    assert relay["demo"]["steps_a"] == DEFAULTS["demo"]["steps_a"] and relay["demo"]["curriculum"] == [1, 2, 3]
+    assert "freeze_vision" not in relay["train"] and "stage_a" not in relay["demo"]
+    custom = tmp_path / "d.yaml"
+    custom.write_text("demo:\n  steps_a: 7\nper_task:\n  a5:\n    steps_c: 9\n")
+    mine = load_demo_settings(custom)
+    assert mine["demo"]["steps_a"] == 7 and mine["demo"]["steps_c"] == 9
+    assert load_demo_settings(custom, full=True)["demo"]["steps_a"] == DEFAULTS["full"]["steps_a"]
 
 
 def test_demo_task_choices_come_from_the_shipped_settings():
@@ -90,7 +108,7 @@ def test_demo_task_choices_come_from_the_shipped_settings():
     from latentvl.commands.demo import add_arguments
     from latentvl.demo import DEMO_TASKS
 
-    assert DEMO_TASKS == tuple(DEFAULTS["demo"]["data"]) and "relay" in DEMO_TASKS
+    assert DEMO_TASKS == tuple(DEFAULTS["demo"]["data"]) and {"a5", "relay"} <= set(DEMO_TASKS)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     for task in DEMO_TASKS:

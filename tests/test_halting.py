@@ -89,7 +89,9 @@ def test_stop_labels_inside_latent_loss_cover_every_stepped_slot(tiny):
         ([1, 2, 3], [0.7, 0.7, 0.7], 0.7, 4, 0.0, 1),  # no length helps: the fewest latents
         ([1, 2, 3], [3.0, 3.0, 3.0], 3.0, 4, 0.1, 1),  # wrong at every length alike: nothing helps either
         ([1, 2, 3], [0.5, 0.9, 0.95], 1.0, 4, 0.0, 1),  # a shorter segment even does better
-        ([1, 2, 3, 4], [2.0, 1.0, 1.5, 1.0], 1.0, 5, 0.0, 2),  # not monotone, tie at 2 and 4: the shorter
+        ([1, 2, 3, 4], [2.0, 1.0, 1.5, 1.0], 1.0, 5, 0.0, 4),  # right at 2 by coincidence, wrong at 3: settled at 4
+        ([4, 1, 3, 2], [1.0, 2.0, 1.0, 1.0], 1.0, 5, 0.0, 2),  # candidates in any order
+        ([1, 2, 3, 4], [1.0, 1.0, 1.0, 1.5], 1.0, 5, 0.0, 5),  # the longest tried length breaks it: full budget
         ([2, 2, 1], [1.0, 1.0, 1.4], 1.0, 3, 0.1, 2),  # repeated candidates
         ([3, 3, 3], [1.0, 1.0, 1.0], 1.0, 3, 0.0, 3),  # padded with the budget itself
     ],

@@ -484,3 +484,85 @@ def test_relay_cli_flags(tmp_path: Path) -> None:
     assert make_data.run(_args(task="relay", n=12, seed=1, out=out, colours=4, hops_min=2, hops_max=3)) == 0
     records = _all_records(out)
     assert {r["answer"] for r in records} == set("RGBY") and {r["difficulty"] for r in records} <= {2, 3}
+
+
+# ---------------------------------------------------------------------------------------------------- a5
+
+
+@pytest.fixture(scope="module")
+def a5_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("a5")
+    make_dataset("a5", 50, 3, out, hops_min=1, hops_max=5)
+    return out
+
+
+def _permutation(op: str) -> dict[str, str]:
+    return {s: synthetic.A5_STATES[synthetic.A5_OPS[op][i]] for i, s in enumerate(synthetic.A5_STATES)}
+
+
+def test_a5_ops_generate_a_non_solvable_group() -> None:
+    """a and b generate all 60 even permutations (A5); every op is even."""
+    def parity(p: tuple[int, ...]) -> int:
+        return sum(p[i] > p[j] for i in range(5) for j in range(i + 1, 5)) % 2
+
+    assert all(parity(p) == 0 for p in synthetic.A5_OPS.values())
+    group, frontier = {tuple(range(5))}, [tuple(range(5))]
+    while frontier:
+        g = frontier.pop()
+        for op in ("a", "b"):
+            h = tuple(synthetic.A5_OPS[op][g[i]] for i in range(5))
+            if h not in group:
+                group.add(h)
+                frontier.append(h)
+    assert len(group) == 60
+
+
+def test_a5_records_apply_their_ops_in_order(a5_dir: Path) -> None:
+    records = _all_records(a5_dir)
+    assert Counter(r["answer"] for r in records) == {c: 10 for c in "RGBYC"}
+    colours = synthetic.RELAY_COLOURS
+    for r in records:
+        ops, (states,), k = r["ops"], r["latent_states"], r["difficulty"]
+        assert len(ops) == k and 1 <= k <= 5 and len(states) == 6 and len(r["cot_images"]) == 1
+        assert all(_permutation(op)[a] == b for op, a, b in zip(ops, states, states[1:]))
+        assert set(states[k:]) == {r["answer"]}  # the last state, held to the end of the strip
+        assert r["question"] == "Ops: " + "".join(ops) + "-" * (5 - k)
+        q = Image.open(a5_dir / r["images"][0]).convert("RGB")
+        assert q.size == (56, 56) and {c for _, c in q.getcolors()} == {colours[states[0]]}
+        strip = Image.open(a5_dir / r["cot_images"][0]).convert("RGB")
+        assert strip.size == (6 * 28, 28)  # one merged visual token per cell
+        for j, state in enumerate(states):
+            cell = {strip.getpixel((28 * j + dx, dy)) for dx in range(28) for dy in range(28)}
+            assert cell == {colours[state]}
+    assert load_metadata(a5_dir / "train.jsonl")["chance_accuracy"] == pytest.approx(0.2)
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 49), st.integers(0, 6), st.sampled_from(list("RGBYC")))
+def test_a5_implied_answer_applies_the_remaining_ops(a5_dir: Path, index: int, j: int, state: str) -> None:
+    r = _all_records(a5_dir)[index]
+    if j > 5:  # past the strip's six cells
+        assert synthetic.implied_answer("a5", r, j, state) is None
+        return
+    implied = synthetic.implied_answer("a5", r, j, state)
+    assert synthetic.implied_answer("a5", r, j, r["latent_states"][0][j]) == r["answer"]
+    assert (implied == r["answer"]) == (state == r["latent_states"][0][j])  # the remaining ops are a bijection
+    x = state
+    for op in r["ops"][j:]:
+        x = _permutation(op)[x]
+    assert implied == x
+    assert synthetic.implied_answer("a5", r, j, "M") is None
+    assert synthetic.implied_answer("a5", {"question": "?"}, j, state) is None
+
+
+@pytest.mark.parametrize("knobs", [{"hops_min": 0}, {"hops_min": 3, "hops_max": 2}])
+def test_a5_knobs_are_checked(tmp_path: Path, knobs: dict) -> None:
+    with pytest.raises(ValueError, match="hops_min"):
+        make_dataset("a5", 10, 0, tmp_path / "d", **knobs)
+
+
+def test_a5_cli_flags(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    assert make_data.run(_args(task="a5", n=10, seed=1, out=out, hops_min=2, hops_max=3)) == 0
+    records = _all_records(out)
+    assert {r["difficulty"] for r in records} == {2, 3} and all(len(r["question"]) == len("Ops: abc") for r in records)

@@ -6,7 +6,7 @@ import pytest
 
 from latentvl.commands import train as train_cli
 from latentvl.training.config import TOKEN_FIELDS, TrainConfig, TrainConfigError, load_config
-from latentvl.training.schedules import lr_factor, threshold_at
+from latentvl.training.schedules import lr_factor, teacher_forcing_at, threshold_at
 from latentvl.training.trainer import current_threshold
 
 
@@ -88,6 +88,8 @@ def test_every_latent_field_can_be_set():
         "latent_compile": "aot_eager",
         "latent_feedback": False,
         "latent_feedback_norm": True,
+        "latent_teacher_forcing": 0.0,  # > 0 needs latent_feedback (set below)
+        "latent_tail_dropout": 0.25,
     }
     assert set(values) == set(settable)
     cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])
@@ -95,6 +97,8 @@ def test_every_latent_field_can_be_set():
     for k, v in values.items():
         assert getattr(settings, k) == v, k
     # the stage field may be repeated when it agrees; token ids may be given (checked against the tokenizer)
+    forced = load_config(None, ["train_data=x.jsonl", "latent.latent_teacher_forcing=0.4"])
+    assert forced.latent_settings("A").latent_teacher_forcing == 0.4
     same = load_config(
         None, ["train_data=x.jsonl", "stage=C", "latent.latent_mode_stage=C", "latent_token_id=7"]
     )
@@ -163,6 +167,13 @@ def test_bad_yaml_file(tmp_path):
     path.write_text("lr: [1\n")
     with pytest.raises(TrainConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_teacher_forcing_schedule():
+    assert [teacher_forcing_at(k, 0.8, 4) for k in range(6)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0, 0.0])
+    assert teacher_forcing_at(7, 0.5, 0) == 0.5  # no decay
+    with pytest.raises(ValueError, match="step"):
+        teacher_forcing_at(-1, 0.5, 4)
 
 
 def test_threshold_annealing_values():

@@ -269,3 +269,29 @@ def test_lora_frozen_vision_and_checkpointing_resume_exactly(data_dir, tmp_path)
     assert torch.equal(
         s0["model.language_model.embed_tokens.weight"], s1["model.language_model.embed_tokens.weight"]
     )
+
+
+def test_teacher_forcing_decays_by_step_and_resumes_exactly(data_dir, tmp_path):
+    """latent_teacher_forcing falls linearly over teacher_forcing_decay_steps in stage A, is 0 in stage C,
+    and a run killed mid-decay resumes with the same probabilities and losses."""
+    kw = dict(stage="AC", switch_step=5, max_steps=6, save_every=2, teacher_forcing_decay_steps=4,
+              latent={**LATENT, "latent_teacher_forcing": 1.0})
+    full = train(_cfg(data_dir, tmp_path / "full", **kw))
+    assert [r["teacher_forcing"] for r in full.history] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    with pytest.raises(Crash):
+        train(_cfg(data_dir, tmp_path / "cut", **kw), callbacks=[CrashAfter(3)])
+    resumed = train(_cfg(data_dir, tmp_path / "cut", resume="latest", **kw))
+    assert [r["step"] for r in resumed.history] == [3, 4, 5, 6]
+    ref = _by_step(full.history)
+    for row in resumed.history:
+        assert row["teacher_forcing"] == pytest.approx(ref[row["step"]]["teacher_forcing"])
+        assert row["loss"] == pytest.approx(ref[row["step"]]["loss"], abs=1e-6)
+
+
+def test_teacher_forcing_decay_needs_a_probability(data_dir, tmp_path):
+    from latentvl.training.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="teacher_forcing_decay_steps"):
+        _cfg(data_dir, tmp_path, teacher_forcing_decay_steps=4)
+    with pytest.raises(TrainConfigError, match="teacher_forcing_decay_steps"):
+        _cfg(data_dir, tmp_path, teacher_forcing_decay_steps=-1, latent={**LATENT, "latent_teacher_forcing": 0.5})

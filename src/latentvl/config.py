@@ -29,6 +29,17 @@ class LatentSettings:
     per-feature gain (``latent_feedback_gain``, initialised to the embeddings' init std) before it enters
     its slot; False feeds the last hidden state as it is (the design note's). No effect on pause tokens.
 
+    ``latent_teacher_forcing`` (0.0): in stage-A training (``model.training``), each active slot takes, with
+    this probability, its alignment target (the pooled CoT features of its group, rescaled to the norm of the
+    fed-back state it replaces) instead of the fed-back state; the alignment loss still scores the model's
+    own fed-back state. Evaluation, generation and stage C always feed back the model's own states.
+    Needs ``latent_feedback`` and CoT images (see docs/training.md, "Teacher-forced slots").
+
+    ``latent_tail_dropout`` (0.0): in stage-A training, each segment's pass 2 keeps, with this probability,
+    only its first ``L`` latents (``L`` uniform in ``1..B``), the rest masked out of attention as in stage
+    C; pass 1 and the alignment loss are unchanged. The answer then learns to read whatever latents a
+    halted segment leaves, which stage C's answer-driven stop target relies on.
+
     ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile``, and so does
     pass 2's forward in :meth:`latent_loss` (True: the inductor backend; a string names the backend, one of
     :data:`COMPILE_BACKENDS`); False runs them eagerly.
@@ -64,6 +75,8 @@ class LatentSettings:
     latent_compile: bool | str = False
     latent_feedback: bool = True
     latent_feedback_norm: bool = False
+    latent_teacher_forcing: float = 0.0
+    latent_tail_dropout: float = 0.0
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -98,6 +111,14 @@ class LatentSettings:
         points = self.latent_stop_target_points
         if isinstance(points, bool) or not isinstance(points, int) or points < 1:
             raise bad("latent_stop_target_points", "must be an integer >= 1")
+        drop = self.latent_tail_dropout
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
+            raise bad("latent_tail_dropout", "must be a probability in [0, 1]")
+        tf = self.latent_teacher_forcing
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0.0 <= tf <= 1.0:
+            raise bad("latent_teacher_forcing", "must be a probability in [0, 1]")
+        if tf > 0 and not self.latent_feedback:
+            raise bad("latent_teacher_forcing", "needs latent_feedback=true (pause tokens feed no state to force)")
         if self.latent_cost_mode not in COST_MODES:
             raise bad("latent_cost_mode", f"must be one of {COST_MODES}")
         for name in ("latent_detach_step_inputs", "latent_prefix_grad", "latent_feedback", "latent_feedback_norm"):

@@ -92,20 +92,31 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_demo_settings(path: str | Path | None = None, quick: bool = False, full: bool = False) -> dict[str, Any]:
-    """The built-in settings, updated from a YAML file of the same shape; ``quick`` shrinks the run and
-    ``full`` applies the ``full`` section (the longer schedule)."""
+def load_demo_settings(path: str | Path | None = None, quick: bool = False, full: bool = False,
+                       task: str | None = None) -> dict[str, Any]:
+    """The demo's settings for ``task`` (default: the file's ``demo.task``, else the shipped one).
+
+    In order, each over the last: the shipped sections; the ``per_task`` entry of the task (the shipped
+    one, updated from the file's) over ``demo`` and, for its ``train`` part, ``train``; the file's own
+    sections; then ``quick`` (shrinks the run) or ``full`` (the ``full`` section, the longer schedule).
+    """
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
-    settings = copy.deepcopy(DEFAULTS)
+    user: dict[str, Any] = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
+        user = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(user, dict):
             raise ValueError(f"{path}: must hold a mapping with sections {sorted(DEFAULTS)}")
-        unknown = set(data) - set(DEFAULTS)
+        unknown = set(user) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        settings = _merge(settings, data)
+    task = task or (user.get("demo") or {}).get("task") or DEFAULTS["demo"]["task"]
+    per = _merge((DEFAULTS.get("per_task") or {}).get(task) or {}, (user.get("per_task") or {}).get(task) or {})
+    settings = copy.deepcopy(DEFAULTS)
+    settings["train"] = _merge(settings["train"], per.pop("train", {}))
+    settings["demo"] = _merge(settings["demo"], per)
+    settings = _merge(settings, {k: v for k, v in user.items() if k != "per_task"})
+    settings["demo"]["task"] = task
     if quick:
         settings["demo"].update(settings["quick"])
     if full:
@@ -153,12 +164,16 @@ def _schedule(data_dir: Path, demo: dict[str, Any]) -> list[tuple[Path, int]]:
     return [(f, n) for f, n in phases if n > 0]
 
 
-def _train_phases(settings, phases, out_dir: Path, stage: str = "A", init_from: str | None = None, **fields):
-    """Train through ``phases`` ((file, steps) pairs), each from the previous one's checkpoint."""
+def _train_phases(settings, phases, out_dir: Path, stage: str = "A", init_from: str | None = None,
+                  decay_fraction: float = 0.0, **fields):
+    """Train through ``phases`` ((file, steps) pairs), each from the previous one's checkpoint.
+    ``decay_fraction``: each phase's teacher forcing falls to 0 over this fraction of its steps."""
     from .training.trainer import train
 
     results, history, offset = [], [], 0
     for i, (data_file, steps) in enumerate(phases):
+        if decay_fraction:
+            fields["teacher_forcing_decay_steps"] = max(1, round(decay_fraction * steps))
         cfg = _train_config(
             settings, stage=stage, max_steps=steps, output_dir=str(out_dir / f"phase{i}"),
             train_data=str(data_file), save_every=0, keep_last=1, init_from=init_from,
@@ -234,6 +249,7 @@ def _evaluate(
         USED_RATIO: ev["latents"][USED_RATIO],  # used / budget: the figure latentvl eval reports
         "causal": causal,
         "truncation": ev.get("truncation"),
+        "instrument_unit": ev.get("instrument_unit"),
         "implant": ev.get("implant"),
         "probe": ev.get("probe"),
         "alignment": ev.get("alignment"),
@@ -344,13 +360,18 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
     histories: dict[str, list[dict[str, Any]]] = {}
     t0 = time.perf_counter()
     log(f"stage A: {steps_a} steps in {len(data.phases)} phase(s)")
-    res, histories["stage_a"], _ = _train_phases(settings, data.phases, out / "stage_a")
+    recipe = demo.get("stage_a") or {}  # stage A's own training signals from the CoT images (none by default)
+    res, histories["stage_a"], _ = _train_phases(
+        settings, data.phases, out / "stage_a", decay_fraction=float(recipe.get("teacher_forcing_decay", 0.0)),
+        **({"latent": recipe["latent"]} if recipe.get("latent") else {}))
     runs["stage_a"] = res[-1]
     timings["train_stage_a"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     log(f"stage C: {steps_c} steps from {runs['stage_a'].checkpoint}")
     res, histories["stage_c"], cfg_c = _train_phases(settings, c_phase, out / "stage_c", stage="C",
-                                                     init_from=str(runs["stage_a"].checkpoint))
+                                                     init_from=str(runs["stage_a"].checkpoint),
+                                                     latent=dict(demo.get("stage_c_latent") or {}),
+                                                     **dict(demo.get("stage_c_train") or {}))
     runs["stage_c"] = res[-1]
     timings["train_stage_c"] = time.perf_counter() - t0
     for arm in ("baseline_no_latents", "pause", "latents_no_align"):

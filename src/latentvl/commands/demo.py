@@ -47,11 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = load_demo_settings(args.config, quick=args.quick, full=args.full)
+        settings = load_demo_settings(args.config, quick=args.quick, full=args.full, task=args.task)
     except (OSError, ValueError, yaml.YAMLError) as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2
-    for key in ("task", "steps_a", "steps_c", "n", "seed"):
+    for key in ("steps_a", "steps_c", "n", "seed"):
         value = getattr(args, key)
         if value is not None:
             settings["demo"][key] = value

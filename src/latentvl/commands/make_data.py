@@ -52,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--colours", type=int, default=d["colours"], help="relay: number of colours (3..8) (default: %(default)s)"
     )
     parser.add_argument(
-        "--hops-min", type=int, default=d["hops_min"], help="relay: fewest hops k (default: %(default)s)"
+        "--hops-min", type=int, default=d["hops_min"], help="relay, a5: fewest hops k (default: %(default)s)"
     )
     parser.add_argument(
-        "--hops-max", type=int, default=d["hops_max"], help="relay: most hops k (< colours) (default: %(default)s)"
+        "--hops-max", type=int, default=d["hops_max"], help="relay (< colours), a5: most hops k (default: %(default)s)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 

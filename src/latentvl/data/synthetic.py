@@ -1,4 +1,4 @@
-"""Generate a synthetic visual chain-of-thought dataset (relay, maze or shapes) as JSONL records.
+"""Generate a synthetic visual chain-of-thought dataset (a5, relay, maze or shapes) as JSONL records.
 
 ``latentvl make-data --task relay --n 1000 --seed 0 --out data/maze`` writes ``images/*.png``,
 ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (the format of :mod:`latentvl.data.records`, paths relative
@@ -22,6 +22,20 @@ Tasks (answers are balanced within each split, so chance is known exactly):
     distinct, so a model that resolves fewer than k hops is near chance. Records carry ``difficulty``
     (k), ``cot_states`` (the colour letter of each CoT image) and ``rule`` (``{a: f(a)}``), which the
     implant instrument of ``latentvl eval`` uses (:func:`implied_answer`).
+
+``a5``
+    A word problem over the alternating group A5, which is not solvable, so no constant-depth circuit
+    (and no fixed number of transformer layers) computes it for every length: a model has to carry a
+    state step by step. Five state colours ``R G B Y C``; three ops, each a fixed permutation of the
+    states: ``a`` the 5-cycle (R G B Y C), ``b`` the 3-cycle (R G B), ``c`` the double transposition
+    (R G)(B Y). The question image is a swatch of the start colour ``s0``; the question text lists the k
+    ops padded with ``-`` (the identity) to ``hops_max``, one character each: ``"Ops: acb-"``. The one CoT
+    image is a strip of ``hops_max + 1`` cells of one merged token each, ``s0, s1, ..., sk`` (``s_j`` the
+    state after j ops) and then ``sk`` held to the end, so with a budget of one latent per cell (alpha 1,
+    gamma 1) latent j aligns to state j and reads op j at a constant distance in the sequence. The answer
+    is the letter of ``sk``. Records carry ``difficulty`` (k), ``ops`` and ``latent_states``, one list per
+    CoT image with one state per cell (``[[s0, ..., sk, ..., sk]]``), so the instruments of ``latentvl
+    eval`` work per latent (:func:`implied_answer`).
 
 ``maze``
     A perfect maze (exactly one path between any two cells) on a g x g grid, a green start disc and a red
@@ -65,6 +79,7 @@ __all__ = [
     "implied_answer",
     "make_dataset",
     "maze_neighbours",
+    "a5_implied_answer",
     "relay_implied_answer",
     "solve_maze",
 ]
@@ -118,6 +133,7 @@ _TASK_KNOBS = {
     "maze": ("min_cot", "max_cot", "size_min", "size_max", "grid_min", "grid_max", "min_moves"),
     "shapes": ("min_cot", "max_cot", "size_min", "size_max", "max_shapes"),
     "relay": ("colours", "hops_min", "hops_max"),
+    "a5": ("hops_min", "hops_max"),
 }
 _IMAGE_NAME = re.compile(r"^[a-z]+-\d+-(q|cot)\d+\.png$")
 
@@ -460,9 +476,65 @@ def relay_implied_answer(record: dict[str, Any], segment: int, state: Any) -> st
     return x
 
 
+# ------------------------------------------------------------------------------------------------- a5
+
+A5_STATES = ("R", "G", "B", "Y", "C")  # RELAY_COLOURS' first five
+# op -> the image of each state, by index into A5_STATES; a and b generate A5
+A5_OPS: dict[str, tuple[int, ...]] = {
+    "a": (1, 2, 3, 4, 0),  # the 5-cycle R -> G -> B -> Y -> C -> R
+    "b": (1, 2, 0, 3, 4),  # the 3-cycle R -> G -> B -> R
+    "c": (1, 0, 3, 2, 4),  # (R G)(B Y)
+}
+A5_SWATCH = 2 * SIDE_STEP  # question image: 4 visual tokens, the tiny processor's minimum
+A5_CELL = SIDE_STEP  # one strip cell = one merged visual token
+A5_IDENTITY = "-"
+
+
+def a5_apply(ops: list[str] | str, state: str) -> str:
+    """``state`` after the ``ops`` in order (letters of :data:`A5_OPS`; ``-`` is the identity)."""
+    i = A5_STATES.index(state)
+    for op in ops:
+        if op != A5_IDENTITY:
+            i = A5_OPS[op][i]
+    return A5_STATES[i]
+
+
+def _a5_sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
+    k, cells = rng.randint(knobs["hops_min"], knobs["hops_max"]), knobs["hops_max"] + 1
+    ops = [rng.choice(sorted(A5_OPS)) for _ in range(k)]
+    s0 = next(s for s in A5_STATES if a5_apply(ops, s) == target)  # the ops are a permutation
+    chain = [s0]
+    for op in ops:
+        chain.append(a5_apply(op, chain[-1]))
+    held = chain + [chain[-1]] * (cells - len(chain))
+    question = Image.new("RGB", (A5_SWATCH, A5_SWATCH), RELAY_COLOURS[s0])
+    strip = Image.new("RGB", (A5_CELL * cells, A5_CELL), WHITE)
+    draw = ImageDraw.Draw(strip)
+    for j, state in enumerate(held):
+        draw.rectangle((A5_CELL * j, 0, A5_CELL * (j + 1) - 1, A5_CELL - 1), RELAY_COLOURS[state])
+    text = "Ops: " + "".join(ops) + A5_IDENTITY * (cells - 1 - k)
+    annotation = {"side": A5_CELL * cells, "hops": k, "ops": ops, "chain": chain}
+    fields = {"difficulty": k, "latent_states": [held], "ops": ops}
+    return Sample(text, chain[-1], [question], [strip], annotation, fields)
+
+
+def a5_implied_answer(record: dict[str, Any], segment: int, state: Any) -> str | None:
+    """The answer an a5 record implies when the state at latent ``segment`` of its strip is ``state``:
+    ``state`` after the record's ops ``segment + 1 .. k`` (none for the held cells after k); None when the
+    record lacks ``ops``, ``segment`` is not a cell of its strip or ``state`` is not a state letter."""
+    ops, states = record.get("ops"), record.get("latent_states")
+    if not isinstance(ops, list) or state not in A5_STATES or any(op not in A5_OPS for op in ops):
+        return None
+    nested = isinstance(states, list) and len(states) == 1 and isinstance(states[0], list)
+    if not 0 <= segment < (len(states[0]) if nested else len(ops) + 1):
+        return None
+    return a5_apply(ops[segment:], state)
+
+
 # task name -> f(record, segment, state) -> the answer implied when CoT state `segment` is `state`
 IMPLIED_ANSWERS: dict[str, Callable[[dict[str, Any], int, Any], str | None]] = {
     "relay": relay_implied_answer,
+    "a5": a5_implied_answer,
 }
 
 
@@ -489,6 +561,13 @@ class _Task:
 
 
 TASKS: dict[str, _Task] = {
+    "a5": _Task(
+        A5_STATES,
+        "Ops: <k ops, then - up to hops_max>",
+        "letter of the state after applying the listed ops (permutations of R G B Y C) in order to the "
+        "colour of the question image",
+        _a5_sample,
+    ),
     "maze": _Task(
         MAZE_ANSWERS,
         MAZE_QUESTION,
@@ -552,6 +631,8 @@ def _check_knobs(task: str, knobs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"need 1 <= hops_min <= hops_max < colours, got {k['hops_min']}, {k['hops_max']}, {k['colours']}"
             )
+    if task == "a5" and not 1 <= k["hops_min"] <= k["hops_max"]:
+        raise ValueError(f"need 1 <= hops_min <= hops_max, got {k['hops_min']}, {k['hops_max']}")
     if task == "shapes":
         if not 2 <= k["max_shapes"] <= len(SHAPE_COLOURS):
             raise ValueError(f"max_shapes={k['max_shapes']} must be in [2, {len(SHAPE_COLOURS)}]")

@@ -77,6 +77,19 @@ def truncate_latents(
     return Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
 
 
+def truncate_latent_count(
+    patches: Patches, input_ids: torch.Tensor, segments: list[list[tuple[int, int, int]]], keep: int
+) -> Patches:
+    """``latent_kv_mask`` False at every latent slot after a row's first ``keep`` (counted across its
+    segments, sorted by image index); slots already masked stay masked."""
+    kv = patches.latent_kv_mask
+    kv = torch.ones_like(input_ids, dtype=torch.bool) if kv is None else kv.clone()
+    for b, segs in enumerate(segments):
+        columns = [c for start, end, _img in sorted(segs, key=lambda x: x[2]) for c in range(start, end)]
+        kv[b, columns[keep:]] = False
+    return Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
+
+
 @contextlib.contextmanager
 def step_overrides(model, vectors: Mapping[tuple[int, int], torch.Tensor]) -> Iterator[None]:
     """Inside the block, step 1 uses ``vectors[(row, column)]`` as the input of that latent slot.

@@ -185,7 +185,8 @@ def evaluate_generated(
         max_new_tokens=max_new_tokens,
         causal=causal.summary(rows) if causal is not None else None,
         alignment=alignment.summary() if alignment is not None else None,
-        **(instr.summary(rows) if instr is not None else {"truncation": None, "implant": None}),
+        **(instr.summary(rows) if instr is not None
+           else {"truncation": None, "implant": None, "instrument_unit": None}),
         probe=probe,
     )
     return {**report, "predictions": [rows[i] for i in sorted(rows)]}

@@ -10,18 +10,23 @@ they are there and skip (saying so) when they are not:
   :func:`latentvl.data.synthetic.implied_answer`, keyed by the task name (a record's ``task`` field, else
   the ``task`` of the ``meta.json`` beside the data), and a task without such a function gets no
   follow rate (the implant's answer-change rate is still reported).
+- ``latent_states`` (one list per CoT image, one JSON value per latent of its segment at full budget):
+  the state each pooled group of the image shows, e.g. a strip of cells with one state per latent. With
+  it the instruments work per latent instead of per segment (the *unit* below is then one latent,
+  numbered across the record's segments in order); it is used where every segment used its full budget.
 
 What each instrument does (all on the same greedy two-step inference as the accuracy):
 
-- **truncation**: for j = 0, 1, ..., only the latents of the first j CoT segments are kept; the later
-  segments' slots are masked out of attention in step 2 (j = 0 is the mask check). Counted over the
-  samples with more than j segments.
-- **implant**: for each sample one segment j is drawn (seeded); its latent inputs are replaced, during
-  step 1, by the latents another sample produced for a segment showing a different state s (same
-  number of latents, state known, and an implied answer that differs from the sample's prediction), so
-  the later latent steps continue from s. ``follow_rate``: the new answer is the one s implies (for the
-  relay task ``f^(k-j)(s)``); ``unchanged_rate``: the answer stays as it was.
-- **linear probe**: per segment index i, a multinomial logistic regression from a latent vector to the
+- **truncation**: for j = 0, 1, ..., only the latents of the first j units (CoT segments, or latents) are
+  kept; the later ones are masked out of attention in step 2 (j = 0 is the mask check). Counted over the
+  samples with more than j units.
+- **implant**: for each sample one unit j is drawn (seeded); its latent inputs are replaced, during
+  step 1, by the latents another sample produced for a unit showing a different state s (same number of
+  latents, and for latent units the same position; state known, and an implied answer that differs from
+  the sample's prediction), so the later latent steps continue from s. ``follow_rate``: the new answer
+  is the one s implies (for the relay task ``f^(k-j)(s)``); ``unchanged_rate``: the answer stays as it
+  was.
+- **linear probe**: per unit index i, a multinomial logistic regression from a latent vector to the
   state of its CoT image, fit on the latents of a separate set of records (e.g. the train split) and
   scored on the evaluated records; reported with the majority-class rate of the fitting set.
 """
@@ -32,13 +37,14 @@ import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..inference.generate import BatchOutcome, GenerationSettings, LatentInference, Patches, normalize_answer
-from .causal import step_overrides, truncate_latents
+from .causal import step_overrides, truncate_latent_count, truncate_latents
 
 __all__ = [
     "InstrumentRunner",
@@ -47,6 +53,7 @@ __all__ = [
     "fit_linear_probe",
     "read_record_fields",
     "record_fields",
+    "state_units",
     "task_of_data",
 ]
 
@@ -85,10 +92,29 @@ def record_fields(record: Any, extra: Mapping[str, Mapping[str, Any]] | None) ->
     return dict((extra or {}).get(rid, {})) if rid is not None else {}
 
 
-def _states(fields: Mapping[str, Any], segments: int) -> list[Any] | None:
+@dataclass(frozen=True)
+class Unit:
+    """One instrumented piece of a record's latents: ``count`` latents from latent ``offset`` (counted across
+    the record's segments in order), showing ``state``."""
+
+    index: int
+    offset: int
+    count: int
+    state: Any
+
+
+def state_units(fields: Mapping[str, Any], used_lens: Sequence[int]) -> tuple[str, list[Unit]] | None:
+    """``("latent", units)`` from ``latent_states`` (when every segment used exactly as many latents as
+    it lists), else ``("segment", units)`` from ``cot_states`` (one per segment); None when neither fits."""
+    per_latent = fields.get("latent_states")
+    if (isinstance(per_latent, list) and len(per_latent) == len(used_lens)
+            and all(isinstance(x, list) and len(x) == u for x, u in zip(per_latent, used_lens))):
+        flat = [state for seg in per_latent for state in seg]
+        return "latent", [Unit(i, i, 1, state) for i, state in enumerate(flat)]
     states = fields.get("cot_states")
-    if isinstance(states, list) and len(states) == segments:
-        return states
+    if isinstance(states, list) and len(states) == len(used_lens):
+        offsets = [sum(used_lens[:i]) for i in range(len(used_lens))]
+        return "segment", [Unit(i, o, u, st) for i, (o, u, st) in enumerate(zip(offsets, used_lens, states))]
     return None
 
 
@@ -112,12 +138,6 @@ def accuracy_by_difficulty(rows: Sequence[Mapping[str, Any]], fields: Sequence[M
     return {str(k): {"n": len(groups[k]), "accuracy": sum(groups[k]) / len(groups[k])} for k in keys}
 
 
-def _segment_vectors(latents: torch.Tensor | None, used_lens: Sequence[int]) -> list[torch.Tensor]:
-    if latents is None:
-        return []
-    return list(torch.split(latents, list(used_lens)))
-
-
 class InstrumentRunner:
     """Runs truncation and implant on each batch after the normal answers and keeps the latents.
 
@@ -134,11 +154,12 @@ class InstrumentRunner:
         self.rng = random.Random(seed)
         self.truncation = truncation
         self.implant = implant
-        self.bank: list[tuple[int, Any, torch.Tensor]] = []  # (used latents, state, vectors)
+        self.bank: list[tuple[str, int, int, Any, torch.Tensor]] = []  # (kind, unit, latents, state, vectors)
         self.bank_size = bank_size
+        self.unit_kinds: Counter = Counter()
         self.trunc_answers: dict[int, dict[int, str]] = defaultdict(dict)  # keep -> index -> answer
         self.implants: dict[int, dict[str, Any]] = {}
-        self.probe_rows: list[tuple[int, torch.Tensor, Any]] = []  # (segment, vector, state)
+        self.probe_rows: list[tuple[int, torch.Tensor, Any]] = []  # (unit, vector, state)
 
     def _fields(self, index: int) -> Mapping[str, Any]:
         return self.fields[index] if index < len(self.fields) else {}
@@ -148,59 +169,72 @@ class InstrumentRunner:
         results = outcome.results
         if p1 is None or not any(sum(r.used_lens) for r in results):
             return
-        batch, embeds = outcome.batch, outcome.embeds
-        segs_by_row = [sorted(s, key=lambda x: x[2]) for s in batch["latent_segments"]]
-        per_seg = [_segment_vectors(r.latents, r.used_lens) for r in results]
-        states = [_states(self._fields(r.index), len(r.used_lens)) for r in results]
-        for vecs, st in zip(per_seg, states, strict=True):
-            if st is None:
+        units = [state_units(self._fields(r.index), r.used_lens) for r in results]
+        for r, found in zip(results, units, strict=True):
+            if found is None or r.latents is None:
                 continue
-            for j, v in enumerate(vecs):
-                self.probe_rows.extend((j, x, st[j]) for x in v)
+            kind, row_units = found
+            self.unit_kinds[kind] += 1
+            for u in row_units:
+                v = r.latents[u.offset:u.offset + u.count]
+                self.probe_rows.extend((u.index, x, u.state) for x in v)
                 if v.shape[0]:
-                    self.bank.append((v.shape[0], st[j], v))
+                    self.bank.append((kind, u.index, v.shape[0], u.state, v))
         self.bank = self.bank[-self.bank_size:]
 
         base = Patches.from_pass(p1)
         if self.truncation:
-            max_m = max(len(r.used_lens) for r in results)
-            for keep in range(max_m):
-                patches = truncate_latents(base, batch["input_ids"], batch["latent_segments"], keep)
-                decoded = self.engine.decode(self.engine.generate(batch, embeds, patches, self.gen))
-                for r, (text, _ids, _fin) in zip(results, decoded, strict=True):
-                    if len(r.used_lens) > keep and sum(r.used_lens):
-                        self.trunc_answers[keep][r.index] = text
+            self._truncate(outcome, base, units)
         if self.implant:
-            self._implant(outcome, segs_by_row, per_seg, states)
+            self._implant(outcome, units)
 
-    def _implant(self, outcome: BatchOutcome, segs_by_row, per_seg, states) -> None:
+    def _truncate(self, outcome: BatchOutcome, base: Patches, units) -> None:
+        """Answers with only the first ``keep`` units kept, for every ``keep`` below a row's unit count."""
+        batch, results = outcome.batch, outcome.results
+        latent_rows = {b for b, u in enumerate(units) if u is not None and u[0] == "latent"}
+        counts = [len(units[b][1]) if b in latent_rows else len(r.used_lens) for b, r in enumerate(results)]
+        for keep in range(max(counts)):
+            patches = truncate_latents(base, batch["input_ids"], batch["latent_segments"], keep)
+            if latent_rows:
+                by_latent = truncate_latent_count(base, batch["input_ids"], batch["latent_segments"], keep)
+                kv = patches.latent_kv_mask.clone()
+                rows = torch.tensor(sorted(latent_rows), device=kv.device)
+                kv[rows] = by_latent.latent_kv_mask[rows]
+                patches = Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
+            decoded = self.engine.decode(self.engine.generate(batch, outcome.embeds, patches, self.gen))
+            for b, (r, (text, _ids, _fin)) in enumerate(zip(results, decoded, strict=True)):
+                if counts[b] > keep and sum(r.used_lens):
+                    self.trunc_answers[keep][r.index] = text
+
+    def _implant(self, outcome: BatchOutcome, units) -> None:
         from ..data.synthetic import implied_answer
 
+        segs_by_row = [sorted(s, key=lambda x: x[2]) for s in outcome.batch["latent_segments"]]
         plan: dict[tuple[int, int], torch.Tensor] = {}
         chosen: dict[int, dict[str, Any]] = {}
         for b, r in enumerate(outcome.results):
-            if states[b] is None or not sum(r.used_lens):
+            if units[b] is None or not sum(r.used_lens):
                 continue
+            kind, row_units = units[b]
             fields = self._fields(r.index)
             task = fields.get("task") if isinstance(fields.get("task"), str) else self.task
-            segments = [j for j, u in enumerate(r.used_lens) if u > 0]
-            j = self.rng.choice(segments)
-            used = r.used_lens[j]
+            unit = self.rng.choice([u for u in row_units if u.count > 0])
             options = []
-            for n, state, vecs in self.bank:
-                if n != used or _hashable(state) == _hashable(states[b][j]):
+            for bank_kind, index, n, state, vecs in self.bank:
+                if bank_kind != kind or n != unit.count or _hashable(state) == _hashable(unit.state):
                     continue
-                implied = implied_answer(task, fields, j, state)
+                if kind == "latent" and index != unit.index:
+                    continue
+                implied = implied_answer(task, fields, unit.index, state)
                 if implied is not None and normalize_answer(implied) == normalize_answer(r.answer):
                     continue  # following and staying would look the same
-                options.append((state, vecs, implied))
+                options.append((state, vecs, implied, index))
             if not options:
                 continue
-            state, vecs, implied = self.rng.choice(options)
-            start = segs_by_row[b][j][0]
-            for t in range(used):
-                plan[(b, start + t)] = vecs[t]
-            chosen[b] = {"segment": j, "state": state, "implied": implied}
+            state, vecs, implied, source = self.rng.choice(options)
+            for t, column in enumerate(_latent_columns(segs_by_row[b], r.used_lens)[unit.offset:][:unit.count]):
+                plan[(b, column)] = vecs[t]
+            chosen[b] = {"segment": unit.index, "state": state, "implied": implied, "source_unit": source}
         if not chosen:
             return
         with step_overrides(self.engine.model, plan):
@@ -210,6 +244,11 @@ class InstrumentRunner:
         for b, info in chosen.items():
             r = outcome.results[b]
             self.implants[r.index] = {**info, "answer": decoded[b][0], "before": r.answer}
+
+    @property
+    def unit(self) -> str:
+        """What the instruments counted in: ``latent`` when the records had ``latent_states``, else ``segment``."""
+        return "latent" if self.unit_kinds["latent"] > self.unit_kinds["segment"] else "segment"
 
     def summary(self, rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
         """``truncation`` (per kept segments), ``implant`` and the probe's test rows (``probe_rows``)."""
@@ -236,10 +275,15 @@ class InstrumentRunner:
             "follow_rate": follow(known),
             "unchanged_rate": _mean([normalize_answer(x["answer"]) == normalize_answer(x["before"]) for x in imp]),
             "by_segment": {str(j): {"n": len(xs), "follow_rate": follow(xs)} for j, xs in sorted(by_seg.items())},
-            "rule": "one segment per sample (seeded draw) gets, during step 1, the latents another sample "
+            "rule": f"one {self.unit} per sample (seeded draw) gets, during step 1, the latents another sample "
                     "produced for a different state; follow = the answer that state implies",
         }
-        return {"truncation": trunc, "implant": implant}
+        return {"truncation": trunc, "implant": implant, "instrument_unit": self.unit}
+
+
+def _latent_columns(segments: Sequence[tuple[int, int, int]], used_lens: Sequence[int]) -> list[int]:
+    """The batch columns of a row's used latents, in order (segments sorted by image index)."""
+    return [start + t for (start, _end, _img), used in zip(segments, used_lens) for t in range(used)]
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -255,7 +299,7 @@ def collect_segment_latents(engine: LatentInference, records: Sequence[Any],
     Runs step 1 only (no answer is generated).
     """
     out: list[tuple[int, torch.Tensor, Any]] = []
-    todo = [(i, r) for i, r in enumerate(records) if fields[i].get("cot_states")]
+    todo = [(i, r) for i, r in enumerate(records) if fields[i].get("cot_states") or fields[i].get("latent_states")]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         prepared = [engine.prepare(r, i, 1) for i, r in chunk]
@@ -268,11 +312,11 @@ def collect_segment_latents(engine: LatentInference, records: Sequence[Any],
 
         per_row = split_latents(p1, len(prepared))
         for b, (i, _r) in enumerate(chunk):
-            st = _states(fields[i], len(p1.latent_used_lens[b]))
-            if st is None:
+            found = state_units(fields[i], p1.latent_used_lens[b])
+            if found is None:
                 continue
-            for j, v in enumerate(torch.split(per_row[b], list(p1.latent_used_lens[b]))):
-                out.extend((j, x, st[j]) for x in v)
+            for u in found[1]:
+                out.extend((u.index, x, u.state) for x in per_row[b][u.offset:u.offset + u.count])
     return out
 
 

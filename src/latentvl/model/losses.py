@@ -46,22 +46,29 @@ def answer_target_candidates(budget: int, points: int) -> list[int]:
 def answer_stop_target(
     lengths: list[int], losses: list[float], full_loss: float, budget: int, tolerance: float
 ) -> int:
-    """The shortest used length whose answer loss is within ``tolerance`` of the full budget's.
+    """The shortest used length from which the answer loss stays within ``tolerance`` of the full budget's.
 
     ``losses[j]`` is the answer CE with the segment truncated to ``lengths[j]``; ``full_loss`` the CE
-    with all ``budget`` slots. The full budget always qualifies, so the result is in ``[1, budget]``.
-    When no length changes the loss (nothing helps), the shortest tried length is returned: latents that
-    do not lower the loss are not worth spending. Ties go to the shorter length; the loss need not be
-    monotone in the length.
+    with all ``budget`` slots. The target is the shortest tried length ``L`` such that every tried length
+    ``>= L`` is within tolerance: the answer has *settled* at ``L``. A length that is good only by
+    coincidence, with a longer one breaking the answer again (a serial state that passes through the final
+    value early), is not a place to stop: a stop head cannot see the coincidence coming, so such labels
+    would only teach it to stop too early. The full budget always qualifies, so the result is in
+    ``[1, budget]``. When no length changes the loss (nothing helps), the shortest tried length is
+    returned: latents that do not lower the loss are not worth spending.
     """
     if len(lengths) != len(losses):
         raise ValueError(f"{len(lengths)} lengths but {len(losses)} losses")
-    best = budget
-    for length, loss in zip(lengths, losses):
+    for length in lengths:
         if not 1 <= length <= budget:
             raise ValueError(f"truncated length {length} must be in [1, budget={budget}]")
-        if loss <= full_loss + tolerance and length < best:
-            best = length
+    best = budget
+    for length, loss in sorted(zip(lengths, losses), key=lambda x: -x[0]):  # longest first
+        if loss > full_loss + tolerance:
+            if length < budget:
+                break  # this length breaks the answer: nothing at or below it has settled
+            continue
+        best = min(best, length)
     return best
 
 

@@ -381,13 +381,15 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         threshold: float | None = None,
         sample_ids: list[str] | None = None,
         full_budget: bool = False,
+        forcing: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LatentPassOutput:
         """Fill the latent slots of a batch (design §4, D8). See :class:`LatentPassOutput`.
 
         ``input_ids`` ``[B, S]``, ``inputs_embeds`` ``[B, S, H]`` (question images placed), ``position_ids``
         ``[3, B, S]`` (over the full-budget sequence, D2). ``full_budget=True`` steps every slot as active
         whatever the stage (no stop head, no halting): the latents a segment would have if it never stopped,
-        as in stage A.
+        as in stage A. ``forcing`` ``(forced [B, S] bool, inputs [B, S, H])``: teacher-forced slots and the
+        inputs they take instead of the fed-back state (``latent_teacher_forcing``; see :meth:`latent_loss`).
 
         All samples advance together (:mod:`latentvl.model.pass1`): each sample is shifted right so that its
         first latent slot falls on the same column (:func:`~latentvl.model.pass1.shifted_frame`), one prefix
@@ -421,9 +423,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 ce_patch_vec=inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]),
                 latent_kv_mask=torch.ones(B, S, dtype=torch.bool, device=device), latent_used_lens=empty,
                 latent_stop_probs=empty, position_ids=position_ids,
+                align_vec=inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]),
                 used_lens=torch.zeros(B, layout.max_segments, dtype=torch.long, device=device),
             )
-        frame = shifted_frame(layout, steps, inputs_embeds, position_ids, attention_mask)
+        frame = shifted_frame(layout, steps, inputs_embeds, position_ids, attention_mask, forcing)
         trace = run_steps(self, frame, settings, thr, stage_c=stage == "C")
         return pass_output(layout, frame, trace, (B, S), position_ids)
 
@@ -441,23 +444,30 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         embeds = self.embed_inputs(input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
         position_ids = self.compute_position_ids(input_ids, attention_mask, batch.get("mm_token_type_ids"),
                                                  batch.get("image_grid_thw"))
+        cot_feats, forcing = None, None
+        if self.training and s.latent_teacher_forcing > 0 and s.latent_mode_stage == "A":
+            cot_feats = self._cot_features(batch)
+            forcing = self._teacher_forcing(batch, embeds, cot_feats)
         p1 = self.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
-                              batch["latent_budgets"], threshold=threshold, sample_ids=batch.get("ids"))
+                              batch["latent_budgets"], threshold=threshold, sample_ids=batch.get("ids"),
+                              forcing=forcing)
         embeds2 = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]),
                                    p1.ce_patch_vec.to(embeds.dtype))
         stage_c = s.latent_mode_stage == "C"
         pass2 = _pass2_forward if s.latent_compile is False else compiled_pass2(
             "inductor" if s.latent_compile is True else s.latent_compile)
-        out = pass2(self, embeds2, attention_mask, position_ids, batch["labels"],
-                    self._gating_kwargs(p1.latent_kv_mask if stage_c else None))
+        kv_mask = p1.latent_kv_mask if stage_c else None
+        if self.training and not stage_c and s.latent_tail_dropout > 0:
+            kv_mask = self._tail_dropout(batch, input_ids)
+        out = pass2(self, embeds2, attention_mask, position_ids, batch["labels"], self._gating_kwargs(kv_mask))
         ce = out.loss
         zero = ce.new_zeros(())
 
         align = zero
         if s.latent_align_weight > 0:  # on every process (the CoT features are a vision call)
-            targets = self._alignment_targets(batch, p1)
+            targets = self._alignment_targets(batch, p1, cot_feats)
             if p1.ce_patch_pos.shape[0] > 0:
-                align = alignment_loss(p1.ce_patch_vec, targets)
+                align = alignment_loss(p1.align_vec, targets)
 
         stop = cost = zero
         targets, target_calls = None, 0
@@ -493,9 +503,44 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             return []
         return list(self.model.get_image_features(pix, grid).pooler_output)
 
-    def _alignment_targets(self, batch: dict[str, Any], p1: LatentPassOutput) -> torch.Tensor:
-        """Pooled CoT visual features, one row per active latent, in ``ce_patch_pos`` order (D4)."""
-        feats = self._cot_features(batch)
+    def _tail_dropout(self, batch: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` bool ``latent_kv_mask`` for stage-A pass 2 with ``latent_tail_dropout = q``: each segment,
+        with probability ``q``, keeps its first ``L`` latents (``L`` uniform in ``1..B``), the rest False.
+        Draws from the global torch RNG, one pair per segment in ``latent_segments`` order."""
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        q = self.latent_settings.latent_tail_dropout
+        for b, segs in enumerate(batch["latent_segments"]):
+            for start, end, _img in sorted(segs):
+                hit, draw = torch.rand(()).item() < q, torch.rand(()).item()
+                if hit:
+                    keep[b, start + 1 + int(draw * (end - start)):end] = False
+        return keep
+
+    def _teacher_forcing(self, batch: dict[str, Any], embeds: torch.Tensor, feats: list[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forced [B, S] bool, inputs [B, S, H])`` for stage-A training with ``latent_teacher_forcing = p``:
+        every latent slot is forced with probability ``p`` (the global torch RNG), and its input is its
+        alignment target (the CoT features pooled into the segment's budget, D4). Slots of a batch without
+        CoT images are never forced."""
+        B, S, H = embeds.shape
+        forced = torch.zeros(B, S, dtype=torch.bool, device=embeds.device)
+        inputs = embeds.new_zeros(B, S, H)
+        if not feats:
+            return forced, inputs
+        k = 0
+        for b, (segs, budgets) in enumerate(zip(batch["latent_segments"], batch["latent_budgets"])):
+            for start, end, img in sorted(segs):
+                inputs[b, start:end] = pool_visual_tokens(feats[k + img], end - start).to(embeds)
+                forced[b, start:end] = True
+            k += len(budgets)
+        draw = torch.rand(B, S, device=embeds.device) < self.latent_settings.latent_teacher_forcing
+        return forced & draw, inputs
+
+    def _alignment_targets(self, batch: dict[str, Any], p1: LatentPassOutput,
+                           feats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Pooled CoT visual features, one row per active latent, in ``ce_patch_pos`` order (D4); ``feats``:
+        the CoT features when already computed (:meth:`_cot_features`)."""
+        feats = self._cot_features(batch) if feats is None else feats
         counts = [len(b) for b in batch["latent_budgets"]]
         if len(feats) != sum(counts):
             raise LatentInputError(
@@ -569,8 +614,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
            samples that have a segment ``i``: copy ``j`` masks slots ``[start + L_j, end)`` of segment ``i``
            only (:func:`answer_target_candidates`), every other segment at full budget.
            ``K = min(latent_stop_target_points, largest budget - 1)`` (at least 1).
-        4. Target of a segment: the shortest length within ``latent_stop_target_tolerance`` of the
-           reference CE (:func:`answer_stop_target`).
+        4. Target of a segment: the shortest length from which every tried length is within
+           ``latent_stop_target_tolerance`` of the reference CE (:func:`answer_stop_target`).
 
         The number of calls is ``(1 + pass-1 steps) + 1 + max segments``: it depends on the batch's
         layout only (maxima over processes), never on where samples halt.

@@ -39,6 +39,8 @@ class LatentPassOutput:
       ``stop_logits`` / ``stop_step_active`` ``[B, S]`` (stage C): the stop head's logit after each
       latent slot, and whether that step was taken (a decision the model actually made).
     - ``position_ids`` ``[3, B, S]``: the M-RoPE positions used (D2), for pass 2 and generation.
+    - ``align_vec`` ``[P, H]``: the model's own fed-back state at each active slot (what the alignment loss
+      scores); it differs from ``ce_patch_vec`` only at teacher-forced slots (``latent_teacher_forcing``).
     """
 
     ce_patch_pos: torch.LongTensor | None = None
@@ -51,6 +53,7 @@ class LatentPassOutput:
     stop_step_active: torch.BoolTensor | None = None
     position_ids: torch.LongTensor | None = None
     num_model_calls: int = 0
+    align_vec: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- the frame
@@ -62,7 +65,8 @@ class ShiftedFrame:
     ``attend`` ``[R, W]`` long (1 = a real token; 0 = padding or outside the sample). Step grid
     (``[R, steps]``): ``is_latent``, ``slot_index`` (-1 off segments), ``segment_index`` (-1 off segments),
     ``is_last_slot``. ``rows`` / ``shifts`` ``[R]`` long; ``real`` ``[R, 1]`` bool (False only for the dummy
-    row of a batch without latents).
+    row of a batch without latents). ``forced`` ``[R, W]`` bool and ``forced_inputs`` ``[R, W, H]``: the
+    teacher-forced slots and their inputs (None without ``latent_teacher_forcing``).
     """
 
     rows: torch.Tensor
@@ -77,6 +81,8 @@ class ShiftedFrame:
     slot_index: torch.Tensor
     segment_index: torch.Tensor
     is_last_slot: torch.Tensor
+    forced: torch.Tensor | None = None
+    forced_inputs: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -92,9 +98,11 @@ class ShiftedFrame:
 
 
 def shifted_frame(layout: Layout, steps: int, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> ShiftedFrame:
+                  attention_mask: torch.Tensor,
+                  forcing: tuple[torch.Tensor, torch.Tensor] | None = None) -> ShiftedFrame:
     """Gather the batch ``[B, S]`` into the frame of ``layout`` with ``steps`` steps (the layout's own,
-    or more in a distributed run, where every process makes the same number of calls)."""
+    or more in a distributed run, where every process makes the same number of calls). ``forcing``:
+    ``(forced [B, S] bool, inputs [B, S, H])``, the teacher-forced slots and their inputs, gathered alike."""
     device = inputs_embeds.device
     S = inputs_embeds.shape[1]
     rows = torch.tensor(layout.rows, device=device)
@@ -112,6 +120,8 @@ def shifted_frame(layout: Layout, steps: int, inputs_embeds: torch.Tensor, posit
         slot_index=torch.as_tensor(layout.slot_index(steps), device=device),
         segment_index=torch.as_tensor(layout.segment_index(steps), device=device),
         is_last_slot=torch.as_tensor(layout.is_last_slot(steps), device=device),
+        forced=None if forcing is None else forcing[0][rows[:, None], orig_c] & inside,
+        forced_inputs=None if forcing is None else forcing[1][rows[:, None], orig_c],
     )
 
 
@@ -233,10 +243,12 @@ class Halting:
 # -------------------------------------------------------------------------------------------- step loop
 @dataclass
 class StepTrace:
-    """What the loop leaves: ``inputs`` ``[R, steps, H]`` (each step's input embedding), ``active``
+    """What the loop leaves: ``inputs`` ``[R, steps, H]`` (each step's input embedding), ``own`` (the same
+    with the model's own state at teacher-forced slots; ``inputs`` itself without forcing), ``active``
     ``[R, steps]`` bool, the :class:`Halting` state, and the model calls made (prefix included)."""
 
     inputs: torch.Tensor
+    own: torch.Tensor
     active: torch.Tensor
     halting: Halting
     calls: int
@@ -247,7 +259,8 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
 
     Step input: an active slot takes the previous step's last hidden state (detached with
     ``latent_detach_step_inputs``, through ``latent_feedback_gain`` with ``latent_feedback_norm``; the pause
-    vector when ``latent_feedback=False``); any other column keeps
+    vector when ``latent_feedback=False``; a teacher-forced slot takes its forced input, rescaled to the norm
+    of the state it replaces, and ``own`` keeps that state for the alignment loss); any other column keeps
     its own embedding (text between segments, and an inactive slot's ``<|latent_pad|>``, as in pass 2 and
     ``generate()``, where only active slots are patched). ``model.latent_step_override`` (interventions) may
     replace it. Layer-level gradient checkpointing is off inside the loop.
@@ -264,7 +277,7 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
     halting = Halting(frame, model.latent_stop_head if stage_c else None, threshold,
                       float(settings.latent_null_scale), key_bias, store)
     run_step = step_runner(lm, store, key_bias, tuple(sorted(set(text.layer_types))), settings.latent_compile)
-    inputs, actives = [], []
+    inputs, owns, actives = [], [], []
     with no_gradient_checkpointing(model), contextlib.closing(store):
         # latent_prefix_grad=False: the prefix (question, images) runs without autograd in pass 1, so its
         # activations are not kept; pass 2 still trains it through the CE loss.
@@ -283,19 +296,26 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
             if not settings.latent_feedback:  # pause tokens: no hidden state reaches the next slot
                 step_in = pause.to(h_prev.dtype).expand_as(h_prev)
             active = halting.active(j)
-            x = torch.where(active[:, None], step_in, frame.embeds[:, c])
+            x = own = torch.where(active[:, None], step_in, frame.embeds[:, c])
+            if frame.forced is not None:  # latent_teacher_forcing: the target at the own state's norm
+                target = frame.forced_inputs[:, c].to(step_in.dtype)
+                scale = (step_in.norm(dim=-1, keepdim=True) / target.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+                x = torch.where((active & frame.forced[:, c])[:, None], (target * scale).detach(), own)
             if model.latent_step_override is not None:  # interventions (latentvl.inference.causal)
                 x = model.latent_step_override(x, frame.rows, c - frame.shifts)
             h_prev = run_step(x, frame.positions[:, :, c : c + 1], c)
             halting.decide(j, active, h_prev)
             inputs.append(x)
+            owns.append(own)
             actives.append(active)
     if frame.steps == 0:  # a rank with no latents in a distributed run: nothing to return but its calls
-        stacked = frame.embeds.new_zeros(frame.num_rows, 0, frame.embeds.shape[-1])
+        stacked = own_stacked = frame.embeds.new_zeros(frame.num_rows, 0, frame.embeds.shape[-1])
         act = torch.zeros(frame.num_rows, 0, dtype=torch.bool, device=frame.embeds.device)
     else:
         stacked, act = torch.stack(inputs, dim=1), torch.stack(actives, dim=1)
-    return StepTrace(inputs=stacked, active=act & frame.real, halting=halting, calls=1 + frame.steps)
+        own_stacked = stacked if frame.forced is None else torch.stack(owns, dim=1)
+    return StepTrace(inputs=stacked, own=own_stacked, active=act & frame.real, halting=halting,
+                     calls=1 + frame.steps)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -336,6 +356,7 @@ def pass_output(layout: Layout, frame: ShiftedFrame, trace: StepTrace, batch_sha
     used_lists = [u[: len(bud)] for u, bud in zip(used.tolist(), layout.budgets)]
     return LatentPassOutput(
         ce_patch_pos=ce_patch_pos, ce_patch_vec=trace.inputs[r_idx, j_idx], latent_kv_mask=kv_mask,
+        align_vec=trace.own[r_idx, j_idx],
         latent_used_lens=used_lists, latent_stop_probs=_stop_probs(layout, logits, used_lists),
         used_lens=used, stop_logits=logits, stop_step_active=stop_active, position_ids=position_ids,
         num_model_calls=trace.calls,

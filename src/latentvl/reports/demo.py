@@ -92,12 +92,17 @@ def causal_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _unit(report: dict[str, Any]) -> str:
+    """What the instruments counted in (``latent`` for records with ``latent_states``, else ``segment``)."""
+    return report["results"]["stage_a"].get("instrument_unit") or "segment"
+
+
 def truncation_table(report: dict[str, Any]) -> str:
     r = report["results"]
     keeps = sorted({j for a in LATENT_ARMS for j in (r[a].get("truncation") or {})}, key=int)
     if not keeps:
         return ""
-    rows = ["| segments kept | " + " | ".join(ARM_LABELS[a].split(" (")[0] for a in LATENT_ARMS) + " |",
+    rows = [f"| {_unit(report)}s kept | " + " | ".join(ARM_LABELS[a].split(" (")[0] for a in LATENT_ARMS) + " |",
             "|" + "---|" * (len(LATENT_ARMS) + 1)]
     for j in keeps:
         cells = []
@@ -109,7 +114,7 @@ def truncation_table(report: dict[str, Any]) -> str:
 
 
 def instrument_table(report: dict[str, Any]) -> str:
-    rows = ["| model | implant: follows | implant: unchanged | probe accuracy per segment (majority) |",
+    rows = [f"| model | implant: follows | implant: unchanged | probe accuracy per {_unit(report)} (majority) |",
             "|---|---|---|---|"]
     for a in LATENT_ARMS:
         x = report["results"][a]
@@ -170,14 +175,14 @@ def _truncation_reading(report: dict[str, Any]) -> str:
     if not t:
         return ""
     parts = ", ".join(f"{j}: {v['accuracy']:.2f}" for j, v in t.items())
-    return (f"Reading: stage A's accuracy with only the first j segments kept ({parts}; all kept: "
+    return (f"Reading: stage A's accuracy with only the first j {_unit(report)}s kept ({parts}; all kept: "
             f"{report['results']['stage_a']['accuracy']:.2f}).\n")
 
 
 def _implant_reading(report: dict[str, Any]) -> str:
     imp = report["results"]["stage_a"].get("implant") or {}
     if not imp.get("n"):
-        return "Reading: no implant was possible (the records carry no cot_states).\n"
+        return "Reading: no implant was possible (the records carry no cot_states or latent_states).\n"
     if imp.get("follow_rate") is None:
         return (f"Reading: implants changed {1 - imp['unchanged_rate']:.0%} of stage A's answers (the task "
                 "supplies no implied answer).\n")
@@ -192,7 +197,7 @@ def _probe_reading(report: dict[str, Any]) -> str:
         return ""
     accs = [v["accuracy"] for v in probe.values()]
     majs = [v["majority"] for v in probe.values()]
-    return (f"Reading: a linear probe reads segment i's state from stage A's latents with mean accuracy "
+    return (f"Reading: a linear probe reads {_unit(report)} i's state from stage A's latents with mean accuracy "
             f"{sum(accs) / len(accs):.2f} (majority state {sum(majs) / len(majs):.2f}).\n")
 
 
@@ -277,14 +282,15 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         causal_table(report),
         _causal_reading(report),
-        "Truncation: only the first j CoT segments' latents kept, the rest masked (over the samples with more "
-        "than j segments).",
+        f"Truncation: only the latents of the first j {_unit(report)}s kept, the rest masked (over the samples "
+        f"with more than j {_unit(report)}s).",
         "",
         truncation_table(report),
         _truncation_reading(report),
-        "Implant: one segment's latents replaced, during the latent pass, by those another sample produced "
-        "for a different state; the later latents continue from it. Linear probe: per segment index, a "
-        "softmax regression from a latent to the state of its CoT image, fit on train-split latents.",
+        f"Implant: one {_unit(report)}'s latents replaced, during the latent pass, by those another sample "
+        f"produced for a different state; the later latents continue from it. Linear probe: per "
+        f"{_unit(report)} index, a softmax regression from a latent to the state it shows, fit on train-split "
+        "latents.",
         "",
         instrument_table(report),
         _implant_reading(report),

@@ -110,11 +110,12 @@ def _instruments_markdown(report: dict[str, Any]) -> list[str]:
         lines += [f"| {d} | {v['n']} | {_fmt(v['accuracy'], pct=True)} |" for d, v in by_d.items()]
         lines.append("")
     trunc = report.get("truncation")
+    unit = report.get("instrument_unit") or "segment"  # "latent" for records with latent_states
     if trunc:
-        lines += ["## Truncation: only the first j segments' latents kept", "",
-                  "The later segments' latent slots are masked out of attention in step 2; counted over the "
-                  "samples with more than j segments.", "",
-                  "| segments kept (j) | n | accuracy | accuracy (all kept) | answer-change rate |",
+        lines += [f"## Truncation: only the latents of the first j {unit}s kept", "",
+                  f"The later {unit}s' latent slots are masked out of attention in step 2; counted over the "
+                  f"samples with more than j {unit}s.", "",
+                  f"| {unit}s kept (j) | n | accuracy | accuracy (all kept) | answer-change rate |",
                   "|---|---|---|---|---|"]
         lines += [f"| {j} | {v['n']} | {_fmt(v['accuracy'], pct=True)} | {_fmt(v['accuracy_base'], pct=True)} | "
                   f"{_fmt(v['answer_change_rate'], pct=True)} |" for j, v in trunc.items()]
@@ -127,14 +128,14 @@ def _instruments_markdown(report: dict[str, Any]) -> list[str]:
                   f"- follow rate: {_fmt(imp['follow_rate'], pct=True)}",
                   f"- unchanged rate: {_fmt(imp['unchanged_rate'], pct=True)}", ""]
         if imp["by_segment"]:
-            lines += ["| implanted segment | n | follow rate |", "|---|---|---|"]
+            lines += [f"| implanted {unit} | n | follow rate |", "|---|---|---|"]
             lines += [f"| {j} | {v['n']} | {_fmt(v['follow_rate'], pct=True)} |" for j, v in imp["by_segment"].items()]
             lines.append("")
     probe = report.get("probe")
     if probe:
-        lines += ["## Linear probe: does segment i's latent decode the state of CoT image i?", "",
-                  "Softmax regression per segment index, fit on the probe records' latents, scored here.", "",
-                  "| segment | train / test latents | states | probe accuracy | majority state |",
+        lines += ["## Linear probe: do the latents decode the states they stand for?", "",
+                  f"Softmax regression per {unit} index, fit on the probe records' latents, scored here.", "",
+                  f"| {unit} | train / test latents | states | probe accuracy | majority state |",
                   "|---|---|---|---|---|"]
         lines += [f"| {j} | {v['n_train']} / {v['n_test']} | {v['classes']} | {_fmt(v['accuracy'], pct=True)} | "
                   f"{_fmt(v['majority'], pct=True)} |" for j, v in probe.items()]

@@ -80,6 +80,8 @@ class TrainConfig:
     threshold_anneal_steps: int = 100  # ... to latent.latent_stop_threshold over this many C steps
     threshold_anneal_shape: str = "linear"
     latent: dict[str, Any] = field(default_factory=dict)  # LatentSettings fields
+    # latent.latent_teacher_forcing falls linearly to 0 over this many steps (0 = constant), stage A only
+    teacher_forcing_decay_steps: int = 0
     # ---- optimisation
     optimizer: str = "adamw"
     lr: float = 1e-4
@@ -193,6 +195,8 @@ class TrainConfig:
         if self.stage == "AC":
             if self.switch_step is None or not 0 < self.switch_step < self.max_steps:
                 raise self._bad("switch_step", f"stage AC needs 0 < switch_step < max_steps={self.max_steps}")
+        if self.teacher_forcing_decay_steps and not self.latent.get("latent_teacher_forcing", 0):
+            raise self._bad("teacher_forcing_decay_steps", "needs latent.latent_teacher_forcing > 0 to decay")
         if self.stage != "A" and not self.use_latents:
             raise self._bad("use_latents", "stage C needs latents (the no-latent baseline is a stage-A run)")
 
@@ -217,6 +221,7 @@ class TrainConfig:
             "keep_last",
             "num_workers",
             "threshold_anneal_steps",
+            "teacher_forcing_decay_steps",
         ):
             if getattr(self, name) < 0:
                 raise self._bad(name, "must be >= 0")

@@ -1,4 +1,5 @@
-"""Step schedules: the learning rate (warm-up, then constant / linear / cosine) and the stop threshold.
+"""Step schedules: the learning rate (warm-up, then constant / linear / cosine), the stop threshold and the
+teacher-forcing probability.
 
 Both are pure functions of the step, so a resumed run recomputes them exactly.
 """
@@ -46,3 +47,13 @@ def threshold_at(c_step: int, start: float, final: float, anneal_steps: int, sha
     elif shape != "linear":
         raise ValueError(f"threshold_anneal_shape={shape!r}: must be linear or cosine")
     return float(start + (final - start) * frac)
+
+
+def teacher_forcing_at(step: int, start: float, decay_steps: int) -> float:
+    """``latent_teacher_forcing`` at optimiser step ``step`` (0-based): ``start`` falling linearly to 0 at
+    step ``decay_steps`` and 0 after; ``decay_steps == 0`` keeps ``start`` at every step."""
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if decay_steps <= 0:
+        return float(start)
+    return float(start) * max(0.0, 1.0 - step / decay_steps)

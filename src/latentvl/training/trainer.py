@@ -58,7 +58,7 @@ from .data import (
 )
 from .evaluation import evaluate_records
 from .metrics import MetricsWriter
-from .schedules import lr_factor, threshold_at
+from .schedules import lr_factor, teacher_forcing_at, threshold_at
 
 
 class NonFiniteLossError(RuntimeError):
@@ -638,6 +638,9 @@ def _train_step(run: _Run) -> None:
         set_stage(run.lm, cfg, stage)
         run.metrics.message(f"step {step_no}: switching to stage {stage}")
     state.stage = stage
+    if cfg.teacher_forcing_decay_steps and stage == "A":  # a pure function of the step: resumes exactly
+        p = teacher_forcing_at(state.step, cfg.latent["latent_teacher_forcing"], cfg.teacher_forcing_decay_steps)
+        LatentSettings.from_config(run.lm.config).replace(latent_teacher_forcing=p).apply_to(run.lm.config)
     threshold = current_threshold(cfg, state.step)
     if cfg.run_checks and stage not in run.checked:
         _check_stage(run, step_no, stage, threshold)
@@ -757,6 +760,7 @@ def _log_step(run: _Run, step_no: int, stage: str, threshold: float | None, sums
         "budget": int(total["budget"]),
         "used_ratio": total["used"] / total["budget"] if total["budget"] else None,
         "threshold": threshold,
+        "teacher_forcing": float(getattr(run.lm.config, "latent_teacher_forcing", 0.0)) if stage == "A" else 0.0,
         "lr": lr,
         "grad_norm": grad_norm,
         "step_time": step_time,
