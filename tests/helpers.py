@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentvl import LatentCollator, set_latent_fields
+from latentvl import LatentCollator, build_tiny_model, set_latent_fields
 
 
 def legacy_key(key: str) -> str:
@@ -71,6 +71,36 @@ def run_pass1(model, batch, threshold=None):
                  mm_token_type_ids=batch["mm_token_type_ids"], latent_mode=True,
                  latent_segments=batch["latent_segments"], latent_budgets=batch["latent_budgets"],
                  latent_threshold=threshold)
+
+
+def talking_tiny_model(seed: int = 5):
+    """``(model, processor)``: a tiny model whose greedy answers depend on the input (text weights scaled up)
+    and whose stop head halts some segments early in stage C (a fixed random head, bias 0)."""
+    model, processor = build_tiny_model(seed=seed)
+    with torch.no_grad():
+        for name, w in model.model.language_model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.mul_(5.0)
+        head = model.latent_stop_head
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+        head.bias.zero_()
+    return model, processor
+
+
+def patched_embeds(model, batch, p1):
+    """``[B, S, H]`` input embeddings of ``batch`` with pass 1's vectors placed at its latent slots (pass 2's
+    input)."""
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    return embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec.to(embeds.dtype))
+
+
+def hidden_before_slots(model, batch, p1):
+    """``[P, H]`` pass 2's last hidden state at the position before each active latent slot (what pass 1
+    feeds into that slot when nothing replaces it)."""
+    hidden = model.model.language_model(inputs_embeds=patched_embeds(model, batch, p1),
+                                        attention_mask=batch["attention_mask"],
+                                        position_ids=p1.position_ids).last_hidden_state
+    return hidden[p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1] - 1]
 
 
 def save_and_load(model, processor, path):

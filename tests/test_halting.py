@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fire_at
+from helpers import fire_at, patched_embeds
 from PIL import Image
 
 from latentvl import LatentCollator, set_latent_fields
@@ -170,8 +170,7 @@ def _independent_answer_losses(model, batch):
                    latent_segments=batch["latent_segments"], latent_budgets=batch["latent_budgets"])
     finally:
         _stage_c(model)
-    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
-    embeds = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec)
+    embeds = patched_embeds(model, batch, p1)
 
     def ce(b, mask):
         return model(inputs_embeds=embeds[b:b + 1], attention_mask=batch["attention_mask"][b:b + 1],

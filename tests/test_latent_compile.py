@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from helpers import talking_tiny_model
 from torch._dynamo.utils import counters
 
 from latentvl import LatentSettings, build_tiny_model, set_latent_fields
@@ -256,14 +257,7 @@ def test_compiled_training_step_gives_the_eager_loss_and_gradients(tiny64, stage
 def talker():
     """A stage-C tiny model whose greedy answers depend on the input (text weights scaled up) and whose
     stop head halts some segments early; with its processor."""
-    model, processor = build_tiny_model(seed=5)
-    with torch.no_grad():
-        for name, w in model.model.language_model.named_parameters():
-            if w.dim() == 2 and "embed" not in name:
-                w.mul_(5.0)
-        head = model.latent_stop_head
-        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
-        head.bias.zero_()
+    model, processor = talking_tiny_model()
     set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0)
     return model.eval(), processor
 

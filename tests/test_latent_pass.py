@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import MIXED, collate_samples, fire_at, make_sample, run_pass1, set_stage
+from helpers import MIXED, collate_samples, fire_at, hidden_before_slots, make_sample, run_pass1, set_stage
 
 from latentvl import (
     LatentInputError,
@@ -29,11 +29,7 @@ def test_pass_consistency_stage_a(tiny, side):
     batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED], side)
     p1 = run_pass1(model, batch)
     assert p1.ce_patch_pos.shape[0] == sum(batch["latent_budget_total"])
-    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
-    embeds = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                        position_ids=p1.position_ids).last_hidden_state
-    before = hidden[p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1] - 1]
+    before = hidden_before_slots(model, batch, p1)
     assert (before - p1.ce_patch_vec).abs().max().item() <= 1e-5
 
 

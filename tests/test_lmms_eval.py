@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import talking_tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 from lmms_eval.api.instance import Instance, unwrap_generation_output
 
 import latentvl
-from latentvl import build_tiny_model, set_latent_fields
+from latentvl import set_latent_fields
 from latentvl.cli import main as cli_main
 from latentvl.data.records import load_records, open_rgb
 from latentvl.data.synthetic import make_dataset
@@ -39,16 +40,9 @@ THRESHOLD = 0.4
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A stage-C tiny checkpoint whose answers depend on the input and whose stop head halts some segments."""
-    model, processor = build_tiny_model(seed=5)
+    model, processor = talking_tiny_model()
     set_latent_fields(model.config, latent_budget_alpha=0.8, latent_mode_stage="C",
                       latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
-    with torch.no_grad():
-        for name, w in model.model.language_model.named_parameters():
-            if w.dim() == 2 and "embed" not in name:
-                w.mul_(5.0)
-        head = model.latent_stop_head
-        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
-        head.bias.zero_()
     path = tmp_path_factory.mktemp("lmms") / "ckpt"
     save_latent_checkpoint(model, processor, path)
     return path

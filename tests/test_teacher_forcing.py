@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MIXED, collate_samples, make_sample, set_stage
+from helpers import MIXED, collate_samples, hidden_before_slots, make_sample, patched_embeds, set_stage
 
 from latentvl import LatentConfigError, LatentSettings
 from latentvl.model.losses import alignment_loss
@@ -86,11 +86,7 @@ def test_pass_two_sees_what_pass_one_saw(tiny):
     model, processor = tiny
     batch, out, _ = _loss(model, processor, 0.5, seed=1)
     p1 = out.latent
-    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
-    embeds = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                        position_ids=p1.position_ids).last_hidden_state
-    before = hidden[p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1] - 1]
+    before = hidden_before_slots(model, batch, p1)
     assert (before - p1.align_vec).abs().max().item() <= 1e-5
 
 
@@ -141,9 +137,7 @@ def test_tail_dropout_gates_pass_two_in_stage_a_training_only(tiny):
             torch.manual_seed(5)
             keep = model._tail_dropout(batch, batch["input_ids"])
             p1 = out.latent
-            embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
-            embeds = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec)
-            args = (model, embeds, batch["attention_mask"], p1.position_ids, batch["labels"])
+            args = (model, patched_embeds(model, batch, p1), batch["attention_mask"], p1.position_ids, batch["labels"])
             ref = _pass2_forward(*args, model._gating_kwargs(keep)).logits
             full = _pass2_forward(*args, {}).logits
             assert not keep.all()
