@@ -9,6 +9,7 @@ from PIL import Image
 
 from latentvl.cli import main
 from latentvl.demo import ARMS, DEFAULTS, alignment_table, difficulty_table, load_demo_settings, results_table
+from latentvl.evaluation.calibration import DEFAULT_GRID
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,21 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
         used = sum(sum(x["used_lens"]) for x in report["per_sample"][key])
         assert al["n_latents"] == used > 0 and -1 <= al["mean_cosine"] <= 1
     assert all(s["ok"] for runs in report["preflight"].values() for s in runs)
+    # stage C's stop threshold is chosen on the val split, written into its final model and used on test
+    cal = report["calibration"]
+    assert cal["n"] == report["splits"]["val"] > 0 and [r["threshold"] for r in cal["rows"]] == list(DEFAULT_GRID)
+    assert report["stage_c_threshold"] == cal["threshold"] and cal["within_tolerance"] in (True, False)
+    final = json.loads((out / "stage_c" / "phase0" / "final" / "config.json").read_text())
+    assert final["latent_stop_threshold"] == cal["threshold"]
+    assert md.index("## Stage C's stop threshold") < md.index("## Do the answers depend on the latents?")
+    assert f"threshold {cal['threshold']:g})" in results_table(report)
+    # and its halting against difficulty on the test split, at that threshold and at full budget
+    halting = report["stage_c_halting"]
+    assert halting["learned"]["n"] == halting["full_budget"]["n"] == n_test
+    assert halting["full_budget"]["used_ratio"] == 1.0
+    assert sorted(halting["learned"]["by_difficulty"], key=int) == sorted(
+        report["results"]["stage_c"]["accuracy_by_difficulty"], key=int)
+    assert "## Stage C's halting against difficulty" in md and "Spearman(used, difficulty)" in md
     for png in ("accuracy_vs_difficulty.png", "loss_curves.png", "latents.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 500
@@ -115,3 +131,13 @@ def test_demo_task_choices_come_from_the_shipped_settings():
         assert parser.parse_args(["--task", task]).task == task
     with pytest.raises(SystemExit):
         parser.parse_args(["--task", "no-such-task"])
+
+
+def test_stage_c_calibration_can_be_switched_off():
+    from types import SimpleNamespace
+
+    from latentvl.demo import _calibrate_stage_c
+
+    data = SimpleNamespace(val_records=["r"])
+    assert _calibrate_stage_c({"calibrate_threshold": False}, data, {}, print) is None
+    assert _calibrate_stage_c({}, SimpleNamespace(val_records=[]), {}, print) is None  # no val split

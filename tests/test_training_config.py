@@ -138,6 +138,7 @@ def test_token_ids_must_match_the_tokenizer():
         ("latent.latent_mode_stage=C", "latent.latent_mode_stage="),  # stage is A here
         ("latent.latent_nonsense=1", "latent.latent_nonsense: unknown latent field"),
         ("latent.latent_budget_min=1.5", "latent.latent_budget_min="),
+        ("stop_head_lr_scale=0", "stop_head_lr_scale="),
     ],
 )
 def test_validation_errors_name_the_field(override, field):
@@ -245,3 +246,33 @@ def test_cli_config_error_exit_code(capsys):
     args = _parse(["--train-data", "x.jsonl", "lr=-3"])
     assert train_cli.run(args) == 2
     assert "lr=-3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_stop_head_learning_rate_scale(scale):
+    import torch
+
+    from latentvl import build_tiny_model
+    from latentvl.training.trainer import STOP_HEAD, make_optimizer
+
+    model, _ = build_tiny_model(seed=0, hidden_size=64, num_layers=1)
+    cfg = TrainConfig(train_data="x.jsonl", lr=1e-3, weight_decay=0.1, stop_head_lr_scale=scale, warmup_steps=2,
+                      max_steps=10).validate()
+    opt = make_optimizer(cfg, model)
+    head = {id(p) for n, p in model.named_parameters() if STOP_HEAD in n}
+    assert len(head) == 2  # weight and bias
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt.param_groups) == trainable  # every parameter exactly once
+    head_groups = [g for g in opt.param_groups if any(id(p) in head for p in g["params"])]
+    if scale == 1.0:  # the plain two groups: a checkpoint written before the option existed resumes unchanged
+        assert len(opt.param_groups) == 2 and all(g["lr"] == 1e-3 for g in opt.param_groups)
+    else:
+        assert len(head_groups) == 1 and {id(p) for p in head_groups[0]["params"]} == head
+        assert head_groups[0]["lr"] == pytest.approx(1e-2) and head_groups[0]["weight_decay"] == 0.0
+        assert opt.param_groups[0]["lr"] == 1e-3
+        # the schedule scales every group alike
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, 2, 10, "cosine", 0.1))
+        for _ in range(5):
+            opt.step()
+            sched.step()
+            assert head_groups[0]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])

@@ -118,14 +118,28 @@ def test_ddp_two_processes_match_one(setup):
 
 def test_fsdp2_two_processes_match_one(setup):
     root, options, reference = setup
-    rows = _torchrun(root, options, "fsdp", distributed="fsdp", save_every=3)
+    eval_data = root / "data" / "val.jsonl"  # 3 records: one process evaluates 2, the other 1 and a dummy
+    rows = _torchrun(root, options, "fsdp", distributed="fsdp", save_every=3, eval_data=str(eval_data),
+                     calibrate_stop_threshold=True)
     _compare(rows, reference)
     state = json.loads((root / "fsdp" / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["stage"] == "C"
+    from latentvl import LatentCollator
+    from latentvl.data.records import load_records
+    from latentvl.evaluation.calibration import calibrate_threshold
     from latentvl.model.loading import load_latent_model
 
-    model, _ = load_latent_model(root / "fsdp" / "final")  # the gathered weights form a loadable model
+    model, processor = load_latent_model(root / "fsdp" / "final")  # the gathered weights form a loadable model
     assert model.config.latent_mode_stage == "C"
+    # the threshold calibrated by both processes is the one a single process finds on the same weights
+    sharded = json.loads((root / "fsdp" / "calibration.json").read_text())
+    records, _ = load_records(eval_data)
+    single = calibrate_threshold(model, LatentCollator(processor, model.config), records, batch_size=2)
+    assert sharded["n"] == single["n"] == len(records) == 3
+    for got, ref in zip(sharded["rows"], single["rows"], strict=True):
+        assert got["threshold"] == ref["threshold"] and got["accuracy"] == pytest.approx(ref["accuracy"])
+        assert got["used_ratio"] == pytest.approx(ref["used_ratio"])
+    assert sharded["threshold"] == single["threshold"] == model.config.latent_stop_threshold
 
 
 # ------------------------------------------------------------- text-only batches on some processes

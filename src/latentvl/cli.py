@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "eval": "latentvl.commands.eval",
     "lmms-task": "latentvl.commands.lmms_task",
     "halting": "latentvl.commands.halting",
+    "calibrate": "latentvl.commands.calibrate",
 }
 
 

@@ -1,15 +1,16 @@
 """Run the whole method end to end on the tiny model and a synthetic task, with its controls, and report.
 
-``latentvl demo`` generates a synthetic visual chain-of-thought task (default ``relay``: k-hop colour
-lookups, see :mod:`latentvl.data.synthetic`) and trains five arms on the same data with the same model,
-optimiser, seed and steps:
+``latentvl demo`` generates a synthetic visual chain-of-thought task (default ``a5``: a word problem over
+the group A5, one latent per state, see :mod:`latentvl.data.synthetic`) and trains five arms on the same
+data with the same model, optimiser, seed and steps:
 
 - ``baseline_no_latents``: answers right after the question;
 - ``pause``: the same latent slots, each filled with one learned vector (``latent_feedback: false``): as
   much extra width, no hidden state fed back;
 - ``latents_no_align``: latent thoughts without the alignment loss (``latent_align_weight: 0``);
 - ``stage_a``: latent thoughts aligned to the CoT images, fixed budgets;
-- ``stage_c``: stage A's checkpoint trained on with learned halting.
+- ``stage_c``: stage A's checkpoint trained on with learned halting; its stop threshold is then chosen on
+  the validation split (:mod:`latentvl.evaluation.calibration`, ``calibrate_threshold``).
 
 The controls train for as many steps as stage A and stage C together, on the same data schedule
 (``curriculum``: phases on records of growing difficulty, then the stage-C steps on all records). Every
@@ -294,6 +295,7 @@ class _DemoData:
     meta: dict[str, Any]
     train_file: Path
     train_records: list[Any]
+    val_records: list[Any]
     test_records: list[Any]
     train_fields: dict[str, Any]
     test_fields: dict[str, Any]
@@ -316,10 +318,16 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
     timings["data"] = time.perf_counter() - t_start
     runs, histories, final_thr = _train_arms(settings, demo, data, out, timings, log)  # 2. and 3. the five arms
     t0 = time.perf_counter()
-    evals = _evaluate_arms(settings, demo, data, runs, final_thr, out, log)  # 4. held-out evaluation
+    calibration = _calibrate_stage_c(demo, data, runs, log)  # 4. stage C's stop threshold, on the val split
+    eval_thr = calibration["threshold"] if calibration else final_thr
+    halting = _stage_c_halting(demo, data, runs, eval_thr)  # ... and its halting against difficulty
+    timings["stage_c_threshold_and_halting"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evals = _evaluate_arms(settings, demo, data, runs, eval_thr, out, log)  # 5. held-out evaluation
     timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    report = _assemble_report(settings, demo, data, runs, evals, final_thr, timings, out)  # 5. report
+    report = _assemble_report(settings, demo, data, runs, evals, final_thr, timings, out)  # 6. report
+    report.update(stage_c_threshold=eval_thr, calibration=calibration, stage_c_halting=halting)
     write_demo_report(out, report, histories, evals["stage_c"]["samples"])
     return report
 
@@ -338,14 +346,15 @@ def _make_data(out: Path, demo: dict[str, Any], log) -> tuple[_DemoData, dict[st
     train_file, test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
     test_records, _ = load_records(test_file)
     train_records, _ = load_records(train_file)
+    val_records, _ = load_records(data_dir / "val.jsonl")
     test_fields, train_fields = read_record_fields(test_file), read_record_fields(train_file)
     test_meta = load_metadata(test_file) or meta
     chance = float(test_meta["splits"]["test"]["chance_accuracy"] or test_meta["chance_accuracy"])
     if not any("difficulty" in f for f in train_fields.values()):
         demo = {**demo, "curriculum": []}
     log(f"data: {meta['n']} {task} records in {data_dir} (chance accuracy {chance:.3f})")
-    data = _DemoData(task, meta, train_file, train_records, test_records, train_fields, test_fields, chance,
-                     _schedule(data_dir, demo))
+    data = _DemoData(task, meta, train_file, train_records, val_records, test_records, train_fields, test_fields,
+                     chance, _schedule(data_dir, demo))
     return data, demo
 
 
@@ -384,16 +393,59 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
     return runs, histories, cfg_c.final_threshold
 
 
+def _calibrate_stage_c(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], log) -> dict[str, Any] | None:
+    """Stage C's stop threshold chosen on the validation split (:mod:`latentvl.evaluation.calibration`) and
+    written into its final model; None when ``demo.calibrate_threshold`` is off or there is no val split."""
+    from .data.collator import LatentCollator
+    from .evaluation.calibration import DEFAULT_TOLERANCE, calibrate_threshold, write_model_threshold
+    from .model.loading import load_latent_model
+    from .training.checkpoint import quiet_hf_progress
+
+    if not demo.get("calibrate_threshold", True) or not data.val_records:
+        return None
+    with quiet_hf_progress():
+        model, processor = load_latent_model(runs["stage_c"].checkpoint / "model")
+    result = calibrate_threshold(model, LatentCollator(processor, model.config), data.val_records,
+                                 tolerance=float(demo.get("calibration_tolerance", DEFAULT_TOLERANCE)),
+                                 batch_size=int(demo["eval_batch_size"]))
+    final = getattr(runs["stage_c"], "final_model", None)
+    if final is not None:
+        write_model_threshold(final, result["threshold"])
+    used = "-" if result["used_ratio"] is None else f"{result['used_ratio']:.3f}"
+    log(f"stage C: stop threshold {result['threshold']:g} chosen on {result['n']} val records (accuracy "
+        f"{result['accuracy']:.3f}, used/budget {used}; best {result['best_accuracy']:.3f})")
+    return result
+
+
+def _stage_c_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], threshold: float
+                     ) -> dict[str, Any] | None:
+    """Stage C on the test split at ``threshold`` and at full budget, against difficulty (what ``latentvl
+    halting`` reports: latents used per difficulty, Spearman, accuracy); None without difficulties."""
+    from .data.collator import LatentCollator
+    from .evaluation.halting import evaluate_halting
+    from .model.loading import load_latent_model
+    from .training.checkpoint import quiet_hf_progress
+
+    difficulty = {sid: f["difficulty"] for sid, f in data.test_fields.items()
+                  if isinstance(f.get("difficulty"), (int, float)) and not isinstance(f.get("difficulty"), bool)}
+    if not difficulty:
+        return None
+    with quiet_hf_progress():
+        model, processor = load_latent_model(runs["stage_c"].checkpoint / "model")
+    return evaluate_halting(model, LatentCollator(processor, model.config), data.test_records, difficulty,
+                            threshold=threshold, batch_size=int(demo["eval_batch_size"]))
+
+
 def _evaluate_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, runs: dict[str, Any],
-                   final_thr: float, out: Path, log) -> dict[str, dict[str, Any]]:
-    """Every arm on the test split with the instruments (stage C at the final threshold)."""
+                   c_thr: float, out: Path, log) -> dict[str, dict[str, Any]]:
+    """Every arm on the test split with the instruments (stage C at stop threshold ``c_thr``)."""
     probe_records = data.train_records[: int(demo["probe_records"])]
     evals = {}
     for arm in ARMS:
         log(f"evaluating {arm}")
         evals[arm] = _evaluate(
             runs[arm].checkpoint / "model", data.test_records, settings, arm != "baseline_no_latents",
-            final_thr if arm == "stage_c" else None, data.chance, out / "eval" / arm, data.test_fields, data.task,
+            c_thr if arm == "stage_c" else None, data.chance, out / "eval" / arm, data.test_fields, data.task,
             probe_records, data.train_fields,
         )
     return evals

@@ -75,9 +75,35 @@ def results_table(report: dict[str, Any]) -> str:
     for arm in ARMS:
         label = ARM_LABELS[arm]
         if arm == "stage_c":
-            label = f"stage C (learned halting, threshold {report['final_threshold']:g})"
+            label = f"stage C (learned halting, threshold {_stage_c_threshold(report):g})"
         rows.append(f"| {label} | {steps(arm)} | {_pct(r[arm]['accuracy'])} | {ratio(r[arm])} |")
     return "\n".join(rows) + "\n"
+
+
+def _stage_c_threshold(report: dict[str, Any]) -> float:
+    """The stop threshold stage C was evaluated at (the calibrated one, else the training's last)."""
+    thr = report.get("stage_c_threshold")
+    return float(report["final_threshold"] if thr is None else thr)
+
+
+def calibration_section(report: dict[str, Any]) -> list[str]:
+    """The stop-threshold calibration of stage C on the val split (nothing when the demo skipped it)."""
+    from ..evaluation.calibration import calibration_markdown
+    from .halting import halting_markdown
+
+    cal, halting = report.get("calibration"), report.get("stage_c_halting")
+    lines = []
+    if cal:
+        lines += ["## Stage C's stop threshold", "",
+                  f"Stage C trains with the threshold falling to {report['final_threshold']:g}; the threshold it "
+                  "is evaluated at is chosen afterwards on the validation split (never the test split) and written "
+                  "into its final model (`latentvl calibrate`).", "", calibration_markdown(cal)]
+    if halting:
+        lines += ["## Stage C's halting against difficulty", "",
+                  "The test split by teacher forcing (greedy exact match, as `latentvl halting`), at the threshold "
+                  "above and at full budget: does stage C spend its latents where the records need them?", "",
+                  halting_markdown(f"stage C, threshold {_stage_c_threshold(report):g}", halting)]
+    return lines
 
 
 def causal_table(report: dict[str, Any]) -> str:
@@ -228,7 +254,8 @@ def _setup(report: dict[str, Any]) -> str:
         f"{report['steps']['stage_c']} steps on all train records. Budgets: alpha "
         f"{lat['latent_budget_alpha']:g}, gamma {lat['latent_budget_gamma']:g}, max {lat['latent_budget_max']}; "
         f"CoT images of the test split per budget: {spread}. Stage C: stop threshold {t['threshold_start']:g} -> "
-        f"{report['final_threshold']:g} over {t['threshold_anneal_steps']} steps, stop weight "
+        f"{report['final_threshold']:g} over {t['threshold_anneal_steps']} steps (evaluated at "
+        f"{_stage_c_threshold(report):g}), stop weight "
         f"{lat['latent_stop_loss_weight']:g}, cost weight {lat['latent_cost_weight']:g}. Pause tokens: "
         "`latent_feedback: false`, no alignment (their slot inputs are one constant vector).\n"
     )
@@ -271,9 +298,10 @@ def markdown(report: dict[str, Any]) -> str:
         *[f"- {_CHECK_TEXT[name].format(**bars)}: {ok[v]}" for name, v in report["checks"].items()],
         "",
         "Accuracy: greedy two-step inference (latent pass, then generate), exact match of the answer. "
-        "Stage C halts with the final threshold. used/budget, all latents: the latents used over the budget, "
+        "Stage C halts at the threshold named in its row. used/budget, all latents: the latents used over the budget, "
         "both summed over every CoT segment of the test split (`used_ratio`).",
         "",
+        *calibration_section(report),
         "## Do the answers depend on the latents?",
         "",
         "Causal checks of `latentvl eval` on the test split: accuracy when every latent is masked out of "

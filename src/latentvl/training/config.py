@@ -86,6 +86,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
+    stop_head_lr_scale: float = 1.0  # the stop head learns at lr * this (its own group, no weight decay)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -103,6 +104,9 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end (when eval_data is set)
     eval_max_samples: int | None = None
     eval_batch_size: int | None = None
+    # at the end of a stage-C run: choose latent_stop_threshold on eval_data and write it into final/
+    calibrate_stop_threshold: bool = False
+    calibration_tolerance: float = 0.01  # ... the lowest used/budget within this of the best accuracy
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept (older ones are deleted); 0 = keep all
     save_final_model: bool = True  # also write output_dir/final (a loadable model directory)
@@ -197,6 +201,10 @@ class TrainConfig:
                 raise self._bad("switch_step", f"stage AC needs 0 < switch_step < max_steps={self.max_steps}")
         if self.teacher_forcing_decay_steps and not self.latent.get("latent_teacher_forcing", 0):
             raise self._bad("teacher_forcing_decay_steps", "needs latent.latent_teacher_forcing > 0 to decay")
+        if self.calibrate_stop_threshold and (self.stage == "A" or self.eval_data is None):
+            raise self._bad("calibrate_stop_threshold", "needs a run that ends in stage C (C or AC) and eval_data")
+        if self.calibration_tolerance < 0:
+            raise self._bad("calibration_tolerance", "must be >= 0")
         if self.stage != "A" and not self.use_latents:
             raise self._bad("use_latents", "stage C needs latents (the no-latent baseline is a stage-A run)")
 
@@ -238,6 +246,8 @@ class TrainConfig:
             raise self._bad("lr", "must be > 0")
         if self.weight_decay < 0:
             raise self._bad("weight_decay", "must be >= 0")
+        if not self.stop_head_lr_scale > 0:
+            raise self._bad("stop_head_lr_scale", "must be > 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise self._bad(name, "must be in [0, 1)")
@@ -437,6 +447,8 @@ RESUME_FREE = frozenset(
         "eval_every",
         "eval_max_samples",
         "eval_batch_size",
+        "calibrate_stop_threshold",
+        "calibration_tolerance",
         "save_every",
         "keep_last",
         "save_final_model",

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import json
 import math
 import os
 import random
@@ -40,6 +41,8 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator, to_device
+from ..evaluation.calibration import calibrate_threshold, write_model_threshold
+from ..fileio import write_atomic
 from ..model.compat import enable_activation_checkpointing
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
@@ -140,6 +143,7 @@ class TrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
     final_model: Path | None = None
     checks: list[CheckReport] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # calibrate_stop_threshold: the grid and the chosen threshold
 
 
 class LatentLossModule(nn.Module):
@@ -335,13 +339,22 @@ def latent_model(model: nn.Module) -> nn.Module:
     return model
 
 
+STOP_HEAD = "latent_stop_head"  # the stop head's parameter names contain this
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser over the trainable parameters: weight decay on matrices only; with
+    ``stop_head_lr_scale != 1`` the stop head gets its own group at ``lr * stop_head_lr_scale`` (the schedule
+    scales every group alike). The logged ``lr`` is the first group's."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (check freeze_vision / lora)")
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    head = [p for n, p in params if STOP_HEAD in n] if cfg.stop_head_lr_scale != 1.0 else []
+    rest = [(n, p) for n, p in params if not any(p is q for q in head)]
+    decay = [p for n, p in rest if p.ndim >= 2]
+    no_decay = [p for n, p in rest if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": head, "weight_decay": 0.0, "lr": cfg.lr * cfg.stop_head_lr_scale}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -804,7 +817,33 @@ def _finish(run: _Run) -> None:
         final = run.out_dir / "final"
         _replace_dir_with_copy(run.last_ckpt / ckpt.MODEL_DIR, final)
         run.result.final_model = final
+    if run.cfg.calibrate_stop_threshold:
+        run.where.phase = "the end of the run (stop-threshold calibration on eval_data)"
+        _calibrate(run)
     run.accelerator.wait_for_everyone()
+
+
+def _calibrate(run: _Run) -> None:
+    """Choose the stop threshold on the eval records (every process takes part) and, on the main process,
+    write ``calibration.json`` and the threshold into ``final/`` (the checkpoint keeps the training's)."""
+    cfg = run.cfg
+    result = _through_root(
+        run.module,
+        run.fsdp,
+        lambda m: calibrate_threshold(
+            m, run.collator, run.eval_records, tolerance=cfg.calibration_tolerance,
+            batch_size=cfg.eval_batch_size or cfg.batch_size, max_samples=cfg.eval_max_samples,
+            rank=run.rank, world_size=run.world,
+        ),
+    )
+    run.result.calibration = result
+    if run.main:
+        write_atomic(run.out_dir / "calibration.json", json.dumps(result, indent=2) + "\n")
+        if run.result.final_model is not None:
+            write_model_threshold(run.result.final_model, result["threshold"])
+        used = "-" if result["used_ratio"] is None else f"{result['used_ratio']:.3f}"
+        print(f"stop threshold {result['threshold']:g} chosen on {result['n']} eval records (accuracy "
+              f"{result['accuracy']:.3f}, used/budget {used}); see {run.out_dir / 'calibration.json'}", flush=True)
 
 
 def _save(run: _Run, step: int) -> Path:
