@@ -35,7 +35,8 @@ from latentvl.data.records import load_records
 from latentvl.data.relay_bands import make_relay_bands
 from latentvl.data.synthetic import make_dataset
 from latentvl.evaluation.calibration import calibrate_threshold
-from latentvl.evaluation.halting import evaluate_halting, read_difficulties
+from latentvl.evaluation.halting import evaluate_halting, halting_summary, read_difficulties
+from latentvl.evaluation.teacher_forced import evaluate_records
 from latentvl.reports.halting import halting_markdown, plot_used_by_difficulty
 from latentvl.training.config import TrainConfig
 from latentvl.training.trainer import train
@@ -167,8 +168,10 @@ def run(out: Path, n: int, steps_a: int, steps_c: int, seed: int, rule: str = "f
         cal = calibrate_threshold(model, collator, val_records, batch_size=16)
         results[mode] = evaluate_halting(model, collator, test_records, difficulty, threshold=cal["threshold"])
         results[mode]["calibration"] = cal
-        at_trained = evaluate_halting(model, collator, test_records, difficulty, threshold=trained_thr)
-        results[mode]["at_training_threshold"] = {"threshold": trained_thr, **at_trained["learned"]}
+        at_trained = evaluate_records(model, collator, test_records, batch_size=16, threshold=trained_thr,
+                                      per_sample=True)  # full budget is measured once, above
+        results[mode]["at_training_threshold"] = {"threshold": trained_thr,
+                                                  **halting_summary(at_trained["samples"], difficulty)}
         results[mode]["train_step_s"] = timings[f"stage_c_{mode}_s"] / steps_c
         timings[f"eval_{mode}_s"] = time.perf_counter() - t1
         got = results[mode]

@@ -136,8 +136,11 @@ def test_demo_task_choices_come_from_the_shipped_settings():
 def test_stage_c_calibration_can_be_switched_off():
     from types import SimpleNamespace
 
-    from latentvl.demo import _calibrate_stage_c
+    from latentvl.demo import _stage_c_threshold_and_halting
 
-    data = SimpleNamespace(val_records=["r"])
-    assert _calibrate_stage_c({"calibrate_threshold": False}, data, {}, print) is None
-    assert _calibrate_stage_c({}, SimpleNamespace(val_records=[]), {}, print) is None  # no val split
+    # nothing to calibrate and no difficulty to measure against: the model is not even loaded
+    runs = {"stage_c": SimpleNamespace(checkpoint=Path("/nonexistent"))}
+    off = SimpleNamespace(val_records=["r"], test_fields={"a": {}})
+    assert _stage_c_threshold_and_halting({"calibrate_threshold": False}, off, runs, 0.7, print) == (None, 0.7, None)
+    no_val = SimpleNamespace(val_records=[], test_fields={"a": {"difficulty": True}})  # a bool is no difficulty
+    assert _stage_c_threshold_and_halting({}, no_val, runs, 0.6, print) == (None, 0.6, None)

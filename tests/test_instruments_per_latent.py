@@ -9,7 +9,7 @@ import torch
 
 from latentvl.data.records import load_records
 from latentvl.data.synthetic import implied_answer, make_dataset
-from latentvl.evaluation.causal import truncate_latent_count
+from latentvl.evaluation.causal import truncate_latents
 from latentvl.evaluation.instruments import InstrumentRunner, read_record_fields, record_fields, state_units
 from latentvl.inference.evaluate import evaluate, render_markdown
 from latentvl.inference.generate import GenerationSettings, LatentInference, Patches
@@ -36,16 +36,20 @@ def test_state_units_per_latent_or_per_segment():
     assert state_units({}, [1]) is None
 
 
-def test_truncate_latent_count_keeps_the_first_latents_across_segments():
+def test_truncation_by_latent_keeps_the_first_latents_across_segments():
     ids = torch.zeros(2, 12, dtype=torch.long)
     segments = [[(6, 8, 1), (2, 4, 0)], [(3, 6, 0)]]  # row 0: image 0 at 2..3, image 1 at 6..7
     base = Patches(None, None, None)
     for keep, row0, row1 in [(0, [], []), (1, [2], [3]), (3, [2, 3, 6], [3, 4, 5]), (9, [2, 3, 6, 7], [3, 4, 5])]:
-        kv = truncate_latent_count(base, ids, segments, keep).latent_kv_mask
+        kv = truncate_latents(base, ids, segments, keep, by_latent={0, 1}).latent_kv_mask
         masked0 = {c for c in (2, 3, 6, 7) if not kv[0, c]}
         assert {c for c in (2, 3, 6, 7)} - masked0 == set(row0)
         assert {c for c in (3, 4, 5) if kv[1, c]} == set(row1)
         assert kv[:, [0, 1, 5, 8, 9, 10, 11]][0].all()  # columns outside the segments are never masked
+    # rows not counted by latent keep whole segments: row 1 by latent, row 0 by segment (image 0 only)
+    kv = truncate_latents(base, ids, segments, 1, by_latent={1}).latent_kv_mask
+    assert [bool(kv[0, c]) for c in (2, 3, 6, 7)] == [True, True, False, False]
+    assert [bool(kv[1, c]) for c in (3, 4, 5)] == [True, False, False]
 
 
 def test_eval_runs_every_instrument_per_latent(tiny, a5, tmp_path):

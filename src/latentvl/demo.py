@@ -318,9 +318,8 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
     timings["data"] = time.perf_counter() - t_start
     runs, histories, final_thr = _train_arms(settings, demo, data, out, timings, log)  # 2. and 3. the five arms
     t0 = time.perf_counter()
-    calibration = _calibrate_stage_c(demo, data, runs, log)  # 4. stage C's stop threshold, on the val split
-    eval_thr = calibration["threshold"] if calibration else final_thr
-    halting = _stage_c_halting(demo, data, runs, eval_thr)  # ... and its halting against difficulty
+    # 4. stage C's stop threshold, chosen on the val split, and its halting against difficulty
+    calibration, eval_thr, halting = _stage_c_threshold_and_halting(demo, data, runs, final_thr, log)
     timings["stage_c_threshold_and_halting"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     evals = _evaluate_arms(settings, demo, data, runs, eval_thr, out, log)  # 5. held-out evaluation
@@ -393,47 +392,42 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
     return runs, histories, cfg_c.final_threshold
 
 
-def _calibrate_stage_c(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], log) -> dict[str, Any] | None:
+def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], final_thr: float,
+                                   log) -> tuple[dict[str, Any] | None, float, dict[str, Any] | None]:
     """Stage C's stop threshold chosen on the validation split (:mod:`latentvl.evaluation.calibration`) and
-    written into its final model; None when ``demo.calibrate_threshold`` is off or there is no val split."""
+    written into its final model (skipped when ``demo.calibrate_threshold`` is off or there is no val split:
+    the threshold is then the training's last, ``final_thr``); then stage C on the test split at that
+    threshold and at full budget, against difficulty (what ``latentvl halting`` reports; skipped without
+    difficulties). Returns ``(calibration or None, threshold, halting or None)``."""
     from .data.collator import LatentCollator
     from .evaluation.calibration import DEFAULT_TOLERANCE, calibrate_threshold, write_model_threshold
-    from .model.loading import load_latent_model
-    from .training.checkpoint import quiet_hf_progress
-
-    if not demo.get("calibrate_threshold", True) or not data.val_records:
-        return None
-    with quiet_hf_progress():
-        model, processor = load_latent_model(runs["stage_c"].checkpoint / "model")
-    result = calibrate_threshold(model, LatentCollator(processor, model.config), data.val_records,
-                                 tolerance=float(demo.get("calibration_tolerance", DEFAULT_TOLERANCE)),
-                                 batch_size=int(demo["eval_batch_size"]))
-    final = getattr(runs["stage_c"], "final_model", None)
-    if final is not None:
-        write_model_threshold(final, result["threshold"])
-    used = "-" if result["used_ratio"] is None else f"{result['used_ratio']:.3f}"
-    log(f"stage C: stop threshold {result['threshold']:g} chosen on {result['n']} val records (accuracy "
-        f"{result['accuracy']:.3f}, used/budget {used}; best {result['best_accuracy']:.3f})")
-    return result
-
-
-def _stage_c_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], threshold: float
-                     ) -> dict[str, Any] | None:
-    """Stage C on the test split at ``threshold`` and at full budget, against difficulty (what ``latentvl
-    halting`` reports: latents used per difficulty, Spearman, accuracy); None without difficulties."""
-    from .data.collator import LatentCollator
     from .evaluation.halting import evaluate_halting
     from .model.loading import load_latent_model
     from .training.checkpoint import quiet_hf_progress
 
+    calibrate = bool(demo.get("calibrate_threshold", True)) and bool(data.val_records)
     difficulty = {sid: f["difficulty"] for sid, f in data.test_fields.items()
                   if isinstance(f.get("difficulty"), (int, float)) and not isinstance(f.get("difficulty"), bool)}
-    if not difficulty:
-        return None
+    if not calibrate and not difficulty:
+        return None, final_thr, None
     with quiet_hf_progress():
         model, processor = load_latent_model(runs["stage_c"].checkpoint / "model")
-    return evaluate_halting(model, LatentCollator(processor, model.config), data.test_records, difficulty,
-                            threshold=threshold, batch_size=int(demo["eval_batch_size"]))
+    collator, batch_size = LatentCollator(processor, model.config), int(demo["eval_batch_size"])
+    calibration, threshold = None, final_thr
+    if calibrate:
+        calibration = calibrate_threshold(model, collator, data.val_records, batch_size=batch_size,
+                                          tolerance=float(demo.get("calibration_tolerance", DEFAULT_TOLERANCE)))
+        threshold = calibration["threshold"]
+        if getattr(runs["stage_c"], "final_model", None) is not None:
+            write_model_threshold(runs["stage_c"].final_model, threshold)
+        used = "-" if calibration["used_ratio"] is None else f"{calibration['used_ratio']:.3f}"
+        log(f"stage C: stop threshold {threshold:g} chosen on {calibration['n']} val records (accuracy "
+            f"{calibration['accuracy']:.3f}, used/budget {used}; best {calibration['best_accuracy']:.3f})")
+    halting = None
+    if difficulty:
+        halting = evaluate_halting(model, collator, data.test_records, difficulty, threshold=threshold,
+                                   batch_size=batch_size)
+    return calibration, threshold, halting
 
 
 def _evaluate_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, runs: dict[str, Any],

@@ -73,13 +73,12 @@ __all__ = [
     "SHAPES_ANSWERS",
     "TASKS",
     "Sample",
-
+    "a5_implied_answer",
     "carve_maze",
     "generate_sample",
     "implied_answer",
     "make_dataset",
     "maze_neighbours",
-    "a5_implied_answer",
     "relay_implied_answer",
     "solve_maze",
 ]

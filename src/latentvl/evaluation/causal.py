@@ -12,8 +12,8 @@ the prompt, positions and step 1 itself are untouched.
   none, the first one with as many segments, each at least as long, gives the first vectors of each
   of its segments. A sample without a donor is left out of this check (its count shows in ``n``).
 - **noise**: each latent vector is replaced by Gaussian noise rescaled to that vector's norm.
-- **truncate** (:func:`truncate_latents`): only the latents of the first j segments are kept, the later
-  segments' slots are masked as in *mask*.
+- **truncate** (:func:`truncate_latents`): only the latents of the first j segments (or, per row, the first
+  j latents) are kept, the later slots are masked as in *mask*.
 - **implant** (:func:`step_overrides`): the inputs of chosen latent slots are replaced *during* step 1,
   so every later latent step builds on the implanted vectors (see ``latentvl.inference.instruments``).
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 
@@ -61,9 +61,13 @@ def mask_latents(patches: Patches, input_ids: torch.Tensor, latent_token_id: int
 
 
 def truncate_latents(
-    patches: Patches, input_ids: torch.Tensor, segments: list[list[tuple[int, int, int]]], keep: int
+    patches: Patches, input_ids: torch.Tensor, segments: list[list[tuple[int, int, int]]], keep: int,
+    by_latent: Collection[int] = (),
 ) -> Patches:
-    """``latent_kv_mask`` False at the latent slots of every segment whose image index is ``>= keep``.
+    """``latent_kv_mask`` with only the first ``keep`` units of each row kept: a unit is a CoT segment
+    (every slot of each segment whose image index is ``>= keep`` is masked), or, for the rows in
+    ``by_latent``, one latent slot (every slot after the row's first ``keep``, counted across its segments
+    in image order). Slots already masked stay masked.
 
     ``segments`` are the collator's ``latent_segments`` (``(start, end, img_idx)`` per row); ``keep=0``
     masks every latent, like :func:`mask_latents`.
@@ -71,22 +75,13 @@ def truncate_latents(
     kv = patches.latent_kv_mask
     kv = torch.ones_like(input_ids, dtype=torch.bool) if kv is None else kv.clone()
     for b, segs in enumerate(segments):
+        if b in by_latent:
+            columns = [c for start, end, _img in sorted(segs, key=lambda x: x[2]) for c in range(start, end)]
+            kv[b, columns[keep:]] = False
+            continue
         for start, end, img in segs:
             if img >= keep:
                 kv[b, start:end] = False
-    return Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
-
-
-def truncate_latent_count(
-    patches: Patches, input_ids: torch.Tensor, segments: list[list[tuple[int, int, int]]], keep: int
-) -> Patches:
-    """``latent_kv_mask`` False at every latent slot after a row's first ``keep`` (counted across its
-    segments, sorted by image index); slots already masked stay masked."""
-    kv = patches.latent_kv_mask
-    kv = torch.ones_like(input_ids, dtype=torch.bool) if kv is None else kv.clone()
-    for b, segs in enumerate(segments):
-        columns = [c for start, end, _img in sorted(segs, key=lambda x: x[2]) for c in range(start, end)]
-        kv[b, columns[keep:]] = False
     return Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..inference.generate import BatchOutcome, GenerationSettings, LatentInference, Patches, normalize_answer
-from .causal import step_overrides, truncate_latent_count, truncate_latents
+from .causal import step_overrides, truncate_latents
 
 __all__ = [
     "InstrumentRunner",
@@ -194,13 +194,7 @@ class InstrumentRunner:
         latent_rows = {b for b, u in enumerate(units) if u is not None and u[0] == "latent"}
         counts = [len(units[b][1]) if b in latent_rows else len(r.used_lens) for b, r in enumerate(results)]
         for keep in range(max(counts)):
-            patches = truncate_latents(base, batch["input_ids"], batch["latent_segments"], keep)
-            if latent_rows:
-                by_latent = truncate_latent_count(base, batch["input_ids"], batch["latent_segments"], keep)
-                kv = patches.latent_kv_mask.clone()
-                rows = torch.tensor(sorted(latent_rows), device=kv.device)
-                kv[rows] = by_latent.latent_kv_mask[rows]
-                patches = Patches(patches.ce_patch_pos, patches.ce_patch_vec, kv)
+            patches = truncate_latents(base, batch["input_ids"], batch["latent_segments"], keep, latent_rows)
             decoded = self.engine.decode(self.engine.generate(batch, outcome.embeds, patches, self.gen))
             for b, (r, (text, _ids, _fin)) in enumerate(zip(results, decoded, strict=True)):
                 if counts[b] > keep and sum(r.used_lens):

@@ -1,7 +1,7 @@
 """Step schedules: the learning rate (warm-up, then constant / linear / cosine), the stop threshold and the
 teacher-forcing probability.
 
-Both are pure functions of the step, so a resumed run recomputes them exactly.
+All are pure functions of the step, so a resumed run recomputes them exactly.
 """
 
 from __future__ import annotations
