@@ -36,6 +36,7 @@ import torch
 from latentvl import LatentCollator, build_tiny_model, set_latent_fields
 from latentvl.data.palettes import RELAY_COLOURS
 from latentvl.data.records import RecordDataset, load_records
+from latentvl.model.objective import _alignment_targets
 
 
 def main() -> None:
@@ -131,7 +132,7 @@ def main() -> None:
                 pred = letters[int(logits[r, pos, letter_ids].argmax())]
                 by_k.setdefault(raw[it["id"]]["difficulty"], []).append(pred == it["answer"])
             if a.arm == "A" and out.latent.align_vec.shape[0]:
-                targets = model._alignment_targets(batch, out.latent)
+                targets = _alignment_targets(model, batch, out.latent)
                 states = [c for it in chunk for c in states_of(it["id"])]
                 slots = [j for it in chunk for j in range(len(states_of(it["id"])))]
                 if len(states) == targets.shape[0]:

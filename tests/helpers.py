@@ -9,6 +9,24 @@ from PIL import Image
 from latentvl import LatentCollator, build_tiny_model, set_latent_fields
 
 
+def require_extra(module: str, extra: str):
+    """Import ``module`` of an optional integration, or skip the calling test module with the reason when
+    latentvl's ``extra`` is not installed. With ``LATENTVL_REQUIRE_EXTRAS=1`` (set by ``.ci/run``) a
+    missing module is an error instead: CI runs every integration's tests, never skips them."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if os.environ.get("LATENTVL_REQUIRE_EXTRAS") == "1":
+            raise ImportError(f"{module} (latentvl's '{extra}' extra) is required here "
+                              f"(LATENTVL_REQUIRE_EXTRAS=1): {err}") from err
+        pytest.skip(f"needs {module}: pip install -e '.[{extra}]' (see docs)", allow_module_level=True)
+
+
 def legacy_key(key: str) -> str:
     """The public checkpoints' layout: ``model.layers.*``, ``visual.*``, ``lm_head.*``."""
     if key.startswith("model.language_model."):
@@ -117,7 +135,7 @@ def lora_trained_copies(model, batch, name: str) -> list:
     """Wrap ``model`` with LoRA (q/v projections, r 4), backpropagate ``latent_loss(batch)`` and return the
     trainable parameters whose name contains ``name`` (the copies LoRA trains of a module saved in full)."""
     from latentvl.training.config import TrainConfig
-    from latentvl.training.trainer import latent_model, prepare_for_training
+    from latentvl.training.setup import latent_model, prepare_for_training
 
     peft_model = prepare_for_training(model, TrainConfig(train_data="x.jsonl", lora=True, lora_r=4,
                                                          lora_target_modules=["q_proj", "v_proj"]))

@@ -12,7 +12,7 @@ from latentvl import LatentCollator, build_tiny_model, set_latent_fields
 from latentvl.cli import main
 from latentvl.data.records import load_records
 from latentvl.data.relay_bands import make_relay_bands
-from latentvl.errors import LatentConfigError
+from latentvl.errors import LatentConfigError, TrainConfigError
 from latentvl.evaluation.calibration import (
     TOLERANCE_SLACK,
     calibrate_threshold,
@@ -22,7 +22,7 @@ from latentvl.evaluation.calibration import (
 )
 from latentvl.evaluation.teacher_forced import evaluate_records
 from latentvl.model.loading import load_latent_model, save_latent_checkpoint
-from latentvl.training.config import TrainConfig, TrainConfigError
+from latentvl.training.config import TrainConfig
 from latentvl.training.trainer import train
 
 STAGE_C = {"latent_mode_stage": "C", "latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3}

@@ -12,8 +12,9 @@ from PIL import Image
 
 from latentvl.budget import compute_latent_budget, num_visual_tokens
 from latentvl.config import LatentSettings
-from latentvl.data.collator import CollatorInputError, LatentCollator, grid_from_size, verify_segments
-from latentvl.model.layout import LatentInputError, check_latent_inputs
+from latentvl.data.collator import LatentCollator, grid_from_size
+from latentvl.errors import CollatorInputError, LatentInputError
+from latentvl.segments import check_latent_inputs, verify_segments
 from latentvl.tokens import LATENT_END, LATENT_PAD, LATENT_START
 
 PROPERTY = settings(max_examples=25, deadline=None,
@@ -495,7 +496,7 @@ def test_settings_must_agree_with_tokenizer(processor, latent_settings):
 
 def test_image_paths_are_read_like_the_dataset_reads_them(processor, latent_settings, tmp_path):
     """A transparent PNG given as a path becomes the same pixels as through RecordDataset (white behind)."""
-    from latentvl.data.records import open_rgb
+    from latentvl.images import open_rgb
 
     rgba = Image.new("RGBA", (56, 56), (200, 30, 30, 0))
     rgba.paste((10, 200, 10, 255), (0, 0, 28, 28))

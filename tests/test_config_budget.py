@@ -7,15 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from latentvl import (
-    LatentConfigError,
-    LatentSettings,
-    budgets_from_grids,
-    build_tiny_model,
-    compute_latent_budget,
-    num_visual_tokens,
-    set_latent_fields,
-)
+from latentvl import LatentSettings, build_tiny_model, set_latent_fields
+from latentvl.budget import budgets_from_grids, compute_latent_budget, num_visual_tokens
+from latentvl.errors import LatentConfigError
 
 SPEC_FIELDS = [
     "latent_token_id", "latent_budget_alpha", "latent_budget_gamma", "latent_budget_min", "latent_budget_max",

@@ -8,12 +8,14 @@ import yaml
 from PIL import Image
 
 from latentvl.cli import main
-from latentvl.demo import ARMS, DEFAULTS, alignment_table, difficulty_table, load_demo_settings, results_table
 from latentvl.evaluation.calibration import DEFAULT_GRID
+from latentvl.recipes.demo.recipe import default_settings, load_demo_settings
+from latentvl.recipes.demo.report import ARMS, alignment_table, difficulty_table, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
@@ -80,54 +82,55 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
 
 def test_quick_and_full_exclude_each_other_and_full_lengthens():
     full = load_demo_settings(None, full=True)
-    assert full["demo"]["steps_a"] == DEFAULTS["full"]["steps_a"] > DEFAULTS["demo"]["steps_a"]
+    assert full["demo"]["steps_a"] == default_settings()["full"]["steps_a"] > default_settings()["demo"]["steps_a"]
     with pytest.raises(ValueError, match="exclude"):
         load_demo_settings(None, quick=True, full=True)
 
 
 def test_example_config_matches_the_built_in_settings(tmp_path):
     shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    assert shipped == DEFAULTS
+    assert shipped == default_settings()
     # the repository's configs/demo.yaml is the package's file (one home for the demo's defaults)
-    package_file = REPO / "src" / "latentvl" / "configs" / "demo.yaml"
+    package_file = REPO / "src" / "latentvl" / "recipes" / "demo" / "demo.yaml"
     assert (REPO / "configs" / "demo.yaml").read_bytes() == package_file.read_bytes()
-    assert 'latentvl = ["configs/*.yaml"]' in (REPO / "pyproject.toml").read_text()  # shipped as package data
+    assert 'latentvl = ["recipes/demo/*.yaml"]' in (REPO / "pyproject.toml").read_text()  # shipped as package data
     custom = tmp_path / "d.yaml"
     custom.write_text("demo:\n  steps_a: 7\ntrain:\n  lr: 0.01\n")
     settings = load_demo_settings(custom)
     assert settings["demo"]["steps_a"] == 7 and settings["train"]["lr"] == 0.01
     assert settings["train"]["latent"] == load_demo_settings(None)["train"]["latent"]  # untouched by the file
     quick = load_demo_settings(None, quick=True)
-    assert quick["demo"]["steps_a"] == DEFAULTS["quick"]["steps_a"]
+    assert quick["demo"]["steps_a"] == default_settings()["quick"]["steps_a"]
 
 
 def test_per_task_entry_applies_to_its_task_and_a_config_file_wins(tmp_path):
     a5 = load_demo_settings(None)
-    per = DEFAULTS["per_task"]["a5"]
+    per = default_settings()["per_task"]["a5"]
     assert a5["demo"]["task"] == "a5" and a5["demo"]["steps_a"] == per["steps_a"]
     assert a5["train"]["freeze_vision"] is True and a5["demo"]["curriculum"] == []
     assert a5["train"]["latent"]["latent_budget_gamma"] == per["train"]["latent"]["latent_budget_gamma"]
-    assert a5["train"]["lr"] == DEFAULTS["train"]["lr"]  # what the entry does not name stays
+    assert a5["train"]["lr"] == default_settings()["train"]["lr"]  # what the entry does not name stays
     relay = load_demo_settings(None, task="relay")
-    assert relay["demo"]["steps_a"] == DEFAULTS["demo"]["steps_a"] and relay["demo"]["curriculum"] == [1, 2, 3]
+    assert relay["demo"]["steps_a"] == default_settings()["demo"]["steps_a"]
+    assert relay["demo"]["curriculum"] == [1, 2, 3]
     assert "freeze_vision" not in relay["train"] and "stage_a" not in relay["demo"]
     custom = tmp_path / "d.yaml"
     custom.write_text("demo:\n  steps_a: 7\nper_task:\n  a5:\n    steps_c: 9\n")
     mine = load_demo_settings(custom)
     assert mine["demo"]["steps_a"] == 7 and mine["demo"]["steps_c"] == 9
-    assert load_demo_settings(custom, full=True)["demo"]["steps_a"] == DEFAULTS["full"]["steps_a"]
+    assert load_demo_settings(custom, full=True)["demo"]["steps_a"] == default_settings()["full"]["steps_a"]
 
 
 def test_demo_task_choices_come_from_the_shipped_settings():
     import argparse
 
     from latentvl.commands.demo import add_arguments
-    from latentvl.demo import DEMO_TASKS
+    from latentvl.recipes.demo.recipe import demo_tasks
 
-    assert DEMO_TASKS == tuple(DEFAULTS["demo"]["data"]) and {"a5", "relay"} <= set(DEMO_TASKS)
+    assert demo_tasks() == tuple(default_settings()["demo"]["data"]) and {"a5", "relay"} <= set(demo_tasks())
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    for task in DEMO_TASKS:
+    for task in demo_tasks():
         assert parser.parse_args(["--task", task]).task == task
     with pytest.raises(SystemExit):
         parser.parse_args(["--task", "no-such-task"])
@@ -136,7 +139,7 @@ def test_demo_task_choices_come_from_the_shipped_settings():
 def test_stage_c_calibration_can_be_switched_off():
     from types import SimpleNamespace
 
-    from latentvl.demo import _stage_c_threshold_and_halting
+    from latentvl.recipes.demo.recipe import _stage_c_threshold_and_halting
 
     # nothing to calibrate and no difficulty to measure against: the model is not even loaded
     runs = {"stage_c": SimpleNamespace(checkpoint=Path("/nonexistent"))}

@@ -11,10 +11,11 @@ from latentvl import build_tiny_model, set_latent_fields
 from latentvl.cli import main as cli_main
 from latentvl.data.records import load_metadata, load_records
 from latentvl.data.synthetic import make_dataset
-from latentvl.inference.causal import DonorPool, effective_rank, mask_latents, noise_latents, swap_latents
-from latentvl.inference.evaluate import chance_from_metadata, evaluate
+from latentvl.evaluation.causal import DonorPool, effective_rank, mask_latents, noise_latents, swap_latents
+from latentvl.evaluation.generated import chance_from_metadata
 from latentvl.inference.generate import LatentInference, Patches, normalize_answer
 from latentvl.model.loading import save_latent_checkpoint
+from latentvl.reports.evaluation import evaluate
 
 REPORT_KEYS = {
     "n_samples", "n_evaluated", "n_errors", "n_correct", "accuracy", "accuracy_errors_as_wrong",
@@ -248,7 +249,7 @@ def test_alignment_probe_scores_latents_against_their_own_cot_images(model_c, da
     """Latents equal to their pooled targets score cosine 1 and retrieve their own image; the same
     latents handed to the wrong samples do not; records without CoT images are skipped and counted."""
     from latentvl.data.collator import load_image
-    from latentvl.inference.alignment import AlignmentProbe
+    from latentvl.evaluation.alignment import AlignmentProbe
     from latentvl.model.losses import pool_visual_tokens
 
     model, processor = model_c

@@ -12,31 +12,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from latentvl import errors
-from latentvl.errors import ImageReadError, InputError
+from latentvl.errors import ImageReadError, InputError, LatentInputError
 from latentvl.images import image_file_problem, open_rgb, read_image
-from latentvl.segments import LatentInputError, check_latent_inputs, segment_problems
+from latentvl.segments import check_latent_inputs, segment_problems
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "latentvl"
 
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_every_input_error_is_one_family_with_distinct_members():
-    from latentvl.config import LatentConfigError
-    from latentvl.data.collator import CollatorInputError
-    from latentvl.data.importers import DatasetImportError
-    from latentvl.data.records import RecordError
-    from latentvl.inference.generate import SampleError
-    from latentvl.model.layout import LatentInputError as from_model
-    from latentvl.training.config import TrainConfigError
-    from latentvl.training.data import TrainDataError
+    from latentvl.errors import (
+        CollatorInputError,
+        DatasetImportError,
+        LatentConfigError,
+        RecordError,
+        SampleError,
+        TrainConfigError,
+        TrainDataError,
+    )
 
-    members = [LatentConfigError, CollatorInputError, DatasetImportError, RecordError, SampleError, from_model,
-               TrainConfigError, TrainDataError, ImageReadError]
-    assert from_model is LatentInputError is errors.LatentInputError
+    members = [LatentConfigError, CollatorInputError, DatasetImportError, RecordError, SampleError,
+               LatentInputError, TrainConfigError, TrainDataError, ImageReadError]
     for cls in members:
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
-        assert getattr(errors, cls.__name__) is cls  # defined once, re-exported where it is raised
+        assert cls.__module__ == "latentvl.errors"
     for a in members:  # a handler of one kind does not catch another
         assert [b for b in members if issubclass(a, b)] == [a]
     assert SampleError("too_long", "x").kind == "too_long"
@@ -141,7 +140,7 @@ TIERS = {
     "data": 1, "model": 1,
     "training": 2, "inference": 2, "evaluation": 2,
     "integrations": 3, "reports": 3,
-    "commands": 4, "cli": 4, "demo": 4,
+    "commands": 4, "cli": 4, "recipes": 4,
 }
 
 
@@ -165,20 +164,64 @@ def _area(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _is_re_export(path: Path) -> bool:
-    """A module that only re-exports names from where they moved (docstring, imports, ``__all__``)."""
-    body = ast.parse(path.read_text(encoding="utf-8")).body
-    kinds = (ast.Import, ast.ImportFrom, ast.Expr, ast.Assign)
-    return all(isinstance(n, kinds) for n in body) and any(
-        isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in n.targets) for n in body)
+def _top_level_names(tree: ast.Module) -> tuple[set[str], list[str]]:
+    """The names a module defines itself, and those its ``__all__`` lists."""
+    defined, listed = set(), []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defined.add(name.id)
+                        if name.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                            listed = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
+    return defined, listed
+
+
+def test_one_import_path_per_name():
+    """No module outside ``__init__.py`` only re-exports, and none lists in ``__all__`` a name it does not
+    define: every public name has one home."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined, listed = _top_level_names(tree)
+        if tree.body and all(isinstance(n, (ast.Import, ast.ImportFrom, ast.Expr, ast.Assign)) for n in tree.body):
+            wrong.append(f"{path.relative_to(SRC)} only re-exports")
+        wrong += [f"{path.relative_to(SRC)} lists {n} but does not define it" for n in listed if n not in defined]
+    assert not wrong, wrong
+
+
+def test_names_are_imported_from_their_home():
+    """``from latentvl.X import name`` anywhere in the package names the module that defines ``name``."""
+    homes = {}
+    for path in SRC.rglob("*.py"):
+        module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+        homes[module] = _top_level_names(ast.parse(path.read_text(encoding="utf-8")))[0]
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        package = list(path.relative_to(SRC.parent).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("latentvl")):
+                continue
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+            if module == "latentvl" or module not in homes:
+                continue
+            wrong += [f"{path.relative_to(SRC)}: {a.name} from {module}" for a in node.names
+                      if a.name not in homes[module] and f"{module}.{a.name}" not in homes]
+    assert not wrong, wrong
 
 
 def test_imports_point_from_the_command_line_down_to_the_foundations():
     wrong = []
     for path in sorted(SRC.rglob("*.py")):
         here = _area(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
-        if here == "__init__" or _is_re_export(path):
-            continue  # the package root and the old paths of moved modules re-export
+        if here == "__init__":
+            continue  # the front door names (and lazily imports) the public API of every layer
         assert here in TIERS, f"{path}: a folder without a tier"
         for target in _imports(path):
             there = _area(target)
@@ -216,3 +259,38 @@ def test_library_modules_carry_no_command_line():
                 {"add_arguments", "run"} <= names:
             carriers.append(str(path.relative_to(SRC)))
     assert not carriers, carriers
+
+
+# ------------------------------------------------------------------------------------------------ front door
+def test_front_door_names_resolve_to_their_homes():
+    import importlib
+
+    import latentvl
+
+    for name, home in latentvl._HOMES.items():
+        assert getattr(latentvl, name) is getattr(importlib.import_module(home), name), name
+    assert set(latentvl.__all__) == set(latentvl._HOMES) and "train" in dir(latentvl)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        latentvl.nope  # noqa: B018
+
+
+def test_import_latentvl_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, latentvl; print(sorted(m for m in ('transformers', 'accelerate', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_readme_python_example_uses_the_front_door_only():
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(block)
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert [ast.unparse(n) for n in imports] == ["import latentvl"]
+    import latentvl
+
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "latentvl"}
+    assert used and used <= set(latentvl.__all__), used - set(latentvl.__all__)

@@ -147,7 +147,7 @@ def test_stop_labels_for_length():
 ])
 def test_stop_target_fields_validated(field, value):
     from latentvl import LatentSettings
-    from latentvl.config import LatentConfigError
+    from latentvl.errors import LatentConfigError
 
     with pytest.raises(LatentConfigError, match=field):
         LatentSettings().replace(**{field: value}).validate()

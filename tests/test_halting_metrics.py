@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from latentvl import build_tiny_model, set_latent_fields
-from latentvl.inference.halting import full_budget, halting_markdown, halting_summary, read_difficulties, spearman
+from latentvl import LatentSettings, build_tiny_model, set_latent_fields
+from latentvl.evaluation.halting import full_budget, halting_summary, read_difficulties, spearman
+from latentvl.reports.halting import halting_markdown
 
 
 def test_spearman_hand_values():
@@ -64,7 +65,8 @@ def test_full_budget_switch_restores_the_stage():
     set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3,
                       latent_stop_target_mode="answer")
     with full_budget(model):
-        assert model.config.latent_mode_stage == "A" and model.config.latent_stop_loss_weight == 0.0
+        assert model.config.latent_mode_stage == "A"
+        assert LatentSettings.from_config(model.config).loss_weights() == (0, 0)
     assert model.config.latent_mode_stage == "C" and model.config.latent_stop_loss_weight == 1.0
     assert model.config.latent_stop_target_mode == "answer"
 
@@ -73,7 +75,7 @@ def test_evaluate_halting_compares_learned_halting_with_full_budget(tmp_path):
     from latentvl import LatentCollator
     from latentvl.data.records import load_records
     from latentvl.data.relay_bands import make_relay_bands
-    from latentvl.inference.halting import evaluate_halting
+    from latentvl.evaluation.halting import evaluate_halting
 
     make_relay_bands(40, 0, tmp_path, rule="fixed", test_fraction=0.2)
     records, _ = load_records(tmp_path / "test.jsonl")

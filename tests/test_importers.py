@@ -13,12 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from latentvl.data.importers import (
-    DatasetImportError,
-    ImportSkip,
-    extract_answer,
-    import_dataset,
-)
+from latentvl.data.import_rows import ImportSkip, extract_answer
+from latentvl.data.importers import import_dataset
+from latentvl.errors import DatasetImportError
 
 COLORS = {
     "red": (255, 0, 0),

@@ -9,12 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latentvl import (
-    LatentCollator,
-    compute_latent_budget,
-    num_visual_tokens,
-    set_latent_fields,
-)
+from latentvl import LatentCollator, set_latent_fields
+from latentvl.budget import compute_latent_budget, num_visual_tokens
 from latentvl.cli import main as cli_main
 from latentvl.data.collator import grid_from_size
 from latentvl.inference.generate import LatentInference, normalize_answer, split_latents

@@ -11,15 +11,15 @@ import torch
 from latentvl import LatentCollator
 from latentvl.data.records import load_records
 from latentvl.data.synthetic import implied_answer, make_dataset
-from latentvl.inference.causal import step_overrides, truncate_latents
-from latentvl.inference.evaluate import evaluate, render_markdown
-from latentvl.inference.generate import Patches
-from latentvl.inference.instruments import (
+from latentvl.evaluation.causal import step_overrides, truncate_latents
+from latentvl.evaluation.instruments import (
     accuracy_by_difficulty,
     fit_linear_probe,
     read_record_fields,
     task_of_data,
 )
+from latentvl.inference.generate import Patches
+from latentvl.reports.evaluation import evaluate, render_markdown
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_eval_runs_every_instrument_on_relay_records(tiny, relay, tmp_path):
 
 def test_implant_follow_means_the_implied_answer(tiny, relay):
     """The follow rate counts answers equal to the task's implied answer for the implanted state."""
+    from latentvl.evaluation.instruments import InstrumentRunner, record_fields
     from latentvl.inference.generate import GenerationSettings, LatentInference
-    from latentvl.inference.instruments import InstrumentRunner, record_fields
 
     model, processor = tiny
     records, _ = load_records(relay / "test.jsonl")

@@ -11,8 +11,8 @@ from latentvl.data.records import load_records
 from latentvl.data.synthetic import implied_answer, make_dataset
 from latentvl.evaluation.causal import truncate_latents
 from latentvl.evaluation.instruments import InstrumentRunner, read_record_fields, record_fields, state_units
-from latentvl.inference.evaluate import evaluate, render_markdown
 from latentvl.inference.generate import GenerationSettings, LatentInference, Patches
+from latentvl.reports.evaluation import evaluate, render_markdown
 
 TINY_SIZE = {"num_layers": 2}  # the `tiny` fixture
 TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 1.0, "latent_budget_max": 8}

@@ -15,7 +15,9 @@ from helpers import talking_tiny_model
 from torch._dynamo.utils import counters
 
 from latentvl import LatentSettings, build_tiny_model, set_latent_fields
-from latentvl.config import LatentConfigError
+from latentvl.errors import LatentConfigError
+
+pytestmark = pytest.mark.slow
 
 
 def _rms_norm_in_input_dtype(self, x):
@@ -217,7 +219,7 @@ def _loss_and_grads(model, batch: dict, compile_option):
 
 
 def _pass2_graphs() -> int:
-    from latentvl.model.modeling import _pass2_forward
+    from latentvl.model.objective import _pass2_forward
 
     return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(_pass2_forward.__code__))
 

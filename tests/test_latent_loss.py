@@ -8,13 +8,8 @@ import pytest
 import torch
 from helpers import MIXED, collate_samples, fire_at, make_sample, set_stage
 
-from latentvl import (
-    LatentCollator,
-    LatentSettings,
-    build_tiny_model,
-    compute_latent_budget,
-    set_latent_fields,
-)
+from latentvl import LatentCollator, LatentSettings, build_tiny_model, set_latent_fields
+from latentvl.budget import compute_latent_budget
 
 TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 6}  # the `tiny` fixture
 

@@ -382,7 +382,7 @@ def test_entry_checks_name_sample_segment_reason(tiny, mutate, message):
     model, processor = tiny
     batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
     mutate(batch)
-    from latentvl.model.layout import check_latent_inputs
+    from latentvl.segments import check_latent_inputs
 
     with pytest.raises(LatentInputError, match=message):
         check_latent_inputs(batch["input_ids"], batch["latent_segments"], batch["latent_budgets"],

@@ -10,26 +10,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import talking_tiny_model
+from helpers import require_extra, talking_tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
-from lmms_eval.api.instance import Instance, unwrap_generation_output
 
-import latentvl
-from latentvl import set_latent_fields
-from latentvl.cli import main as cli_main
-from latentvl.data.records import load_records, open_rgb
-from latentvl.data.synthetic import make_dataset
-from latentvl.inference.generate import GenerationSettings, LatentInference, Patches
-from latentvl.integrations import lmms_task
-from latentvl.integrations.lmms_eval import (
+require_extra("lmms_eval", "lmms")  # skips this module, with the reason, without the extra
+
+from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E402
+
+import latentvl  # noqa: E402
+from latentvl import set_latent_fields  # noqa: E402
+from latentvl.cli import main as cli_main  # noqa: E402
+from latentvl.data.records import load_records  # noqa: E402
+from latentvl.data.synthetic import make_dataset  # noqa: E402
+from latentvl.images import open_rgb  # noqa: E402
+from latentvl.inference.generate import GenerationSettings, LatentInference, Patches  # noqa: E402
+from latentvl.integrations import lmms_task  # noqa: E402
+from latentvl.integrations.lmms_eval import (  # noqa: E402
     LatentVLChat,
     LatentVLSimple,
     LoglikelihoodResult,
     parse_budgets,
     parse_sizes,
 )
-from latentvl.model.loading import save_latent_checkpoint
+from latentvl.model.loading import save_latent_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -280,6 +284,7 @@ def test_lmms_task_writes_yaml_and_rows(data, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ the lmms-eval command line
+@pytest.mark.slow
 def test_lmms_eval_command_line_matches_latentvl_eval(ckpt, data, tmp_path):
     """`lmms-eval eval --model latentvl` on a local task made from the records gives `latentvl eval`'s
     answers and accuracy (greedy, same threshold, same batches)."""
@@ -333,6 +338,7 @@ def _lmms_eval(tmp_path, args):
     return out_dir
 
 
+@pytest.mark.slow
 def test_lmms_eval_multiple_choice_scores_by_latent_loglikelihood(ckpt, data, tmp_path):
     """A multiple_choice task (`latentvl lmms-task --choices`, `--force_simple`): lmms-eval picks, for every
     record, the choice with the lowest negative log-likelihood that the model computes in process."""

@@ -12,7 +12,8 @@ import torch
 from helpers import lora_trained_copies, save_and_load
 from PIL import Image
 
-from latentvl import LatentCollator, LatentConfigError, LatentSettings, set_latent_fields
+from latentvl import LatentCollator, LatentSettings, set_latent_fields
+from latentvl.errors import LatentConfigError
 
 TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 0.5, "latent_budget_max": 3}  # `fresh_tiny`
 

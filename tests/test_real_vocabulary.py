@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from latentvl.data.records import load_records
-from latentvl.inference.evaluate import evaluate
 from latentvl.model.loading import load_latent_model
+from latentvl.reports.evaluation import evaluate
 from latentvl.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from latentvl.training.config import TrainConfig
 from latentvl.training.trainer import train
@@ -174,6 +174,7 @@ def _scripted_head(model, script: list[int]):
     return model.lm_head.register_forward_hook(hook), calls
 
 
+@pytest.mark.slow
 def test_train_a_to_c_then_infer_and_evaluate(qwen_dir, records_path, tmp_path):
     path, _ = qwen_dir
     cfg = TrainConfig(

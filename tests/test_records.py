@@ -13,11 +13,11 @@ from PIL import Image
 from latentvl.data.records import (
     Record,
     RecordDataset,
-    RecordError,
     SkippedRecord,
     load_metadata,
     load_records,
 )
+from latentvl.errors import RecordError
 
 
 def _png(path: Path, size=(28, 28), colour=(255, 0, 0), mode="RGB") -> Path:

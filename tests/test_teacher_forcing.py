@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from helpers import MIXED, collate_samples, hidden_before_slots, make_sample, patched_embeds, set_stage
 
-from latentvl import LatentConfigError, LatentSettings
+from latentvl import LatentSettings
+from latentvl.errors import LatentConfigError
 from latentvl.model.losses import alignment_loss
+from latentvl.model.objective import _alignment_targets, _tail_dropout
 
 TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 6}
 
@@ -36,7 +38,7 @@ def _loss(model, processor, p: float, stage: str = "A", train: bool = True, seed
     finally:
         set_stage(model, "A", latent_teacher_forcing=0.0)
         model.train()
-    targets = model._alignment_targets(batch, out.latent).detach()
+    targets = _alignment_targets(model, batch, out.latent).detach()
     return batch, out, targets
 
 
@@ -109,7 +111,7 @@ def test_tail_dropout_masks_a_tail_of_every_length(tiny):
         seen: dict[int, set[int]] = {}
         for seed in range(40):
             torch.manual_seed(seed)
-            keep = model._tail_dropout(batch, batch["input_ids"])
+            keep = _tail_dropout(model, batch, batch["input_ids"])
             assert keep[~slots].all()
             for b, segs in enumerate(batch["latent_segments"]):
                 for start, end, _img in segs:
@@ -124,7 +126,7 @@ def test_tail_dropout_masks_a_tail_of_every_length(tiny):
 
 def test_tail_dropout_gates_pass_two_in_stage_a_training_only(tiny):
     """A stage-A training step's pass 2 runs under the drawn mask; evaluation ignores the option."""
-    from latentvl.model.modeling import _pass2_forward
+    from latentvl.model.objective import _pass2_forward
 
     model, processor = tiny
     batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
@@ -135,7 +137,7 @@ def test_tail_dropout_gates_pass_two_in_stage_a_training_only(tiny):
             torch.manual_seed(5)
             out = model.latent_loss(batch)
             torch.manual_seed(5)
-            keep = model._tail_dropout(batch, batch["input_ids"])
+            keep = _tail_dropout(model, batch, batch["input_ids"])
             p1 = out.latent
             args = (model, patched_embeds(model, batch, p1), batch["attention_mask"], p1.position_ids, batch["labels"])
             ref = _pass2_forward(*args, model._gating_kwargs(keep)).logits

@@ -5,7 +5,8 @@ import argparse
 import pytest
 
 from latentvl.commands import train as train_cli
-from latentvl.training.config import TOKEN_FIELDS, TrainConfig, TrainConfigError, load_config
+from latentvl.errors import TrainConfigError
+from latentvl.training.config import TOKEN_FIELDS, TrainConfig, load_config
 from latentvl.training.schedules import lr_factor, teacher_forcing_at, threshold_at
 from latentvl.training.trainer import current_threshold
 
@@ -53,9 +54,10 @@ def test_yaml_then_overrides(yaml_file):
         "latent_stop_threshold": 0.4,
     }
     assert isinstance(cfg.latent["latent_null_scale"], float)
-    # stage A forces the stop/cost weights to 0; stage C keeps the configured (default) ones
+    # D12: both stages carry the configured (default) weights; the loss applies them in stage C only
     a, c = cfg.latent_settings("A"), cfg.latent_settings("C")
-    assert (a.latent_mode_stage, a.latent_stop_loss_weight, a.latent_cost_weight) == ("A", 0.0, 0.0)
+    assert (a.latent_mode_stage, a.latent_stop_loss_weight, a.latent_cost_weight) == ("A", 1.0, 1e-3)
+    assert a.loss_weights() == (0.0, 0.0) and c.loss_weights() == (1.0, 1e-3)
     assert (c.latent_mode_stage, c.latent_stop_loss_weight, c.latent_cost_weight) == ("C", 1.0, 1e-3)
     assert c.latent_budget_alpha == 0.5 and c.latent_stop_threshold == 0.4
     assert cfg.final_threshold == 0.4
@@ -107,7 +109,7 @@ def test_every_latent_field_can_be_set():
 
 def test_token_ids_must_match_the_tokenizer():
     from latentvl import build_tiny_model
-    from latentvl.training.trainer import set_stage
+    from latentvl.training.setup import set_stage
 
     model, _ = build_tiny_model(0, hidden_size=64, num_layers=2)
     good = load_config(None, ["train_data=x.jsonl", f"latent_token_id={model.config.latent_token_id}"])
@@ -253,7 +255,7 @@ def test_stop_head_learning_rate_scale(scale):
     import torch
 
     from latentvl import build_tiny_model
-    from latentvl.training.trainer import STOP_HEAD, make_optimizer
+    from latentvl.training.setup import STOP_HEAD, make_optimizer
 
     model, _ = build_tiny_model(seed=0, hidden_size=64, num_layers=1)
     cfg = TrainConfig(train_data="x.jsonl", lr=1e-3, weight_decay=0.1, stop_head_lr_scale=scale, warmup_steps=2,

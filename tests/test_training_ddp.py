@@ -17,6 +17,8 @@ from latentvl.training.config import TrainConfig
 from latentvl.training.metrics import read_metrics
 from latentvl.training.trainer import train
 
+pytestmark = pytest.mark.slow
+
 HANG_GUARD_S = 900  # a deadlocked collective would otherwise block CI forever
 STEPS, SWITCH = 5, 2
 COMPARED = ("loss", "ce", "align", "stop", "grad_norm")
@@ -203,7 +205,8 @@ _STALL_SCRIPT = """
 import sys, time
 import torch.distributed as dist
 from latentvl.training.config import TrainConfig
-from latentvl.training.trainer import CollectiveTimeoutError, train
+from latentvl.training.distributed import CollectiveTimeoutError
+from latentvl.training.trainer import train
 
 class Stall:  # process 1 stops answering before step 2 (as under SIGSTOP)
     def on_step_begin(self, step, model):

@@ -9,9 +9,9 @@ from latentvl import build_tiny_model, set_latent_fields
 from latentvl.data.collator import LatentCollator
 from latentvl.data.records import RecordDataset, load_records
 from latentvl.data.synthetic import make_dataset
+from latentvl.errors import TrainConfigError, TrainDataError
 from latentvl.training.checks import check_no_think, run_checks
-from latentvl.training.config import TrainConfig, TrainConfigError, load_config
-from latentvl.training.data import TrainDataError
+from latentvl.training.config import TrainConfig, load_config
 from latentvl.training.trainer import train
 
 LATENT = {"latent_budget_alpha": 1.0, "latent_budget_max": 4}
@@ -371,7 +371,7 @@ def test_resume_followed_by_an_override():
 
 
 def test_collective_failures_are_told_apart():
-    from latentvl.training.trainer import _collective_failure
+    from latentvl.training.distributed import collective_failure as _collective_failure
 
     gloo_timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation")
     assert _collective_failure(gloo_timeout) == "timeout"

@@ -289,7 +289,7 @@ def test_teacher_forcing_decays_by_step_and_resumes_exactly(data_dir, tmp_path):
 
 
 def test_teacher_forcing_decay_needs_a_probability(data_dir, tmp_path):
-    from latentvl.training.config import TrainConfigError
+    from latentvl.errors import TrainConfigError
 
     with pytest.raises(TrainConfigError, match="teacher_forcing_decay_steps"):
         _cfg(data_dir, tmp_path, teacher_forcing_decay_steps=4)

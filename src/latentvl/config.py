@@ -13,10 +13,23 @@ from typing import Any
 
 from .errors import LatentConfigError
 
-STAGES = ("A", "C")
+STAGES = ("A", "C")  # the model's latent stages (a training run's schedules: training.config.RUN_STAGES)
 COST_MODES = ("count", "expected")
 STOP_TARGET_MODES = ("ratio", "answer")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def check_threshold(value: Any, name: str = "latent_stop_threshold") -> float:
+    """``value`` as a stop threshold: a number in [0, 1] (a segment stops once its stop probability reaches
+    it). The one check of a threshold's range; raises :class:`LatentConfigError` (a ``ValueError``) naming
+    ``name`` otherwise."""
+    try:
+        thr = float(value)
+    except (TypeError, ValueError):
+        thr = float("nan")
+    if isinstance(value, bool) or not 0.0 <= thr <= 1.0:
+        raise LatentConfigError(f"{name}={value!r}: must be a number in [0, 1]")
+    return thr
 
 
 @dataclass
@@ -97,8 +110,7 @@ class LatentSettings:
             raise bad("latent_budget_min", "must be an integer >= 1")
         if not isinstance(self.latent_budget_max, int) or self.latent_budget_max < self.latent_budget_min:
             raise bad("latent_budget_max", f"must be an integer >= latent_budget_min={self.latent_budget_min}")
-        if not 0.0 <= self.latent_stop_threshold <= 1.0:
-            raise bad("latent_stop_threshold", "must be in [0, 1]")
+        check_threshold(self.latent_stop_threshold)
         if not 0.0 <= self.latent_null_scale <= 1.0:
             raise bad("latent_null_scale", "must be in [0, 1]")
         if not 0.0 < self.latent_stop_target_ratio <= 1.0:

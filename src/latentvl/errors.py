@@ -2,8 +2,9 @@
 
 Every input error is an :class:`InputError` (a ``ValueError``) whose message names what is wrong and
 where: the sample id, the field, the file (and line). Catch ``InputError`` for "bad input of any kind";
-catch a subclass to tell where it was found. Each subclass is also importable from the module that
-raises it (``latentvl.data.records.RecordError``, ``latentvl.inference.generate.SampleError``, ...).
+catch a subclass to tell where it was found (``RecordError`` from :mod:`latentvl.data.records`,
+``SampleError`` from :mod:`latentvl.inference.generate`, ...). This module is every error's one home:
+import them from here.
 """
 
 from __future__ import annotations

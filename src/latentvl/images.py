@@ -18,7 +18,7 @@ from PIL import Image
 
 from .errors import ImageReadError
 
-__all__ = ["ImageReadError", "decoded_format", "image_file_problem", "image_label", "open_rgb", "read_image", "to_rgb"]
+__all__ = ["decoded_format", "image_file_problem", "image_label", "open_rgb", "read_image", "to_rgb"]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

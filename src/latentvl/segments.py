@@ -19,7 +19,6 @@ from .tokens import LATENT_END, LATENT_START
 
 __all__ = [
     "Layout",
-    "LatentInputError",
     "Problem",
     "build_layout",
     "check_latent_inputs",

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import check_threshold
+from ..errors import LatentConfigError
 from ..evaluation.calibration import DEFAULT_GRID, DEFAULT_TOLERANCE
 
 __all__ = ["add_arguments", "run"]
@@ -23,9 +25,12 @@ def _grid(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--grid {text!r}: comma-separated numbers expected") from err
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"--grid {text!r}: at least one threshold, each in [0, 1]")
-    return values
+    try:
+        if not values:
+            raise LatentConfigError("no value")
+        return [check_threshold(v, "threshold") for v in values]
+    except LatentConfigError as err:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: at least one threshold, each in [0, 1] ({err})") from err
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

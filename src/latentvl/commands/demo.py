@@ -1,6 +1,6 @@
 """Run the whole method end to end on the tiny model and a synthetic task, with its controls.
 
-What it trains and measures: :mod:`latentvl.demo`; its settings: ``latentvl/configs/demo.yaml``.
+What it trains and measures: :mod:`latentvl.recipes.demo.recipe`; its settings: ``latentvl/recipes/demo/demo.yaml``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import yaml
 
-from ..demo import DEFAULTS, DEMO_TASKS, load_demo_settings, run_demo
-from ..demo import __doc__ as demo_doc
-from ..reports.demo import difficulty_table, results_table
+from ..recipes.demo import recipe
+from ..recipes.demo.recipe import default_settings, demo_tasks, load_demo_settings, run_demo
+from ..recipes.demo.report import difficulty_table, results_table
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = demo_doc
+    parser.description = recipe.__doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
@@ -30,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="YAML with any of the 'demo', 'quick', 'full' and 'train' sections, merged over the shipped "
-        "latentvl/configs/demo.yaml",
+        "latentvl/recipes/demo/demo.yaml",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a few steps on a few records (pipeline smoke test)"
     )
     parser.add_argument("--full", action="store_true", help="the longer schedule of the 'full' section")
-    parser.add_argument("--task", default=None, choices=DEMO_TASKS,
-                        help=f"synthetic task (default: {DEFAULTS['demo']['task']})")
+    parser.add_argument("--task", default=None, choices=demo_tasks(),
+                        help=f"synthetic task (default: {default_settings()['demo']['task']})")
     parser.add_argument("--steps-a", type=int, default=None, help="stage-A steps")
     parser.add_argument("--steps-c", type=int, default=None, help="stage-C steps")
     parser.add_argument("--n", type=int, default=None, help="records to generate")

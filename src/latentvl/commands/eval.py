@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``latentvl eval``."""
-    from ..data.records import RecordError, load_records
+    from ..data.records import load_records
+    from ..errors import RecordError
 
     try:
         records, skipped = load_records(args.data, skip_invalid=True, check_images=False)

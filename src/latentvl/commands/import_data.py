@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.importers import FORMATS, DatasetImportError, import_dataset
+from ..data.importers import FORMATS, import_dataset
+from ..errors import DatasetImportError
 
 __all__ = ["add_arguments", "run"]
 

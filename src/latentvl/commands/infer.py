@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..data.records import RecordError, load_records
+from ..data.records import load_records
+from ..errors import RecordError
 from ..fileio import write_atomic
 from ..inference.generate import LatentInference
 from ..model.attention import LATENT_ATTENTION

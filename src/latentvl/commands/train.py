@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from ..training.trainer import CollectiveError, NonFiniteLossError, train  # accelerate: on first use
+    from ..training.distributed import CollectiveError  # accelerate: on first use
+    from ..training.trainer import NonFiniteLossError, train
 
     try:
         result = train(cfg)

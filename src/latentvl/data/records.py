@@ -32,11 +32,9 @@ __all__ = [
     "META_FILENAME",
     "Record",
     "RecordDataset",
-    "RecordError",
     "SkippedRecord",
     "load_metadata",
     "load_records",
-    "open_rgb",
 ]
 
 META_FILENAME = "meta.json"

@@ -69,7 +69,6 @@ __all__ = [
     "DEFAULT_KNOBS",
     "IMPLIED_ANSWERS",
     "MAZE_ANSWERS",
-    "RELAY_COLOURS",
     "SHAPES_ANSWERS",
     "TASKS",
     "Sample",

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import check_threshold
 from ..errors import LatentConfigError
 from ..fileio import write_atomic
 from .halting import full_budget
@@ -84,9 +85,9 @@ def calibrate_threshold(
         raise LatentConfigError(
             f"latent_mode_stage={getattr(model.config, 'latent_mode_stage', None)!r}: calibrating a stop "
             "threshold needs a stage-C model")
-    grid = sorted({float(t) for t in grid})
-    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
-        raise ValueError(f"threshold grid {grid}: needs at least one value, each in [0, 1]")
+    grid = sorted({check_threshold(t, "threshold grid value") for t in grid})
+    if not grid:
+        raise LatentConfigError("threshold grid []: needs at least one value, each in [0, 1]")
     common = {"batch_size": batch_size, "max_samples": max_samples, "rank": rank, "world_size": world_size}
     rows = []
     for thr in grid:

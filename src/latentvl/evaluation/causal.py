@@ -15,7 +15,7 @@ the prompt, positions and step 1 itself are untouched.
 - **truncate** (:func:`truncate_latents`): only the latents of the first j segments (or, per row, the first
   j latents) are kept, the later slots are masked as in *mask*.
 - **implant** (:func:`step_overrides`): the inputs of chosen latent slots are replaced *during* step 1,
-  so every later latent step builds on the implanted vectors (see ``latentvl.inference.instruments``).
+  so every later latent step builds on the implanted vectors (see ``latentvl.evaluation.instruments``).
 
 A model that relies on its latents changes answers (and usually loses accuracy) under all three.
 :func:`effective_rank` measures how many directions the latent vectors actually span.

@@ -106,7 +106,7 @@ def halting_summary(samples: Sequence[Mapping[str, Any]], difficulty: Mapping[st
 def full_budget(model: Any) -> Iterator[None]:
     """Run ``model`` as in stage A inside the block (every latent active, no stop head); restored after."""
     before = LatentSettings.from_config(model.config)
-    before.replace(latent_mode_stage="A", latent_stop_loss_weight=0.0, latent_cost_weight=0.0).apply_to(model.config)
+    before.replace(latent_mode_stage="A").apply_to(model.config)  # D12: stage A applies no stop or cost weight
     try:
         yield
     finally:

@@ -34,11 +34,11 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig
 
-from ..config import COMPILE_BACKENDS, LatentSettings
+from ..config import COMPILE_BACKENDS, LatentSettings, check_threshold
 from ..data.collator import LatentCollator, grid_from_size, image_list, load_image, sample_id_of, to_device
 from ..data.records import Record
 from ..errors import CollatorInputError, ImageReadError, SampleError
-from ..model.modeling import LatentPassOutput
+from ..model.pass1 import LatentPassOutput
 
 __all__ = [
     "END_OF_TURN",
@@ -48,7 +48,6 @@ __all__ = [
     "LatentInference",
     "Patches",
     "PreparedSample",
-    "SampleError",
     "infer",
     "normalize_answer",
 ]
@@ -249,8 +248,8 @@ class LatentInference:
         system_prompt: str | None = None,
         max_length: int | None = None,
     ):
-        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold={threshold} must be in [0, 1]")
+        if threshold is not None:
+            threshold = check_threshold(threshold, "threshold")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer

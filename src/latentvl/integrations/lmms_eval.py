@@ -31,7 +31,9 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from ..inference.generate import GenerationSettings, LatentInference, Patches, SampleError
+from ..config import check_threshold
+from ..errors import SampleError
+from ..inference.generate import GenerationSettings, LatentInference, Patches
 from ..model.loading import DTYPES
 
 __all__ = ["TESTED_LMMS_EVAL", "LatentVLChat", "LatentVLSimple", "LoglikelihoodResult", "parse_budgets", "parse_sizes"]
@@ -180,12 +182,7 @@ class _LatentVLBase(lmms):
         if attn not in _ATTN:
             raise ValueError(f"latentvl: attn={attn!r}; choose from {list(_ATTN)}")
         if threshold is not None:
-            try:
-                threshold = float(threshold)
-            except ValueError as err:
-                raise ValueError(f"latentvl: threshold={threshold!r} must be a number in [0, 1]") from err
-            if not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"latentvl: threshold={threshold!r} must be in [0, 1]")
+            threshold = check_threshold(threshold, "latentvl: threshold")
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.budgets = parse_budgets(budgets)

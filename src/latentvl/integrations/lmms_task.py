@@ -51,7 +51,7 @@ def _doc_field(doc: Mapping[str, Any], key: str) -> Any:
 
 def doc_to_visual(doc: Mapping[str, Any]) -> list[Image.Image]:
     """The question images of a row, opened as RGB (as ``latentvl eval`` opens them)."""
-    from ..data.records import open_rgb
+    from ..images import open_rgb
 
     return [open_rgb(p) for p in (_doc_field(doc, "images") or [])]
 

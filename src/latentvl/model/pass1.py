@@ -301,7 +301,7 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
                 target = frame.forced_inputs[:, c].to(step_in.dtype)
                 scale = (step_in.norm(dim=-1, keepdim=True) / target.norm(dim=-1, keepdim=True).clamp_min(1e-6))
                 x = torch.where((active & frame.forced[:, c])[:, None], (target * scale).detach(), own)
-            if model.latent_step_override is not None:  # interventions (latentvl.inference.causal)
+            if model.latent_step_override is not None:  # interventions (latentvl.evaluation.causal)
                 x = model.latent_step_override(x, frame.rows, c - frame.shifts)
             h_prev = run_step(x, frame.positions[:, :, c : c + 1], c)
             halting.decide(j, active, h_prev)

@@ -37,10 +37,11 @@ from typing import Any
 
 import yaml
 
-from ..config import LatentSettings
+from ..config import STAGES, LatentSettings
 from ..errors import LatentConfigError, TrainConfigError
 
-STAGES = ("A", "C", "AC")
+# What a run trains: one of the model's stages (latentvl.config.STAGES), or stage A then stage C.
+RUN_STAGES = (*STAGES, "AC")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -50,8 +51,11 @@ DISTRIBUTED_MODES = ("ddp", "fsdp")
 # The latent fields the trainer owns (the stage) and the ones that must come from the tokenizer.
 _STAGE_FIELD = "latent_mode_stage"
 TOKEN_FIELDS = ("latent_token_id", "latent_start_token_id", "latent_end_token_id")
-# Stage-C defaults of the two weights (design §1 examples); stage A forces both to 0.
-STAGE_C_WEIGHT_DEFAULTS = {"latent_stop_loss_weight": 1.0, "latent_cost_weight": 1e-3}
+# The two stage-C weights a run sets with the switch to stage C, unless its `latent` section names them: the
+# design's defaults, so that a checkpoint whose config holds 0 (e.g. from an older stage-A run) still trains
+# the stop head (D12: LatentSettings.loss_weights applies them in stage C only).
+STAGE_C_WEIGHT_DEFAULTS = {"latent_stop_loss_weight": LatentSettings.latent_stop_loss_weight,
+                           "latent_cost_weight": LatentSettings.latent_cost_weight}
 LORA_DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -135,10 +139,9 @@ class TrainConfig:
     def latent_settings(self, stage: str, base: LatentSettings | None = None) -> LatentSettings:
         """The model-config latent fields for ``stage`` ("A" or "C"), on top of ``base``."""
         fields_c = self.stage_c_latent_fields()
-        if stage == "A":
-            changes = {**fields_c, "latent_mode_stage": "A", "latent_stop_loss_weight": 0.0, "latent_cost_weight": 0.0}
-        else:  # one call: the stage-C weights come with the switch, so a zero stop weight is explicit
-            changes = {**fields_c, "latent_mode_stage": "C"}
+        # Both stages carry the stage-C weights: the loss applies them in stage C only (D12,
+        # LatentSettings.loss_weights); one call sets them with the switch, so a zero stop weight is explicit.
+        changes = {**fields_c, "latent_mode_stage": stage}
         return (base or LatentSettings()).replace(**changes).validate()
 
     def stage_c_latent_fields(self) -> dict[str, Any]:
@@ -185,7 +188,7 @@ class TrainConfig:
     def _validate_run(self) -> None:
         """The choices, the data and the stage schedule."""
         for name, choices in (
-            ("stage", STAGES),
+            ("stage", RUN_STAGES),
             ("optimizer", OPTIMIZERS),
             ("lr_scheduler", SCHEDULERS),
             ("mixed_precision", PRECISIONS),

@@ -150,7 +150,7 @@ class BatchTimeDataset(Dataset):
     """Records as model inputs, decoded when their batch is built.
 
     An image can pass the load-time check (its header and chunk checksums) and still fail to decode.
-    Without ``skip_invalid`` that raises :class:`~latentvl.data.records.RecordError` naming the record
+    Without ``skip_invalid`` that raises :class:`~latentvl.errors.RecordError` naming the record
     and the file. With it the record is replaced by the next record (in file order) that decodes, and
     the item carries ``"skipped"``: the records passed over (``source``, ``id``, ``reason``), and
     ``"record_index"``. The replacement depends only on the index, so a resumed run reads the same

@@ -23,32 +23,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import functools
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator, to_device
+from ..errors import TrainConfigError
 from ..evaluation.calibration import calibrate_threshold, write_model_threshold
+from ..evaluation.teacher_forced import evaluate_records
 from ..fileio import write_atomic
-from ..model.compat import enable_activation_checkpointing
-from ..model.loading import load_latent_model
-from ..model.tiny import build_tiny_model
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
-from .config import TOKEN_FIELDS, TrainConfig, TrainConfigError, check_resume_config
+from .config import TrainConfig, check_resume_config
 from .data import (
     SKIPPED_FILE,
     BatchTimeDataset,
@@ -59,9 +55,34 @@ from .data import (
     load_split,
     micro_batches,
 )
-from .evaluation import evaluate_records
+from .distributed import (
+    CollectiveError,
+    CollectiveTimeoutError,
+    all_gather_pair,
+    all_sum,
+    collective_failure,
+    gather_objects,
+    make_accelerator,
+    mixed_precision,
+    optimizer_state_dict,
+    restore_optimizer,
+    shard_fsdp2,
+    through_root,
+)
 from .metrics import MetricsWriter
 from .schedules import lr_factor, teacher_forcing_at, threshold_at
+from .setup import (
+    LatentLossModule,
+    build_model,
+    export_copy,
+    latent_model,
+    make_optimizer,
+    prepare_for_training,
+    restore_lora_state,
+    seed_everything,
+    set_stage,
+    trainable_lora_state,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,48 +101,6 @@ class NonFiniteLossError(RuntimeError):
         self.sample_ids = sample_ids
         self.what = what
         self.checkpoint = checkpoint
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed because another process stopped (its connection closed).
-
-    ``phase`` names what this process was doing (and so which collective it was in).
-    """
-
-    def __init__(self, phase: str, rank: int, message: str | None = None):
-        super().__init__(
-            message
-            or f"process {rank}: a collective failed during {phase}: another process stopped (see its log)"
-        )
-        self.phase = phase
-        self.rank = rank
-
-
-class CollectiveTimeoutError(CollectiveError):
-    """A collective waited longer than ``dist_timeout_s``: another process stalled or died."""
-
-    def __init__(self, phase: str, timeout_s: float, rank: int):
-        super().__init__(
-            phase,
-            rank,
-            f"process {rank} waited more than dist_timeout_s={timeout_s:g} s in a collective during {phase}; "
-            "another process stalled or died there (see its log)",
-        )
-
-
-def _collective_failure(err: BaseException) -> str | None:
-    """"timeout" or "peer" when ``err`` (or its cause) is a collective timing out or losing its peer."""
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).lower()
-        if "timed out" in text or "timeout" in text:
-            return "timeout"
-        if "connection closed by peer" in text or "connection reset by peer" in text:
-            return "peer"
-        e = e.__cause__ or e.__context__
-    return None
 
 
 @dataclass
@@ -146,97 +125,6 @@ class TrainResult:
     calibration: dict[str, Any] | None = None  # calibrate_stop_threshold: the grid and the chosen threshold
 
 
-class LatentLossModule(nn.Module):
-    """Makes the training unit the module's ``forward``, so DDP/FSDP hooks see the whole step.
-
-    Returns a dict: ``loss`` (differentiable), the detached parts, and ``used``/``budget`` (latent slot
-    counts summed over the micro-batch).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, Any] | None, threshold: float | None = None, call=None) -> Any:
-        if call is not None:  # run other code on the model through this forward (FSDP: gathered root)
-            return call(self.model)
-        out = self.model.latent_loss(batch, threshold=threshold)
-        used_lens = out.latent.latent_used_lens if out.latent is not None else []
-        return {
-            "loss": out.loss,
-            "ce": out.ce,
-            "align": out.align,
-            "stop": out.stop,
-            "cost": out.cost,
-            "used": float(sum(sum(u) for u in used_lens)),
-            "budget": float(sum(batch["latent_budget_total"])),
-        }
-
-
-# ----------------------------------------------------------------------------------------- helpers
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _mixed_precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def make_accelerator(cfg: TrainConfig):
-    """The ``accelerate`` engine: process group from the launcher's environment, DDP or FSDP, precision."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    on_gpu = torch.cuda.is_available()
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
-        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
-        handlers.append(InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=timeout))
-    else:
-        # accelerate keeps its state per process; a second run in the same process (the demo, tests)
-        # may ask for another precision, so start from a clean state
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    # FSDP is applied by shard_fsdp2() below, not by accelerate: accelerate 1.15 enables FSDP on
-    # accelerators only, and the same code path then runs (and is tested) on CPU with gloo.
-    mixed = "no" if cfg.distributed == "fsdp" else _mixed_precision(cfg)  # FSDP2 has its own policy
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=handlers)
-
-
-FSDP_BLOCKS = ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")
-
-
-def shard_fsdp2(module: nn.Module, precision: str) -> nn.Module:
-    """FSDP2 (``torch.distributed.fsdp.fully_shard``): one unit per decoder layer and vision block,
-    then the :class:`LatentLossModule` root, so one root call gathers the embeddings, the final norm
-    and the stop head for the whole two-pass step (pass 1 calls the language model many times)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy()
-    if precision == "fp16":
-        raise ValueError("mixed_precision=fp16 with distributed=fsdp is not supported; use bf16")
-    if precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for sub in module.modules():
-        if type(sub).__name__ in FSDP_BLOCKS:
-            fully_shard(sub, mp_policy=policy)
-    fully_shard(module, mp_policy=policy)
-    return module
-
-
-def _through_root(module: nn.Module, fsdp: bool, fn):
-    """Run ``fn(latent_model)`` (checks, evaluation). Under FSDP it runs inside the root's forward, so
-    the root's parameters are gathered and the sharded units initialise in the right order."""
-    if fsdp:
-        return module(None, call=lambda m: fn(latent_model(m)))
-    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    return fn(latent_model(inner.model))
 
 
 def _choose_resume(cfg: TrainConfig, out_dir: Path, main: bool) -> tuple[Path, list[str]]:
@@ -255,114 +143,6 @@ def _choose_resume(cfg: TrainConfig, out_dir: Path, main: bool) -> tuple[Path, l
     return Path(answer[0][1]), answer[0][2]
 
 
-def _source_dir(cfg: TrainConfig) -> Path | None:
-    """Where the starting weights come from (None = the tiny model)."""
-    if cfg.init_from:
-        return ckpt.model_dir_of(cfg.init_from)
-    if cfg.model != "tiny":
-        return Path(cfg.model)
-    return None
-
-
-def build_model(cfg: TrainConfig, stage: str, resume_dir: Path | None = None):
-    """``(model, processor)`` with the stage's latent fields written onto the config.
-
-    Without LoRA a resumed run loads the checkpoint's ``model/`` (the exact training weights); with
-    LoRA it rebuilds the base model from its source and :func:`train` loads the adapters afterwards.
-    """
-    source = _source_dir(cfg)
-    if resume_dir is not None and not cfg.lora:
-        source = resume_dir / ckpt.MODEL_DIR
-    if source is None:
-        model, processor = build_tiny_model(
-            seed=cfg.seed,
-            attn_implementation=cfg.attn_implementation,
-            hidden_size=cfg.tiny_hidden_size,
-            num_layers=cfg.tiny_num_layers,
-        )
-    else:
-        with ckpt.quiet_hf_progress():
-            try:
-                model, processor = load_latent_model(source, attn_implementation=cfg.attn_implementation)
-            except Exception as err:
-                if resume_dir is None or cfg.lora:
-                    raise
-                raise ckpt.CorruptCheckpointError(source, f"cannot be loaded ({type(err).__name__}: {err})") from err
-    set_stage(model, cfg, stage)
-    return model, processor
-
-
-def set_stage(model: nn.Module, cfg: TrainConfig, stage: str) -> LatentSettings:
-    """Write the latent fields of ``stage`` (A: stop and cost weights 0) onto the model config."""
-    current = LatentSettings.from_config(model.config)
-    for name in TOKEN_FIELDS:
-        if name in cfg.latent and cfg.latent[name] != getattr(current, name):
-            raise TrainConfigError(
-                f"latent.{name}={cfg.latent[name]!r}: the model's tokenizer has {getattr(current, name)}"
-            )
-    settings = cfg.latent_settings(stage, base=current)
-    settings.apply_to(model.config)
-    return settings
-
-
-def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Freezing, gradient checkpointing and LoRA; returns the model to train (a PeftModel with LoRA)."""
-    if cfg.freeze_vision:
-        visual = model.model.visual
-        visual.requires_grad_(False)
-        if not cfg.freeze_vision_merger:
-            visual.merger.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        # Pass 2 only: the model switches it off inside pass 1, which needs its KV cache.
-        enable_activation_checkpointing(model)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_target_modules
-        lora_cfg = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=targets,
-            modules_to_save=["latent_stop_head", "latent_pause_embedding", "latent_feedback_gain"],
-            bias="none",
-        )
-        model = get_peft_model(model, lora_cfg)
-    model.train()
-    return model
-
-
-def latent_model(model: nn.Module) -> nn.Module:
-    """The latent model inside a PeftModel (the object with ``latent_loss`` and ``config``)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
-STOP_HEAD = "latent_stop_head"  # the stop head's parameter names contain this
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser over the trainable parameters: weight decay on matrices only; with
-    ``stop_head_lr_scale != 1`` the stop head gets its own group at ``lr * stop_head_lr_scale`` (the schedule
-    scales every group alike). The logged ``lr`` is the first group's."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters (check freeze_vision / lora)")
-    head = [p for n, p in params if STOP_HEAD in n] if cfg.stop_head_lr_scale != 1.0 else []
-    rest = [(n, p) for n, p in params if not any(p is q for q in head)]
-    decay = [p for n, p in rest if p.ndim >= 2]
-    no_decay = [p for n, p in rest if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": head, "weight_decay": 0.0, "lr": cfg.lr * cfg.stop_head_lr_scale}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
 def current_threshold(cfg: TrainConfig, step: int) -> float | None:
     """The stop threshold used at 0-based step ``step`` (None in stage A)."""
     if cfg.stage_at(step) != "C":
@@ -374,41 +154,6 @@ def current_threshold(cfg: TrainConfig, step: int) -> float | None:
         cfg.threshold_anneal_steps,
         cfg.threshold_anneal_shape,
     )
-
-
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_gather_pair(a: float, b: float, device: torch.device) -> list[tuple[float, float]]:
-    t = torch.tensor([a, b], dtype=torch.float64, device=device)
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [(float(x[0]), float(x[1])) for x in out]
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _export_copy(model: nn.Module) -> nn.Module:
-    """A plain latent model for ``model/``: LoRA adapters merged into a copy (the training model stays)."""
-    if hasattr(model, "merge_and_unload"):
-        return copy.deepcopy(model).merge_and_unload()
-    return model
-
-
-def _lora_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    if not hasattr(model, "merge_and_unload"):
-        return None
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -423,11 +168,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     cfg = copy.deepcopy(cfg).validate()
     where = _Where()
     try:
-        return _train(cfg, list(callbacks or []), where)
+        return _run_training(cfg, list(callbacks or []), where)
     except Exception as err:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         ours = (NonFiniteLossError, PreflightError, ckpt.CheckpointError, TrainConfigError)
-        kind = _collective_failure(err) if distributed and not isinstance(err, ours) else None
+        kind = collective_failure(err) if distributed and not isinstance(err, ours) else None
         if kind == "timeout":
             raise CollectiveTimeoutError(where.phase, cfg.dist_timeout_s, dist.get_rank()) from err
         if kind == "peer":
@@ -479,13 +224,13 @@ class _Run:
         return self.cfg.batch_size * self.cfg.grad_accum * self.world
 
 
-def _train(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult:
+def _run_training(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run, warnings = _start(cfg, callbacks, where)  # 1. the run
-    _build_model(run)  # 2. the model
-    data_warning = _build_data(run)  # 3. the data
-    _build_engine(run)  # 4. optimiser, schedule, engine
+    _setup_model(run)  # 2. the model
+    data_warning = _setup_data(run)  # 3. the data
+    _setup_engine(run)  # 4. optimiser, schedule, engine
     if run.resume_dir is not None:  # 5. resume
         _restore(run)
     _open_metrics(run, [data_warning, *warnings])
@@ -531,7 +276,7 @@ def _start(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> tuple[_Run,
             samples_seen=int(saved["samples_seen"]),
             stage=cfg.stage_at(int(saved["step"])),
         )
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     run = _Run(
         cfg=cfg, callbacks=callbacks, where=where, accelerator=accelerator, rank=accelerator.process_index,
         world=accelerator.num_processes, device=accelerator.device, main=main, out_dir=out_dir, state=state,
@@ -542,19 +287,19 @@ def _start(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> tuple[_Run,
 
 
 # 2. the model -------------------------------------------------------------------------------------
-def _build_model(run: _Run) -> None:
+def _setup_model(run: _Run) -> None:
     """The model of the current stage, prepared for training; LoRA adapters restored on resume."""
     base, run.processor = build_model(run.cfg, run.state.stage, run.resume_dir)
     run.model = prepare_for_training(base, run.cfg)
     if run.resume_dir is not None and run.cfg.lora:
-        missing = _load_lora_state(run.model, ckpt.load_lora_state(run.resume_dir))
+        missing = restore_lora_state(run.model, ckpt.load_lora_state(run.resume_dir))
         if missing:
             raise ckpt.CheckpointError(f"{run.resume_dir}: LoRA state lacks {missing[:5]}")
     run.lm = latent_model(run.model)
 
 
 # 3. the data --------------------------------------------------------------------------------------
-def _build_data(run: _Run) -> str | None:
+def _setup_data(run: _Run) -> str | None:
     """Records, the collator and this process's stream of micro-batches; returns a data warning."""
     cfg = run.cfg
     run.skips = SkipReport(run.out_dir / SKIPPED_FILE if run.main else None,
@@ -579,14 +324,14 @@ def _build_data(run: _Run) -> str | None:
 
 
 # 4. optimiser, schedule, engine -------------------------------------------------------------------
-def _build_engine(run: _Run) -> None:
+def _setup_engine(run: _Run) -> None:
     """The loss module wrapped for DDP or sharded by FSDP2, its optimiser and the LR schedule."""
     cfg = run.cfg
     run.fsdp = cfg.distributed == "fsdp" and run.world > 1
     if run.fsdp:
         if cfg.lora:
             raise ValueError("lora with distributed=fsdp is not supported; use ddp for LoRA runs")
-        run.module = shard_fsdp2(LatentLossModule(run.model).to(run.device), _mixed_precision(cfg))
+        run.module = shard_fsdp2(LatentLossModule(run.model).to(run.device), mixed_precision(cfg))
         run.optimizer = make_optimizer(cfg, run.model)  # after sharding: the parameters are DTensors now
     else:
         optimizer = make_optimizer(cfg, run.model)
@@ -607,7 +352,7 @@ def _build_engine(run: _Run) -> None:
 def _restore(run: _Run) -> None:
     """Optimiser, schedule and this process's random states from the checkpoint resumed."""
     saved_opt = ckpt.load_optimizer_state(run.resume_dir)
-    _load_optimizer(run.optimizer, run.module, saved_opt["optimizer"], run.fsdp)
+    restore_optimizer(run.optimizer, run.module, saved_opt["optimizer"], run.fsdp)
     run.scheduler.load_state_dict(saved_opt["scheduler"])
     rng = ckpt.load_rng_state(run.resume_dir, run.rank)
     if rng is not None:
@@ -681,8 +426,8 @@ def _check_stage(run: _Run, step_no: int, stage: str, threshold: float | None) -
         threshold=threshold,
         tolerance=run.cfg.check_tolerance,
     )
-    report = _through_root(run.module, run.fsdp, check)
-    ok_everywhere = _all_sum([0.0 if report.ok else 1.0], run.device)[0] == 0
+    report = through_root(run.module, run.fsdp, check)
+    ok_everywhere = all_sum([0.0 if report.ok else 1.0], run.device)[0] == 0
     run.result.checks.append(report)
     run.metrics.message(report.format())
     if not ok_everywhere:
@@ -722,16 +467,16 @@ def _accumulate(run: _Run, step_no: int, threshold: float | None) -> tuple[dict[
         sums["n"] += 1
 
     run.where.phase = f"step {step_no}: the all-reduce of the loss checks"
-    n_bad, n_skipped = _all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], run.device)
+    n_bad, n_skipped = all_sum([1.0 if bad_ids else 0.0, float(len(step_skipped))], run.device)
     if n_skipped:  # images that failed to decode at batch time (skip_invalid): report, go on
-        found = [e for part in _gather_objects(step_skipped) for e in part]
+        found = [e for part in gather_objects(step_skipped) for e in part]
         for e in run.skips.add("train", found, "batch") if run.main else []:
             run.metrics.message(
                 f"step {step_no}: skipped {e['source']} (id {e['id']!r}): {e['reason']} "
                 f"[{run.skips.total} skipped in all, listed in {run.skips.path}]"
             )
     if n_bad > 0:
-        ids = [i for part in _gather_objects(bad_ids) for i in part]
+        ids = [i for part in gather_objects(bad_ids) for i in part]
         raise NonFiniteLossError(step_no, ids, "loss", run.last_ckpt)
     return sums, step_ids
 
@@ -745,7 +490,7 @@ def _update(run: _Run, step_no: int, step_ids: list[str]) -> tuple[float | None,
         norm = run.accelerator.clip_grad_norm_(run.module.parameters(), run.cfg.grad_clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(grad_norm):
-            ids = [i for part in _gather_objects(step_ids) for i in part]
+            ids = [i for part in gather_objects(step_ids) for i in part]
             raise NonFiniteLossError(step_no, ids, "gradient norm", run.last_ckpt)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
@@ -762,8 +507,8 @@ def _log_step(run: _Run, step_no: int, stage: str, threshold: float | None, sums
     (a ratio of totals), and each process's ratio; appended to the history and logged."""
     run.where.phase = f"step {step_no}: the all-reduce of the step's metrics"
     keys = list(sums)
-    total = dict(zip(keys, _all_sum([sums[k] for k in keys], run.device), strict=True))
-    per_rank = _all_gather_pair(sums["used"], sums["budget"], run.device) if run.world > 1 else None
+    total = dict(zip(keys, all_sum([sums[k] for k in keys], run.device), strict=True))
+    per_rank = all_gather_pair(sums["used"], sums["budget"], run.device) if run.world > 1 else None
     n = max(total["n"], 1.0)
     record = {
         "step": step_no,
@@ -827,7 +572,7 @@ def _calibrate(run: _Run) -> None:
     """Choose the stop threshold on the eval records (every process takes part) and, on the main process,
     write ``calibration.json`` and the threshold into ``final/`` (the checkpoint keeps the training's)."""
     cfg = run.cfg
-    result = _through_root(
+    result = through_root(
         run.module,
         run.fsdp,
         lambda m: calibrate_threshold(
@@ -871,12 +616,12 @@ def _save(run: _Run, step: int) -> Path:
         run.out_dir,
         step,
         rank=run.rank,
-        export_model=_export_copy(run.model) if run.main else None,
+        export_model=export_copy(run.model) if run.main else None,
         processor=run.processor,
-        optimizer_state=_optimizer_state(run.optimizer, run.module, run.fsdp),
+        optimizer_state=optimizer_state_dict(run.optimizer, run.module, run.fsdp),
         scheduler_state=run.scheduler.state_dict(),
         trainer_state=trainer_state,
-        lora_state=_lora_state(run.model),
+        lora_state=trainable_lora_state(run.model),
         model_state_dict=model_sd,
         keep_last=cfg.keep_last,
     )
@@ -886,7 +631,7 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any]:
     """Teacher-forced evaluation on the eval records, split over the processes; logged and kept."""
     cfg = run.cfg
     thr = current_threshold(cfg, max(step - 1, 0))
-    res = _through_root(
+    res = through_root(
         run.module,
         run.fsdp,
         lambda m: evaluate_records(
@@ -935,38 +680,3 @@ def _replace_dir_with_copy(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    with torch.no_grad():
-        for name, value in state.items():
-            if name not in params:
-                raise ckpt.CheckpointError(f"LoRA state has {name!r}, which the model lacks")
-            params[name].copy_(value)
-    return missing
-
-
-def _optimizer_state(optimizer, module, fsdp: bool) -> dict[str, Any]:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(
-            module,
-            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-        )
-    return optimizer.state_dict()
-
-
-def _load_optimizer(optimizer, module, state: dict[str, Any], fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(
-            module,
-            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            state,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
-        return
-    optimizer.load_state_dict(state)

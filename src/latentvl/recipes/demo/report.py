@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from ..evaluation.metrics import LABELS, USED_RATIO
-from ..fileio import write_atomic
-from .format import difficulty_key as _difficulty_key
+from ...evaluation.metrics import LABELS, USED_RATIO
+from ...fileio import write_atomic
+from ...reports.format import difficulty_key as _difficulty_key
 
 __all__ = [
     "ARMS",
     "ARM_LABELS",
+    "ArmResult",
+    "DemoReport",
     "LATENT_ARMS",
     "alignment_table",
     "causal_table",
@@ -36,11 +38,59 @@ ARM_LABELS = {
 LATENT_ARMS = ("pause", "latents_no_align", "stage_a", "stage_c")
 
 
+class ArmResult(TypedDict, total=False):
+    """One arm's evaluation on the test split (``report.json``'s ``results.<arm>``): what
+    :func:`latentvl.reports.evaluation.evaluate` measured, summed up by the recipe (less the per-sample rows,
+    which the recipe keeps for stage A and stage C under ``per_sample``)."""
+
+    n: int
+    n_errors: int
+    accuracy: float
+    accuracy_by_difficulty: dict[str, float]
+    used: int
+    budget: int
+    used_ratio: float | None
+    causal: dict[str, Any]
+    truncation: dict[str, Any] | None
+    instrument_unit: str | None
+    implant: dict[str, Any] | None
+    probe: dict[str, Any] | None
+    alignment: dict[str, Any] | None
+    eval_report: str
+
+
+class DemoReport(TypedDict, total=False):
+    """``report.json``: the contract between the recipe (which measures) and this module (which writes).
+    Its keys are the report's; the recipe fills them in :func:`latentvl.recipes.demo.recipe.run_demo`."""
+
+    task: str
+    n_records: int
+    splits: dict[str, int]
+    test_chance_accuracy: float
+    hardest_difficulty: str | None
+    steps: dict[str, int]
+    schedule: list[dict[str, Any]]
+    final_threshold: float
+    results: dict[str, ArmResult]
+    bars: dict[str, float]
+    per_sample: dict[str, list[dict[str, Any]]]
+    preflight: dict[str, list[dict[str, Any]]]
+    timings_s: dict[str, float]
+    settings: dict[str, Any]
+    out: str
+    outputs: dict[str, str]
+    checks: dict[str, bool]
+    all_bars_met: bool
+    stage_c_threshold: float
+    calibration: dict[str, Any] | None
+    stage_c_halting: dict[str, Any] | None
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def difficulty_table(report: dict[str, Any]) -> str:
+def difficulty_table(report: DemoReport) -> str:
     """Accuracy per difficulty (rows) for every arm (columns), with chance."""
     r = report["results"]
     diffs = sorted({d for arm in ARMS for d in r[arm]["accuracy_by_difficulty"]}, key=_difficulty_key)
@@ -56,7 +106,7 @@ def difficulty_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def results_table(report: dict[str, Any]) -> str:
+def results_table(report: DemoReport) -> str:
     r = report["results"]
     chance = report["test_chance_accuracy"]
     st = report["steps"]
@@ -80,16 +130,16 @@ def results_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _stage_c_threshold(report: dict[str, Any]) -> float:
+def _stage_c_threshold(report: DemoReport) -> float:
     """The stop threshold stage C was evaluated at (the calibrated one, else the training's last)."""
     thr = report.get("stage_c_threshold")
     return float(report["final_threshold"] if thr is None else thr)
 
 
-def calibration_section(report: dict[str, Any]) -> list[str]:
+def calibration_section(report: DemoReport) -> list[str]:
     """The stop-threshold calibration of stage C on the val split (nothing when the demo skipped it)."""
-    from ..evaluation.calibration import calibration_markdown
-    from .halting import halting_markdown
+    from ...evaluation.calibration import calibration_markdown
+    from ...reports.halting import halting_markdown
 
     cal, halting = report.get("calibration"), report.get("stage_c_halting")
     lines = []
@@ -106,7 +156,7 @@ def calibration_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def causal_table(report: dict[str, Any]) -> str:
+def causal_table(report: DemoReport) -> str:
     rows = ["| model | latents masked | latents noised | latents swapped |", "|---|---|---|---|"]
     for key in LATENT_ARMS:
         causal = report["results"][key].get("causal") or {}
@@ -118,12 +168,12 @@ def causal_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _unit(report: dict[str, Any]) -> str:
+def _unit(report: DemoReport) -> str:
     """What the instruments counted in (``latent`` for records with ``latent_states``, else ``segment``)."""
     return report["results"]["stage_a"].get("instrument_unit") or "segment"
 
 
-def truncation_table(report: dict[str, Any]) -> str:
+def truncation_table(report: DemoReport) -> str:
     r = report["results"]
     keeps = sorted({j for a in LATENT_ARMS for j in (r[a].get("truncation") or {})}, key=int)
     if not keeps:
@@ -139,7 +189,7 @@ def truncation_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def instrument_table(report: dict[str, Any]) -> str:
+def instrument_table(report: DemoReport) -> str:
     rows = [f"| model | implant: follows | implant: unchanged | probe accuracy per {_unit(report)} (majority) |",
             "|---|---|---|---|"]
     for a in LATENT_ARMS:
@@ -152,7 +202,7 @@ def instrument_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def alignment_table(report: dict[str, Any]) -> str:
+def alignment_table(report: DemoReport) -> str:
     rows = ["| model | cosine, latent vs its pooled target | segment mean vs own / other images | "
             "retrieval top-1 (chance) |", "|---|---|---|---|"]
     for key in LATENT_ARMS:
@@ -167,14 +217,14 @@ def alignment_table(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _at(report: dict[str, Any], arm: str, d: str | None) -> float | None:
+def _at(report: DemoReport, arm: str, d: str | None) -> float | None:
     by = report["results"][arm]["accuracy_by_difficulty"]
     if d is not None and d in by:
         return by[d]["accuracy"]
     return report["results"][arm]["accuracy"]
 
 
-def _difficulty_reading(report: dict[str, Any]) -> str:
+def _difficulty_reading(report: DemoReport) -> str:
     d = report["hardest_difficulty"]
     a, b, p, n = (_at(report, arm, d) for arm in ("stage_a", "baseline_no_latents", "pause", "latents_no_align"))
     where = f"at the hardest difficulty ({d})" if d is not None else "overall"
@@ -183,7 +233,7 @@ def _difficulty_reading(report: dict[str, Any]) -> str:
             f"{100 * (a - b):+.1f} points over no latents and {100 * (a - p):+.1f} over pause tokens.\n")
 
 
-def _causal_reading(report: dict[str, Any]) -> str:
+def _causal_reading(report: DemoReport) -> str:
     x = report["results"]["stage_a"]
     mask = (x.get("causal") or {}).get("mask")
     if not mask:
@@ -196,7 +246,7 @@ def _causal_reading(report: dict[str, Any]) -> str:
             f"({100 * drop:+.1f} points lost) and changes {mask['answer_change_rate']:.0%} of its answers.\n")
 
 
-def _truncation_reading(report: dict[str, Any]) -> str:
+def _truncation_reading(report: DemoReport) -> str:
     t = report["results"]["stage_a"].get("truncation") or {}
     if not t:
         return ""
@@ -205,7 +255,7 @@ def _truncation_reading(report: dict[str, Any]) -> str:
             f"{report['results']['stage_a']['accuracy']:.2f}).\n")
 
 
-def _implant_reading(report: dict[str, Any]) -> str:
+def _implant_reading(report: DemoReport) -> str:
     imp = report["results"]["stage_a"].get("implant") or {}
     if not imp.get("n"):
         return "Reading: no implant was possible (the records carry no cot_states or latent_states).\n"
@@ -217,7 +267,7 @@ def _implant_reading(report: dict[str, Any]) -> str:
             f"{imp['unchanged_rate']:.0%}.\n")
 
 
-def _probe_reading(report: dict[str, Any]) -> str:
+def _probe_reading(report: DemoReport) -> str:
     probe = report["results"]["stage_a"].get("probe") or {}
     if not probe:
         return ""
@@ -227,7 +277,7 @@ def _probe_reading(report: dict[str, Any]) -> str:
             f"{sum(accs) / len(accs):.2f} (majority state {sum(majs) / len(majs):.2f}).\n")
 
 
-def _alignment_reading(report: dict[str, Any]) -> str:
+def _alignment_reading(report: DemoReport) -> str:
     al = report["results"]["stage_a"].get("alignment")
     if not al or al.get("retrieval_top1") is None:
         return ""
@@ -237,7 +287,7 @@ def _alignment_reading(report: dict[str, Any]) -> str:
             f"other samples' and {found}.\n")
 
 
-def _setup(report: dict[str, Any]) -> str:
+def _setup(report: DemoReport) -> str:
     t = report["settings"]["train"]
     lat = t["latent"]
     budgets: dict[int, int] = {}
@@ -271,7 +321,7 @@ _CHECK_TEXT = {
 }
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: DemoReport) -> str:
     """``report.md`` of the demo's report."""
     ok = {True: "met", False: "NOT met"}
     bars = report["bars"]
@@ -302,6 +352,15 @@ def markdown(report: dict[str, Any]) -> str:
         "both summed over every CoT segment of the test split (`used_ratio`).",
         "",
         *calibration_section(report),
+        *_latent_sections(report),
+    ]
+    return "\n".join(lines)
+
+
+def _latent_sections(report: DemoReport) -> list[str]:
+    """The report's sections on the latents themselves: causal checks, truncation, implant and probe,
+    alignment, then the links, plots and timings."""
+    return [
         "## Do the answers depend on the latents?",
         "",
         "Causal checks of `latentvl eval` on the test split: accuracy when every latent is masked out of "
@@ -351,10 +410,9 @@ def markdown(report: dict[str, Any]) -> str:
         *[f"| {k} | {v} |" for k, v in report["timings_s"].items()],
         "",
     ]
-    return "\n".join(lines)
 
 
-def _plot_accuracy_vs_difficulty(path: Path, report: dict[str, Any]) -> None:
+def _plot_accuracy_vs_difficulty(path: Path, report: DemoReport) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,7 +495,7 @@ def _plot_losses(path: Path, curves: dict[str, list[dict[str, Any]]], steps_a: i
 
 
 def _plot_latents(
-    path: Path, c_rows: list[dict[str, Any]], samples: list[dict[str, Any]], report: dict[str, Any]
+    path: Path, c_rows: list[dict[str, Any]], samples: list[dict[str, Any]], report: DemoReport
 ) -> None:
     import matplotlib
 
@@ -504,7 +562,7 @@ def _plot_latents(
 
 
 
-def write_demo_report(out: Path, report: dict[str, Any], histories: dict[str, list[dict[str, Any]]],
+def write_demo_report(out: Path, report: DemoReport, histories: dict[str, list[dict[str, Any]]],
                       stage_c_samples: list[dict[str, Any]]) -> None:
     """The plots, ``report.json`` and ``report.md`` of the demo in ``out``."""
     steps_a = report["steps"]["stage_a"]

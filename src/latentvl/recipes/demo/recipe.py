@@ -32,50 +32,32 @@ from typing import Any
 
 import yaml
 
-from .evaluation.metrics import USED_RATIO
-from .fileio import write_atomic
-from .reports.demo import (  # the demo's arms and report tables, re-exported here
-    ARM_LABELS,
-    ARMS,
-    LATENT_ARMS,
-    alignment_table,
-    causal_table,
-    difficulty_table,
-    instrument_table,
-    results_table,
-    truncation_table,
-    write_demo_report,
-)
-from .reports.format import difficulty_key
+from ...evaluation.metrics import USED_RATIO
+from ...fileio import write_atomic
+from ...reports.format import difficulty_key
+from .report import ARMS, DemoReport, write_demo_report
 
 __all__ = [
-    "ARMS",
-    "ARM_LABELS",
     "ARM_LATENT",
-    "DEFAULTS",
-    "DEMO_TASKS",
-    "LATENT_ARMS",
-    "alignment_table",
-    "causal_table",
-    "difficulty_table",
-    "instrument_table",
+    "default_settings",
+    "demo_tasks",
     "load_demo_settings",
-    "results_table",
     "run_demo",
-    "truncation_table",
 ]
 
 
-def _shipped_settings() -> dict[str, Any]:
-    """The demo's defaults: ``latentvl/configs/demo.yaml``, shipped as package data (their one home)."""
-    text = (resources.files("latentvl") / "configs" / "demo.yaml").read_text(encoding="utf-8")
+def default_settings() -> dict[str, Any]:
+    """The demo's defaults: ``demo.yaml`` beside this module, shipped as package data (their one home);
+    a fresh copy on every call (pass ``--config`` to change them)."""
+    text = (resources.files(__package__) / "demo.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 
-# The demo's settings, read from the shipped configs/demo.yaml (pass --config to change them).
-DEFAULTS: dict[str, Any] = _shipped_settings()
-# The tasks `--task` accepts: those the shipped settings give generator knobs for.
-DEMO_TASKS: tuple[str, ...] = tuple(DEFAULTS["demo"]["data"])
+def demo_tasks() -> tuple[str, ...]:
+    """The tasks ``--task`` accepts: those the shipped settings give generator knobs for."""
+    return tuple(default_settings()["demo"]["data"])
+
+
 # What each control changes in the latent fields (everything else is shared).
 ARM_LATENT = {
     "pause": {"latent_feedback": False, "latent_align_weight": 0.0},
@@ -103,17 +85,18 @@ def load_demo_settings(path: str | Path | None = None, quick: bool = False, full
     """
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
+    defaults = default_settings()
     user: dict[str, Any] = {}
     if path is not None:
         user = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         if not isinstance(user, dict):
-            raise ValueError(f"{path}: must hold a mapping with sections {sorted(DEFAULTS)}")
-        unknown = set(user) - set(DEFAULTS)
+            raise ValueError(f"{path}: must hold a mapping with sections {sorted(defaults)}")
+        unknown = set(user) - set(defaults)
         if unknown:
-            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    task = task or (user.get("demo") or {}).get("task") or DEFAULTS["demo"]["task"]
-    per = _merge((DEFAULTS.get("per_task") or {}).get(task) or {}, (user.get("per_task") or {}).get(task) or {})
-    settings = copy.deepcopy(DEFAULTS)
+            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    task = task or (user.get("demo") or {}).get("task") or defaults["demo"]["task"]
+    per = _merge((defaults.get("per_task") or {}).get(task) or {}, (user.get("per_task") or {}).get(task) or {})
+    settings = defaults
     settings["train"] = _merge(settings["train"], per.pop("train", {}))
     settings["demo"] = _merge(settings["demo"], per)
     settings = _merge(settings, {k: v for k, v in user.items() if k != "per_task"})
@@ -127,7 +110,7 @@ def load_demo_settings(path: str | Path | None = None, quick: bool = False, full
 
 # --------------------------------------------------------------------------------------------- runs
 def _train_config(settings: dict[str, Any], latent: dict[str, Any] | None = None, **fields: Any):
-    from .training.config import TrainConfig
+    from ...training.config import TrainConfig
 
     train = copy.deepcopy(settings["train"])
     train["latent"] = {**train.get("latent", {}), **(latent or {})}
@@ -139,7 +122,7 @@ def _train_config(settings: dict[str, Any], latent: dict[str, Any] | None = None
 
 def _curriculum_files(data_dir: Path, curriculum: list[Any]) -> list[Path]:
     """One train file per curriculum phase: the train records with ``difficulty <= d``."""
-    from .evaluation.instruments import read_record_fields
+    from ...evaluation.instruments import read_record_fields
 
     rows = list(read_record_fields(data_dir / "train.jsonl").values())
     files = []
@@ -169,7 +152,7 @@ def _train_phases(settings, phases, out_dir: Path, stage: str = "A", init_from: 
                   decay_fraction: float = 0.0, **fields):
     """Train through ``phases`` ((file, steps) pairs), each from the previous one's checkpoint.
     ``decay_fraction``: each phase's teacher forcing falls to 0 over this fraction of its steps."""
-    from .training.trainer import train
+    from ...training.trainer import train
 
     results, history, offset = [], [], 0
     for i, (data_file, steps) in enumerate(phases):
@@ -201,13 +184,13 @@ def _evaluate(
     probe_records,
     probe_fields,
 ) -> dict[str, Any]:
-    """Greedy two-step inference on ``records`` (``latentvl.inference.evaluate``) with every instrument.
+    """Greedy two-step inference on ``records`` (``latentvl.evaluation.generated``) with every instrument.
 
     Returns the summary the report needs plus ``samples`` (budgets and used latents per test record).
     """
-    from .model.loading import load_latent_model
-    from .reports.evaluation import evaluate
-    from .training.checkpoint import quiet_hf_progress
+    from ...model.loading import load_latent_model
+    from ...reports.evaluation import evaluate
+    from ...training.checkpoint import quiet_hf_progress
 
     with quiet_hf_progress():
         model, processor = load_latent_model(model_dir)
@@ -263,7 +246,7 @@ def _evaluate(
     }
 
 
-def _checks(report: dict[str, Any]) -> dict[str, bool]:
+def _checks(report: DemoReport) -> dict[str, bool]:
     r, bars = report["results"], report["bars"]
     hard = report["hardest_difficulty"]
 
@@ -303,7 +286,7 @@ class _DemoData:
     phases: list[tuple[Path, int]]
 
 
-def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, Any]:
+def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> DemoReport:
     """Data, five arms, evaluation, report. Returns the report's JSON content."""
     import torch
 
@@ -334,9 +317,9 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> dict[str, 
 def _make_data(out: Path, demo: dict[str, Any], log) -> tuple[_DemoData, dict[str, Any]]:
     """Generate the task into ``out/data``; the demo settings come back without a curriculum when the
     records carry no difficulty."""
-    from .data.records import load_metadata, load_records
-    from .data.synthetic import make_dataset
-    from .evaluation.instruments import read_record_fields
+    from ...data.records import load_metadata, load_records
+    from ...data.synthetic import make_dataset
+    from ...evaluation.instruments import read_record_fields
 
     data_dir = out / "data"
     task = demo["task"]
@@ -399,11 +382,11 @@ def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: 
     the threshold is then the training's last, ``final_thr``); then stage C on the test split at that
     threshold and at full budget, against difficulty (what ``latentvl halting`` reports; skipped without
     difficulties). Returns ``(calibration or None, threshold, halting or None)``."""
-    from .data.collator import LatentCollator
-    from .evaluation.calibration import DEFAULT_TOLERANCE, calibrate_threshold, write_model_threshold
-    from .evaluation.halting import evaluate_halting
-    from .model.loading import load_latent_model
-    from .training.checkpoint import quiet_hf_progress
+    from ...data.collator import LatentCollator
+    from ...evaluation.calibration import DEFAULT_TOLERANCE, calibrate_threshold, write_model_threshold
+    from ...evaluation.halting import evaluate_halting
+    from ...model.loading import load_latent_model
+    from ...training.checkpoint import quiet_hf_progress
 
     calibrate = bool(demo.get("calibrate_threshold", True)) and bool(data.val_records)
     difficulty = {sid: f["difficulty"] for sid, f in data.test_fields.items()
@@ -447,11 +430,11 @@ def _evaluate_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoDa
 
 def _assemble_report(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, runs: dict[str, Any],
                      evals: dict[str, dict[str, Any]], final_thr: float, timings: dict[str, float],
-                     out: Path) -> dict[str, Any]:
+                     out: Path) -> DemoReport:
     """The report's JSON content, with the bars checked."""
     steps_a, steps_c = int(demo["steps_a"]), int(demo["steps_c"])
     diffs = sorted({d for ev in evals.values() for d in ev["accuracy_by_difficulty"]}, key=difficulty_key)
-    report = {
+    report: DemoReport = {
         "task": data.task,
         "n_records": data.meta["n"],
         "splits": {k: v["size"] for k, v in data.meta["splits"].items()},
