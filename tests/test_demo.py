@@ -147,3 +147,45 @@ def test_stage_c_calibration_can_be_switched_off():
     assert _stage_c_threshold_and_halting({"calibrate_threshold": False}, off, runs, 0.7, print) == (None, 0.7, None)
     no_val = SimpleNamespace(val_records=[], test_fields={"a": {"difficulty": True}})  # a bool is no difficulty
     assert _stage_c_threshold_and_halting({}, no_val, runs, 0.6, print) == (None, 0.6, None)
+
+
+def test_no_control_trains_less_than_stage_a_and_c(tmp_path, monkeypatch):
+    """Every control trains as many steps as stage A + stage C, on the same files in the same order, with the
+    same model, seed and batch (the recipe's arms; the trainer itself is replaced by a recorder)."""
+    import types
+
+    from latentvl.recipes.demo import recipe
+    from latentvl.training import trainer
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        return types.SimpleNamespace(checkpoint=Path(cfg.output_dir) / "checkpoint", checks=[], final_model=None,
+                                     history=[{"step": s + 1} for s in range(cfg.max_steps)])
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    settings = load_demo_settings(None)
+    files = [tmp_path / name for name in ("train_difficulty_le_1.jsonl", "train_difficulty_le_2.jsonl", "train.jsonl")]
+    data = recipe._DemoData("a5", {}, files[-1], [], [], [], {}, {}, 0.2, [(files[0], 6), (files[1], 7)])
+    demo = {**settings["demo"], "steps_a": 13, "steps_c": 5}
+    runs, histories, _ = recipe._train_arms(settings, demo, data, tmp_path, {}, log=lambda *a: None)
+    by_arm: dict[str, list] = {}
+    for cfg in seen:
+        by_arm.setdefault(Path(cfg.output_dir).parent.name, []).append(cfg)
+    assert set(by_arm) == set(ARMS)
+
+    def plan(arm):
+        return [(Path(c.train_data).name, c.max_steps) for c in by_arm[arm]]
+
+    reference = plan("stage_a") + plan("stage_c")
+    assert reference == [(files[0].name, 6), (files[1].name, 7), ("train.jsonl", 5)]
+    for arm in ("baseline_no_latents", "pause", "latents_no_align"):
+        assert plan(arm) == reference, arm
+        assert len(histories[arm]) == len(histories["stage_a"]) + len(histories["stage_c"]) == 18
+    shared = ("model", "tiny_hidden_size", "tiny_num_layers", "seed", "batch_size", "grad_accum", "optimizer",
+              "freeze_vision", "max_length")
+    first = by_arm["stage_a"][0]
+    for arm, cfgs in by_arm.items():
+        for cfg in cfgs:
+            assert {k: getattr(cfg, k) for k in shared} == {k: getattr(first, k) for k in shared}, arm
