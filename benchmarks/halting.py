@@ -32,8 +32,7 @@ from typing import Any
 import torch
 
 from latentvl.data.records import load_records
-from latentvl.data.relay_bands import make_relay_bands
-from latentvl.data.synthetic import make_dataset
+from latentvl.data.tasks.writer import make_dataset, make_relay_bands
 from latentvl.evaluation.calibration import calibrate_threshold
 from latentvl.evaluation.halting import evaluate_halting, halting_summary, read_difficulties
 from latentvl.evaluation.teacher_forced import evaluate_records
@@ -127,7 +126,7 @@ def run(out: Path, n: int, steps_a: int, steps_c: int, seed: int, rule: str = "f
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if task == "a5":
-        meta = make_dataset("a5", n, seed, out / "data", overwrite=True, hops_min=1, hops_max=4)
+        meta = make_dataset("a5", n, seed, out / "data", overwrite=True, min_hops=1, max_hops=4)
         shared = {"freeze_vision": True, "batch_size": 16, "latent": {"latent_budget_max": 5}}
         stage_a = {**shared, "teacher_forcing_decay_steps": round(A5_DECAY * steps_a),
                    "latent": {**shared["latent"], "latent_teacher_forcing": 1.0, "latent_tail_dropout": 0.3}}

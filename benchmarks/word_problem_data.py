@@ -26,29 +26,24 @@ Writes ``train.jsonl``, ``test.jsonl`` (the first ``--n // 10`` records), ``imag
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from latentvl.data.palettes import RELAY_COLOURS
+from latentvl.data.tasks.a5 import A5_OPS, A5_STATES
+from latentvl.data.tasks.common import SIDE_STEP, WHITE, png_bytes
 from latentvl.fileio import write_atomic
 
-TILE = 28  # one merged visual token
-STATES = {"R": (230, 25, 25), "G": (0, 170, 0), "B": (30, 60, 230), "Y": (240, 200, 0), "C": (0, 200, 210)}
-OPS = {  # name -> (image of state i, tile colour)
-    "a": ((1, 2, 3, 4, 0), (20, 20, 20)),
-    "b": ((1, 2, 0, 3, 4), (200, 0, 200)),
-    "c": ((1, 0, 3, 2, 4), (255, 130, 0)),
-}
-IDENTITY = (255, 255, 255)
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+# The states and ops of the library's a5 task (latentvl.data.tasks.a5); this prototype draws the ops as
+# tiles in the question image (black, magenta, orange) instead of writing them in the question text.
+TILE = SIDE_STEP  # one merged visual token
+STATES = {s: RELAY_COLOURS[s] for s in A5_STATES}
+OP_TILES = {"a": RELAY_COLOURS["K"], "b": RELAY_COLOURS["M"], "c": RELAY_COLOURS["O"]}
+OPS = {op: (A5_OPS[op], OP_TILES[op]) for op in A5_OPS}  # name -> (image of state i, tile colour)
+IDENTITY = WHITE
 
 
 def _row(colours: list[tuple[int, int, int]]) -> Image.Image:
@@ -96,8 +91,8 @@ def main() -> None:
     for i in range(a.n):
         record, image, strip = sample(rng, a.k_min, a.k_max, a.text_ops)
         q, cot = f"images/wp-{i:05d}-q0.png", f"images/wp-{i:05d}-cot0.png"
-        write_atomic(out / q, _png(image), sync=False)
-        write_atomic(out / cot, _png(strip), sync=False)
+        write_atomic(out / q, png_bytes(image), sync=False)
+        write_atomic(out / cot, png_bytes(strip), sync=False)
         rows.append({"id": f"wp-{i:05d}", "images": [q], "cot_images": [cot], **record})
     n_test = a.n // 10
     for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):

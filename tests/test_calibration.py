@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from latentvl import LatentCollator, build_tiny_model, set_latent_fields
 from latentvl.cli import main
 from latentvl.data.records import load_records
-from latentvl.data.relay_bands import make_relay_bands
+from latentvl.data.tasks.writer import make_relay_bands
 from latentvl.errors import LatentConfigError, TrainConfigError
 from latentvl.evaluation.calibration import (
     TOLERANCE_SLACK,

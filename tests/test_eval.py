@@ -10,7 +10,7 @@ from PIL import Image
 from latentvl import build_tiny_model, set_latent_fields
 from latentvl.cli import main as cli_main
 from latentvl.data.records import load_metadata, load_records
-from latentvl.data.synthetic import make_dataset
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.evaluation.causal import DonorPool, effective_rank, mask_latents, noise_latents, swap_latents
 from latentvl.evaluation.generated import chance_from_metadata
 from latentvl.inference.generate import LatentInference, Patches, normalize_answer

@@ -74,7 +74,7 @@ def test_full_budget_switch_restores_the_stage():
 def test_evaluate_halting_compares_learned_halting_with_full_budget(tmp_path):
     from latentvl import LatentCollator
     from latentvl.data.records import load_records
-    from latentvl.data.relay_bands import make_relay_bands
+    from latentvl.data.tasks.writer import make_relay_bands
     from latentvl.evaluation.halting import evaluate_halting
 
     make_relay_bands(40, 0, tmp_path, rule="fixed", test_fraction=0.2)
@@ -96,7 +96,7 @@ def test_evaluate_halting_compares_learned_halting_with_full_budget(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     from latentvl.cli import main
-    from latentvl.data.relay_bands import make_relay_bands
+    from latentvl.data.tasks.writer import make_relay_bands
     from latentvl.model.loading import save_latent_checkpoint
 
     make_relay_bands(20, 0, tmp_path / "data", rule="fixed", test_fraction=0.2)

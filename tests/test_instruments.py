@@ -10,7 +10,8 @@ import torch
 
 from latentvl import LatentCollator
 from latentvl.data.records import load_records
-from latentvl.data.synthetic import implied_answer, make_dataset
+from latentvl.data.tasks.registry import implied_answer
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.evaluation.causal import step_overrides, truncate_latents
 from latentvl.evaluation.instruments import (
     accuracy_by_difficulty,
@@ -25,7 +26,7 @@ from latentvl.reports.evaluation import evaluate, render_markdown
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("relay")
-    make_dataset("relay", 40, 2, out, colours=4, hops_min=1, hops_max=2, val_fraction=0.0, test_fraction=0.3)
+    make_dataset("relay", 40, 2, out, colours=4, min_hops=1, max_hops=2, val_fraction=0.0, test_fraction=0.3)
     return out
 
 

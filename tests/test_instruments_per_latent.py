@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from latentvl.data.records import load_records
-from latentvl.data.synthetic import implied_answer, make_dataset
+from latentvl.data.tasks.registry import implied_answer
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.evaluation.causal import truncate_latents
 from latentvl.evaluation.instruments import InstrumentRunner, read_record_fields, record_fields, state_units
 from latentvl.inference.generate import GenerationSettings, LatentInference, Patches
@@ -21,7 +22,7 @@ TINY_LATENT = {"latent_budget_alpha": 1.0, "latent_budget_gamma": 1.0, "latent_b
 @pytest.fixture(scope="module")
 def a5(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("a5")
-    make_dataset("a5", 40, 2, out, hops_min=1, hops_max=3, val_fraction=0.0, test_fraction=0.3)
+    make_dataset("a5", 40, 2, out, min_hops=1, max_hops=3, val_fraction=0.0, test_fraction=0.3)
     return out
 
 
@@ -62,7 +63,7 @@ def test_eval_runs_every_instrument_per_latent(tiny, a5, tmp_path):
                       probe_fields=read_record_fields(a5 / "train.jsonl"))
     assert report["instrument_unit"] == "latent"
     trunc = report["truncation"]
-    assert set(trunc) == {"0", "1", "2", "3"}  # four latents per record (hops_max + 1 cells)
+    assert set(trunc) == {"0", "1", "2", "3"}  # four latents per record (max_hops + 1 cells)
     assert all(v["n"] == len(records) for v in trunc.values())
     assert trunc["0"]["accuracy"] == pytest.approx(report["causal"]["mask"]["accuracy"])
     imp = report["implant"]

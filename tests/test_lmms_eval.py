@@ -22,7 +22,7 @@ import latentvl  # noqa: E402
 from latentvl import set_latent_fields  # noqa: E402
 from latentvl.cli import main as cli_main  # noqa: E402
 from latentvl.data.records import load_records  # noqa: E402
-from latentvl.data.synthetic import make_dataset  # noqa: E402
+from latentvl.data.tasks.writer import make_dataset  # noqa: E402
 from latentvl.images import open_rgb  # noqa: E402
 from latentvl.inference.generate import GenerationSettings, LatentInference, Patches  # noqa: E402
 from latentvl.integrations import lmms_task  # noqa: E402

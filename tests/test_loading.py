@@ -103,7 +103,7 @@ def test_commands_accept_a_stock_checkpoint_directory(stock_dir, tmp_path, capsy
     """`--model PATH` of a stock Qwen2.5-VL directory works for train and infer; training saves a
     self-contained latentvl checkpoint that loads without adding anything."""
     from latentvl.cli import main
-    from latentvl.data.synthetic import make_dataset
+    from latentvl.data.tasks.writer import make_dataset
 
     path, _ = stock_dir
     make_dataset("shapes", 24, 0, tmp_path / "data")

@@ -8,7 +8,7 @@ import torch
 from latentvl import build_tiny_model, set_latent_fields
 from latentvl.data.collator import LatentCollator
 from latentvl.data.records import RecordDataset, load_records
-from latentvl.data.synthetic import make_dataset
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.training import trainer as trainer_mod
 from latentvl.training.checks import (
     PreflightError,

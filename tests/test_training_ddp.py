@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from latentvl import build_tiny_model
-from latentvl.data.synthetic import make_dataset
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.model.loading import save_latent_checkpoint
 from latentvl.training.config import TrainConfig
 from latentvl.training.metrics import read_metrics

@@ -8,7 +8,7 @@ import torch
 from latentvl import build_tiny_model, set_latent_fields
 from latentvl.data.collator import LatentCollator
 from latentvl.data.records import RecordDataset, load_records
-from latentvl.data.synthetic import make_dataset
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.errors import TrainConfigError, TrainDataError
 from latentvl.training.checks import check_no_think, run_checks
 from latentvl.training.config import TrainConfig, load_config
@@ -137,7 +137,7 @@ def stopped_run(data_dir, tmp_path_factory):
         {"latent": {**LATENT, "latent_budget_max": 6}},
         {"batch_size": 4},
         {"train_data": "other.jsonl"},
-        {"max_steps": 2},
+        {"max_steps": 1},  # below the checkpoint's step (equal to it: the run only finishes)
     ],
 )
 def test_resume_refuses_changes_it_cannot_honour(data_dir, stopped_run, change):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentvl.data.records import load_records
-from latentvl.data.synthetic import make_dataset
+from latentvl.data.tasks.writer import make_dataset
 from latentvl.model.loading import load_latent_model
 from latentvl.training import checkpoint as ckpt_mod
 from latentvl.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint

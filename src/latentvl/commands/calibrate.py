@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``latentvl calibrate``."""
     from ..data.collator import LatentCollator
     from ..data.records import load_records
-    from ..errors import LatentConfigError
+    from ..errors import InputError, LatentConfigError
     from ..evaluation.calibration import calibrate_threshold, calibration_markdown, write_model_threshold
     from ..fileio import write_atomic
     from ..model.loading import load_latent_model
@@ -68,13 +68,23 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         print(f"calibrate: error: {args.data} holds no records", file=sys.stderr)
         return 2
-    model, processor = load_latent_model(args.model)
+    if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        print("calibrate: error: --batch-size and --max-samples must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        model, processor = load_latent_model(args.model)
+    except (OSError, ValueError) as err:
+        print(f"calibrate: error: {err}", file=sys.stderr)
+        return 2
     try:
         result = calibrate_threshold(model, LatentCollator(processor, model.config), records, grid=args.grid,
                                      tolerance=args.tolerance, batch_size=args.batch_size,
                                      max_samples=args.max_samples)
     except LatentConfigError as err:
         print(f"calibrate: error: {args.model}: {err}", file=sys.stderr)
+        return 2
+    except InputError as err:  # a record the collator rejects, an image that cannot be read
+        print(f"calibrate: error: {args.data}: {err}", file=sys.stderr)
         return 2
     print(f"# {args.model} on {args.data}\n")
     print(calibration_markdown(result))

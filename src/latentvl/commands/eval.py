@@ -51,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data.records import load_records
     from ..errors import RecordError
 
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--limit", args.limit), ("--probe-limit", args.probe_limit)):
+        if value is not None and value < 1:
+            print(f"eval: error: {flag} {value}: must be >= 1", file=sys.stderr)
+            return 2
     try:
         records, skipped = load_records(args.data, skip_invalid=True, check_images=False)
         chance = args.chance if args.chance is not None else chance_from_metadata(args.data)
@@ -59,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         records = records[: args.limit]
+    if not records:
+        print(f"eval: error: {args.data}: no valid records"
+              + (f" ({len(skipped)} skipped)" if skipped else ""), file=sys.stderr)
+        return 2
     extra = [{"id": s.id, "kind": "invalid_record", "error": f"{s.source}: {s.reason}"} for s in skipped]
     try:
         model, processor = load_for_inference(args)

@@ -124,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         except RecordError as err:
             print(f"infer: error: {err}", file=sys.stderr)
             return 2
+        if not samples:
+            print(f"infer: error: {args.data}: no valid records"
+                  + (f" ({len(skipped)} skipped)" if skipped else ""), file=sys.stderr)
+            return 2
     try:
         model, processor = load_for_inference(args)
         engine = LatentInference(model, processor, threshold=args.threshold, use_latents=not args.no_latents,

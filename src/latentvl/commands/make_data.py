@@ -1,7 +1,7 @@
 """Generate a synthetic visual chain-of-thought data set.
 
 PNG images, train/val/test JSONL and ``meta.json`` (with chance accuracy) from
-:func:`latentvl.data.synthetic.make_dataset`; the same seed gives the same bytes.
+:func:`latentvl.data.tasks.writer.make_dataset`; the same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.synthetic import _TASK_KNOBS, DEFAULT_KNOBS, TASKS, make_dataset
+from ..data.tasks.registry import DEFAULT_KNOBS, TASKS
+from ..data.tasks.writer import make_dataset
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,10 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--colours", type=int, default=d["colours"], help="relay: number of colours (3..8) (default: %(default)s)"
     )
     parser.add_argument(
-        "--hops-min", type=int, default=d["hops_min"], help="relay, a5: fewest hops k (default: %(default)s)"
+        "--min-hops", "--hops-min", dest="min_hops", type=int, default=d["min_hops"],
+        help="relay, a5: fewest hops k (--hops-min: the former name) (default: %(default)s)",
     )
     parser.add_argument(
-        "--hops-max", type=int, default=d["hops_max"], help="relay (< colours), a5: most hops k (default: %(default)s)"
+        "--max-hops", "--hops-max", dest="max_hops", type=int, default=d["max_hops"],
+        help="relay (< colours), a5: most hops k (--hops-max: the former name) (default: %(default)s)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``latentvl make-data``: generate, then say where it wrote and show one record."""
     knobs = {key: getattr(args, key) for key in DEFAULT_KNOBS}
     knobs = {
-        key: v for key, v in knobs.items() if key in ("val_fraction", "test_fraction") or key in _TASK_KNOBS[args.task]
+        key: v for key, v in knobs.items() if key in ("val_fraction", "test_fraction") or key in TASKS[args.task].knobs
     }
     try:
         meta = make_dataset(args.task, args.n, args.seed, args.out, overwrite=args.overwrite, **knobs)

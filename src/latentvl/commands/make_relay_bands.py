@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.relay_bands import RELAY_BANDS_DEFAULTS, RULES, make_relay_bands
+from ..data.tasks.relay_bands import RELAY_BANDS_DEFAULTS, RULES
+from ..data.tasks.writer import make_relay_bands
 
 __all__ = ["add_arguments", "run"]
 

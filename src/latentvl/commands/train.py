@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CollatorInputError, RecordError, TrainConfigError, TrainDataError
-from ..training.checkpoint import CheckpointError
+from ..training.checkpoint import CheckpointError, RunLockedError
 from ..training.checks import PreflightError
 from ..training.config import load_config
 
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except TrainConfigError as err:
         return _fail(f"config error: {err}", EXIT_BAD_INPUT)
+    except RunLockedError as err:
+        return _fail(f"output folder in use: {err}", EXIT_BAD_INPUT)
     except (RecordError, TrainDataError, CollatorInputError) as err:
         return _fail(f"data error: {err}", EXIT_BAD_INPUT)
     except PreflightError as err:

@@ -62,6 +62,32 @@ class EncodedSample:
 
 
 # --------------------------------------------------------------------------- small helpers
+# Special tokens that may appear in text: Qwen's grounding markers (boxes, object references, quads).
+TEXT_SPECIAL_TOKENS = frozenset({
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>",
+})
+
+
+def reserved_token_ids(tokenizer: Any) -> set[int]:
+    """Ids that text (question, answer, system prompt) must not contain: every special token of the
+    tokenizer (its pad, eos and bos tokens and each added token marked special: chat, vision, video and
+    latent tokens), except the unknown token (what unknown text becomes) and the grounding markers of
+    :data:`TEXT_SPECIAL_TOKENS`. The collator appends the closing ``<|im_end|>`` itself."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None}
+    for tid, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False) and getattr(added, "content", str(added)) not in TEXT_SPECIAL_TOKENS:
+            ids.add(int(tid))
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if isinstance(tid, int):
+            ids.add(tid)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids.discard(unk)
+    allowed = tokenizer.convert_tokens_to_ids(sorted(TEXT_SPECIAL_TOKENS))
+    return ids - {a for a in allowed if a is not None and a != unk}
+
+
 def load_image(value: Any, sample_id: str, where: str) -> Image.Image:
     """A PIL image (RGB) from a PIL image or a path (:func:`latentvl.images.read_image`); ``where`` names
     the field, e.g. ``images[0]``."""
@@ -212,7 +238,7 @@ class LatentCollator:
         self.latent_id = self._latent_id("latent_token_id", LATENT_PAD)
         self.latent_end_id = self._latent_id("latent_end_token_id", LATENT_END)
         # Text pieces must not smuggle in tokens that define the layout.
-        self._reserved = {
+        self._reserved = reserved_token_ids(self.tokenizer) | {
             self.im_start_id, self.im_end_id, self.vision_start_id, self.vision_end_id, self.image_pad_id,
             self.latent_start_id, self.latent_id, self.latent_end_id,
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 Palette = dict[str, tuple[int, int, int]]
 
-# relay (latentvl.data.synthetic): well-separated colours
+# relay (latentvl.data.tasks.relay): well-separated colours
 RELAY_COLOURS: Palette = {
     "R": (230, 25, 25),
     "G": (0, 170, 0),
@@ -22,7 +22,7 @@ RELAY_COLOURS: Palette = {
     "O": (255, 130, 0),
 }
 
-# relay_bands (latentvl.data.relay_bands)
+# relay_bands (latentvl.data.tasks.relay_bands)
 RELAY_BANDS_PALETTE: Palette = {
     "R": (230, 25, 25),
     "G": (25, 200, 40),

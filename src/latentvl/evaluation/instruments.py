@@ -7,7 +7,7 @@ they are there and skip (saying so) when they are not:
 - ``cot_states`` (one JSON value per CoT image): the state that CoT image shows. The linear probe asks
   whether segment i's latents decode ``cot_states[i]``; the implant asks whether the answer follows an
   implanted state. Which answer a state implies is the one thing only the task knows: it comes from
-  :func:`latentvl.data.synthetic.implied_answer`, keyed by the task name (a record's ``task`` field, else
+  :func:`latentvl.data.tasks.registry.implied_answer`, keyed by the task name (a record's ``task`` field, else
   the ``task`` of the ``meta.json`` beside the data), and a task without such a function gets no
   follow rate (the implant's answer-change rate is still reported).
 - ``latent_states`` (one list per CoT image, one JSON value per latent of its segment at full budget):
@@ -201,7 +201,7 @@ class InstrumentRunner:
                     self.trunc_answers[keep][r.index] = text
 
     def _implant(self, outcome: BatchOutcome, units) -> None:
-        from ..data.synthetic import implied_answer
+        from ..data.tasks.registry import implied_answer
 
         segs_by_row = [sorted(s, key=lambda x: x[2]) for s in outcome.batch["latent_segments"]]
         plan: dict[tuple[int, int], torch.Tensor] = {}

@@ -7,10 +7,16 @@ from pathlib import Path
 import torch
 
 from ..config import LatentSettings
+from ..errors import InputError
 from ..processor import LatentProcessor
 from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
 from ..tokens import resize_embeddings_for_latents as _resize
 from .modeling import LatentQwen2_5_VLForConditionalGeneration
+
+
+class ModelFormatError(InputError):
+    """A model directory latentvl will not load (e.g. pickled ``pytorch_model.bin`` weights only)."""
+
 
 # dtype names that load_latent_model takes ("auto": as saved)
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +39,11 @@ def load_latent_model(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ModelFormatError(
+            f"{path}: holds only pickled weights ({', '.join(sorted(p.name for p in path.glob('*.bin')))}), "
+            "which latentvl does not load (a pickle can run code); convert them to safetensors first"
+        )
     processor = LatentProcessor.from_pretrained(path)
     model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(
         path,

@@ -86,18 +86,51 @@ def step_dirname(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random states as tensors and plain data (no numpy objects), so that a checkpoint loads with
+    ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved: Any) -> tuple:
+    kind, keys, pos, has_gauss, cached = saved
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy()
+    return (str(kind), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+
+
+def _python_state(saved: Any) -> tuple:
+    version, internal, gauss = saved
+    return (int(version), tuple(int(x) for x in internal), gauss if gauss is None else float(gauss))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_python_state(state["python"]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_rng_state(state: Any) -> None:
+    """Raise unless ``state`` is a set of random states :func:`set_rng_state` takes (tried on scratch
+    generators, so nothing global changes)."""
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        raise ValueError("not a set of random states (needs 'python', 'numpy' and 'torch')")
+    random.Random().setstate(_python_state(state["python"]))
+    np.random.RandomState().set_state(_numpy_state(state["numpy"]))
+    torch.Generator().set_state(state["torch"])
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in cuda):
+        raise ValueError("'cuda' is not a list of generator states")
 
 
 def _open_for_write(path: Path):
@@ -268,18 +301,54 @@ def _load(path: Path, loader):
     try:
         return loader(path)
     except Exception as err:  # torch / pickle / safetensors raise many types for a damaged file
-        raise CorruptCheckpointError(path, f"cannot be loaded ({type(err).__name__}: {err})") from err
+        first = (str(err).strip().splitlines() or [""])[0]  # one line: torch's messages run on
+        raise CorruptCheckpointError(path, f"cannot be loaded ({type(err).__name__}: {first})") from err
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy types a random state saved by an earlier latentvl (a numpy array) needs; nothing that
+    runs code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def torch_load_safe(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain data only, never code. A pickle that
+    asks for anything else (a crafted ``__reduce__``) raises ``pickle.UnpicklingError`` before it runs."""
+    import pickle
+    import re
+
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"asks for {found.group(1)}" if found else "holds more than tensors and plain data"
+        raise ValueError(f"refused: the file {what}, which latentvl never loads (weights_only=True; "
+                         "nothing in it was run)") from None
 
 
 def load_optimizer_state(ckpt: str | Path) -> dict[str, Any]:
-    return _load(Path(ckpt) / OPTIMIZER_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    path = Path(ckpt) / OPTIMIZER_FILE
+    state = _load(path, torch_load_safe)
+    if not isinstance(state, dict) or not {"optimizer", "scheduler"} <= set(state):
+        raise CorruptCheckpointError(path, "is not an optimiser state (needs 'optimizer' and 'scheduler')")
+    return state
 
 
 def load_rng_state(ckpt: str | Path, rank: int) -> dict[str, Any] | None:
     path = Path(ckpt) / "rng" / f"rank-{rank}.pt"
     if not path.is_file():
         return None
-    return _load(path, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    state = _load(path, torch_load_safe)
+    try:
+        _check_rng_state(state)
+    except Exception as err:  # noqa: BLE001 - any malformed content is a damaged file
+        raise CorruptCheckpointError(path, f"is not a set of random states ({type(err).__name__}: {err})") from err
+    return state
 
 
 def load_lora_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
@@ -419,3 +488,69 @@ def model_dir_of(path: str | Path) -> Path:
     if found is not None:
         return found / MODEL_DIR
     raise CheckpointError(f"{path} is neither a model directory nor a checkpoint (no config.json)")
+
+
+# ------------------------------------------------------------------------------------ the run lock
+LOCK_FILE = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds ``output_dir``; the message names its pid, host and start time."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def acquire_run_lock(output_dir: str | Path, warn=print) -> Path:
+    """Take ``output_dir/.lock`` (pid, host, start time; created with ``O_EXCL``), so that two runs never
+    share an output folder. A lock whose process is gone (same host, pid not alive) or that cannot be
+    read is taken over with a warning; a live one raises :class:`RunLockedError` naming its holder."""
+    import socket
+    import time
+
+    path = Path(output_dir) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _attempt in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8"))
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                holder = None
+            if holder is not None and (host != me["host"] or _pid_alive(pid)):
+                raise RunLockedError(
+                    f"output_dir={str(output_dir)!r} is in use by another run (pid {pid} on {host}, started "
+                    f"{holder.get('started', '?')}; lock file {path}). Wait for it, use another output_dir, "
+                    f"or delete {path} if that run is gone"
+                ) from None
+            what = "unreadable" if holder is None else f"left by pid {pid}, which is no longer running"
+            warn(f"warning: taking over the stale lock {path} ({what})")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me) + "\n")
+        return path
+    raise RunLockedError(f"output_dir={str(output_dir)!r}: could not take the lock {path}")
+
+
+def release_run_lock(path: Path | None) -> None:
+    """Remove the lock if it is still this process's."""
+    if path is None:
+        return
+    try:
+        if int(json.loads(path.read_text(encoding="utf-8"))["pid"]) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass

@@ -501,8 +501,10 @@ def check_resume_config(
             f"{global_batch} samples per step (checkpoint: {saved_global_batch}; batch_size and grad_accum "
             "may change only when the global batch stays the same)"
         )
-    if cfg.max_steps <= step:
+    if cfg.max_steps < step:
         refused.append(f"max_steps={cfg.max_steps} (the checkpoint is at step {step} already)")
+    # max_steps == step: every step is done; the resumed run only finishes what is left (final/,
+    # evaluation, calibration), so nothing about the steps changes
     elif "max_steps" in saved and saved["max_steps"] != cfg.max_steps and cfg.lr_scheduler != "constant":
         from .schedules import lr_factor
 

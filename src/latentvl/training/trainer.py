@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator, to_device
-from ..errors import TrainConfigError
+from ..errors import TrainConfigError, TrainDataError
 from ..evaluation.calibration import calibrate_threshold, write_model_threshold
 from ..evaluation.teacher_forced import evaluate_records
 from ..fileio import write_atomic
@@ -218,6 +218,7 @@ class _Run:
     scheduler: Any = None
     metrics: MetricsWriter | None = None
     checked: set[str] = field(default_factory=set)  # stages whose design §8 checks passed
+    lock: Path | None = None  # output_dir/.lock, held by the main process
 
     @property
     def global_batch(self) -> int:
@@ -228,18 +229,21 @@ def _run_training(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> Trai
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run, warnings = _start(cfg, callbacks, where)  # 1. the run
-    _setup_model(run)  # 2. the model
-    data_warning = _setup_data(run)  # 3. the data
-    _setup_engine(run)  # 4. optimiser, schedule, engine
-    if run.resume_dir is not None:  # 5. resume
-        _restore(run)
-    _open_metrics(run, [data_warning, *warnings])
     try:
-        while run.state.step < cfg.max_steps:  # 6. the loop
-            _train_step(run)
-        _finish(run)  # 7. the end
+        _setup_model(run)  # 2. the model
+        data_warning = _setup_data(run)  # 3. the data
+        _setup_engine(run)  # 4. optimiser, schedule, engine
+        if run.resume_dir is not None:  # 5. resume
+            _restore(run)
+        _open_metrics(run, [data_warning, *warnings])
+        try:
+            while run.state.step < cfg.max_steps:  # 6. the loop
+                _train_step(run)
+            _finish(run)  # 7. the end
+        finally:
+            run.metrics.close()
     finally:
-        run.metrics.close()
+        ckpt.release_run_lock(run.lock)
     run.result.step = run.state.step
     run.result.stage = run.state.stage
     if run.main:
@@ -253,8 +257,33 @@ def _start(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> tuple[_Run,
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
+    lock = _lock_output_dir(out_dir, main)
+    try:
+        return _start_locked(cfg, callbacks, where, accelerator, out_dir, lock)
+    except BaseException:
+        ckpt.release_run_lock(lock)
+        raise
+
+
+def _lock_output_dir(out_dir: Path, main: bool) -> Path | None:
+    """Create ``out_dir`` and take its lock (the main process; every process learns the outcome)."""
+    answer: list[Any] = [("ok", None)]
     if main:
-        _prepare_output_dir(out_dir)
+        try:
+            _prepare_output_dir(out_dir)
+            answer = [("ok", ckpt.acquire_run_lock(out_dir, warn=lambda text: print(text, flush=True)))]
+        except (TrainConfigError, ckpt.RunLockedError) as err:
+            answer = [("error", err)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if answer[0][0] == "error":
+        raise answer[0][1]
+    return answer[0][1] if main else None
+
+
+def _start_locked(cfg: TrainConfig, callbacks: list[Any], where: _Where, accelerator, out_dir: Path,
+                  lock: Path | None) -> tuple[_Run, list[str]]:
+    main = accelerator.is_main_process
     resume_dir, resume_notes = _choose_resume(cfg, out_dir, main) if cfg.resume else (None, [])
     if main:
         for note in resume_notes:
@@ -281,7 +310,7 @@ def _start(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> tuple[_Run,
         cfg=cfg, callbacks=callbacks, where=where, accelerator=accelerator, rank=accelerator.process_index,
         world=accelerator.num_processes, device=accelerator.device, main=main, out_dir=out_dir, state=state,
         result=TrainResult(output_dir=out_dir, step=state.step, stage=state.stage),
-        resume_dir=resume_dir, last_ckpt=resume_dir,
+        resume_dir=resume_dir, last_ckpt=resume_dir, lock=lock,
     )
     return run, warnings
 
@@ -306,7 +335,6 @@ def _setup_data(run: _Run) -> str | None:
                            keep_batch_entries=run.resume_dir is not None)
     train_records = load_split(cfg.train_data, cfg.skip_invalid, run.skips, "train")
     warning = check_latent_data(train_records, cfg.train_data, cfg.stage, cfg.use_latents)
-    run.eval_records = load_split(cfg.eval_data, cfg.skip_invalid, run.skips, "eval") if cfg.eval_data else None
     run.collator = LatentCollator(
         run.processor,
         run.lm.config,
@@ -314,6 +342,9 @@ def _setup_data(run: _Run) -> str | None:
         system_prompt=cfg.system_prompt,
         use_latents=cfg.use_latents,
     )
+    if cfg.eval_data:
+        eval_records = load_split(cfg.eval_data, cfg.skip_invalid, run.skips, "eval")
+        run.eval_records = _usable_eval_records(run, eval_records)
     run.sampler = StreamBatchSampler(
         len(train_records), cfg.batch_size, cfg.grad_accum, run.world, run.rank, cfg.seed,
         start=run.state.samples_seen,
@@ -321,6 +352,35 @@ def _setup_data(run: _Run) -> str | None:
     run.batches = micro_batches(train_records, run.collator, run.sampler, cfg.num_workers, cfg.skip_invalid)
     run.train_items = BatchTimeDataset(train_records, cfg.skip_invalid)  # random access, for the checks' batch
     return warning
+
+
+def _usable_eval_records(run: _Run, records: list) -> list:
+    """The eval records the evaluation will use, each read and collated once now, so that a record the
+    collator rejects or an image that cannot be decoded is found before training, not after it. With
+    ``skip_invalid`` such a record is left out and reported (``skipped_records.json``, split ``eval``);
+    without, the error names the record. Every process checks the same records, so all agree."""
+    from ..data.records import RecordDataset
+    from ..errors import CollatorInputError, InputError
+
+    cfg = run.cfg
+    limit = len(records) if cfg.eval_max_samples is None else cfg.eval_max_samples
+    usable, skipped = [], []
+    for rec in records:
+        if len(usable) >= limit:
+            break
+        try:
+            run.collator([RecordDataset([rec])[0]])
+        except (InputError, OSError) as err:
+            if not cfg.skip_invalid:
+                raise CollatorInputError(f"eval_data {rec.source} (id {rec.id!r}): {err}") from err
+            skipped.append({"source": rec.source, "id": rec.id, "reason": str(err)})
+            continue
+        usable.append(rec)
+    for e in run.skips.add("eval", skipped, "load") if run.main else []:
+        print(f"skipped {e['source']} (id {e['id']!r}): {e['reason']}", flush=True)
+    if not usable:
+        raise TrainDataError(f"{cfg.eval_data}: no eval record can be used ({len(skipped)} skipped)")
+    return usable
 
 
 # 4. optimiser, schedule, engine -------------------------------------------------------------------
@@ -550,11 +610,11 @@ def _evaluate_and_save(run: _Run, step_no: int) -> None:
 
 # 7. the end ---------------------------------------------------------------------------------------
 def _finish(run: _Run) -> None:
-    """The final evaluation, the last checkpoint (unless the last step wrote it) and ``final/``."""
+    """The last checkpoint (unless the last step wrote it) and ``final/``, then the final evaluation and
+    the calibration: a failure there never costs the trained model. A resumed run whose steps were all
+    done comes straight here and finishes what is left."""
     step = run.state.step
-    run.where.phase = f"the end of the run (final evaluation, checkpoint {ckpt.step_dirname(step)}, barrier)"
-    if run.eval_records is not None:
-        _evaluate(run, step)
+    run.where.phase = f"the end of the run (checkpoint {ckpt.step_dirname(step)}, final evaluation, barrier)"
     if run.last_ckpt is None or ckpt.read_trainer_state(run.last_ckpt)["step"] != step:
         run.last_ckpt = _save(run, step)
     run.result.checkpoint = run.last_ckpt
@@ -562,6 +622,9 @@ def _finish(run: _Run) -> None:
         final = run.out_dir / "final"
         _replace_dir_with_copy(run.last_ckpt / ckpt.MODEL_DIR, final)
         run.result.final_model = final
+    run.accelerator.wait_for_everyone()
+    if run.eval_records is not None:
+        _evaluate(run, step)
     if run.cfg.calibrate_stop_threshold:
         run.where.phase = "the end of the run (stop-threshold calibration on eval_data)"
         _calibrate(run)

@@ -1,7 +1,7 @@
 """Run the whole method end to end on the tiny model and a synthetic task, with its controls, and report.
 
 ``latentvl demo`` generates a synthetic visual chain-of-thought task (default ``a5``: a word problem over
-the group A5, one latent per state, see :mod:`latentvl.data.synthetic`) and trains five arms on the same
+the group A5, one latent per state, see :mod:`latentvl.data.tasks.a5`) and trains five arms on the same
 data with the same model, optimiser, seed and steps:
 
 - ``baseline_no_latents``: answers right after the question;
@@ -318,7 +318,7 @@ def _make_data(out: Path, demo: dict[str, Any], log) -> tuple[_DemoData, dict[st
     """Generate the task into ``out/data``; the demo settings come back without a curriculum when the
     records carry no difficulty."""
     from ...data.records import load_metadata, load_records
-    from ...data.synthetic import make_dataset
+    from ...data.tasks.writer import make_dataset
     from ...evaluation.instruments import read_record_fields
 
     data_dir = out / "data"

@@ -17,16 +17,13 @@ from PIL import Image
 
 from latentvl import fileio
 from latentvl.commands import make_data
-from latentvl.data import synthetic
+from latentvl.data.palettes import RELAY_COLOURS
 from latentvl.data.records import RecordDataset, load_metadata, load_records
-from latentvl.data.synthetic import (
-    MAZE_ANSWERS,
-    PATH_BLUE,
-    SHAPE_COLOURS,
-    SHAPES_ANSWERS,
-    generate_sample,
-    make_dataset,
-)
+from latentvl.data.tasks import a5, common, maze, relay, writer
+from latentvl.data.tasks.maze import MAZE_ANSWERS, PATH_BLUE
+from latentvl.data.tasks.registry import generate_sample, implied_answer
+from latentvl.data.tasks.shapes import SHAPE_COLOURS, SHAPES_ANSWERS
+from latentvl.data.tasks.writer import make_dataset
 
 STEP = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 SPLITS = ("train", "val", "test")
@@ -228,8 +225,8 @@ def test_maze_pictures_show_markers_and_the_path_so_far(maze_dir: Path) -> None:
         a = ann[r["id"]]
         path = [tuple(p) for p in a["path"]]
         q = Image.open(maze_dir / r["images"][0]).convert("RGB")
-        assert q.getpixel(_centre(a, path[0])) == synthetic.START_GREEN
-        assert q.getpixel(_centre(a, path[-1])) == synthetic.GOAL_RED
+        assert q.getpixel(_centre(a, path[0])) == maze.START_GREEN
+        assert q.getpixel(_centre(a, path[-1])) == maze.GOAL_RED
         assert all(q.getpixel(_mid(a, path[k], path[k + 1])) == (255, 255, 255) for k in range(len(path) - 1))
         assert PATH_BLUE not in {c for _, c in q.getcolors(1 << 16)}
         for cot_path, shown in zip(r["cot_images"], a["cot_moves_shown"], strict=True):
@@ -285,7 +282,7 @@ def test_shapes_answer_is_the_colour_of_the_largest_shape(shapes_dir: Path) -> N
             x0, y0, x1, y1 = s["box"]
             centre = ((x0 + x1) // 2, (y0 + y1) // 2)
             assert q.getpixel(centre) == SHAPE_COLOURS[s["colour"]]
-            expected = SHAPE_COLOURS[s["colour"]] if s is biggest else synthetic.GREY
+            expected = SHAPE_COLOURS[s["colour"]] if s is biggest else common.GREY
             assert last.getpixel(centre) == expected
         # the frame: black pixels around the largest shape only in the last CoT image
         assert (0, 0, 0) in {c for _, c in last.getcolors(1 << 16)}
@@ -363,7 +360,7 @@ def test_interrupted_run_leaves_no_partial_files(tmp_path: Path, monkeypatch) ->
     out = tmp_path / "d"
     make_dataset("shapes", 12, 0, out)
     before = {name: (out / name).read_bytes() for name in ("train.jsonl", "val.jsonl", "meta.json")}
-    real = synthetic.write_atomic
+    real = writer.write_atomic
     calls = []
 
     def dying_write(path: Path, data: bytes, sync: bool = True) -> None:
@@ -372,7 +369,7 @@ def test_interrupted_run_leaves_no_partial_files(tmp_path: Path, monkeypatch) ->
             raise KeyboardInterrupt  # killed while writing the JSONL files
         real(path, data, sync=sync)
 
-    monkeypatch.setattr(synthetic, "write_atomic", dying_write)
+    monkeypatch.setattr(writer, "write_atomic", dying_write)
     with pytest.raises(KeyboardInterrupt):
         make_dataset("shapes", 12, 5, out, overwrite=True)
     monkeypatch.undo()
@@ -407,7 +404,7 @@ def test_atomic_write_cleans_up_on_failure(tmp_path: Path, monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def relay_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("relay")
-    make_dataset("relay", 60, 5, out, colours=6, hops_min=1, hops_max=4)
+    make_dataset("relay", 60, 5, out, colours=6, min_hops=1, max_hops=4)
     return out
 
 
@@ -434,7 +431,7 @@ def test_relay_records_follow_the_rule_k_times(relay_dir: Path) -> None:
 
 
 def test_relay_pictures_show_whole_token_rule_tiles_and_swatches(relay_dir: Path) -> None:
-    colours = synthetic.RELAY_COLOURS
+    colours = RELAY_COLOURS
     for r in _all_records(relay_dir)[:12]:
         a = _annotations(relay_dir)[r["id"]]
         q = Image.open(relay_dir / r["images"][0]).convert("RGB")
@@ -444,7 +441,7 @@ def test_relay_pictures_show_whole_token_rule_tiles_and_swatches(relay_dir: Path
             left = {q.getpixel((x0 + dx, y0 + dy)) for dx in range(14) for dy in range(28)}
             right = {q.getpixel((x0 + 14 + dx, y0 + dy)) for dx in range(14) for dy in range(28)}
             if "start" in tile:
-                assert left == {synthetic.RELAY_START} and right == {colours[tile["start"]]}
+                assert left == {relay.RELAY_START} and right == {colours[tile["start"]]}
                 assert tile["start"] == r["cot_states"][0]
             else:
                 assert left == {colours[tile["from"]]} and right == {colours[tile["to"]]}
@@ -460,19 +457,19 @@ def test_relay_implied_answer_follows_the_remaining_hops(relay_dir: Path, index:
     r = _all_records(relay_dir)[index]
     k = r["difficulty"]
     if j > k:
-        assert synthetic.implied_answer("relay", r, j, state) is None
+        assert implied_answer("relay", r, j, state) is None
         return
-    implied = synthetic.implied_answer("relay", r, j, state)
-    assert synthetic.implied_answer("relay", r, j, r["cot_states"][j]) == r["answer"]
+    implied = implied_answer("relay", r, j, state)
+    assert implied_answer("relay", r, j, r["cot_states"][j]) == r["answer"]
     assert (implied == r["answer"]) == (state == r["cot_states"][j])  # f^(k-j) is a bijection
-    assert synthetic.implied_answer("maze", r, j, state) is None
-    assert synthetic.implied_answer("relay", {"question": "?"}, j, state) is None
+    assert implied_answer("maze", r, j, state) is None
+    assert implied_answer("relay", {"question": "?"}, j, state) is None
 
 
 @pytest.mark.parametrize(
     "knobs, message",
-    [({"colours": 2}, "colours"), ({"colours": 9}, "colours"), ({"hops_max": 6}, "hops_max < colours"),
-     ({"hops_min": 0}, "hops_min")],
+    [({"colours": 2}, "colours"), ({"colours": 9}, "colours"), ({"max_hops": 6}, "max_hops < colours"),
+     ({"min_hops": 0}, "min_hops")],
 )
 def test_relay_knobs_are_checked(tmp_path: Path, knobs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -481,7 +478,7 @@ def test_relay_knobs_are_checked(tmp_path: Path, knobs: dict, message: str) -> N
 
 def test_relay_cli_flags(tmp_path: Path) -> None:
     out = tmp_path / "d"
-    assert make_data.run(_args(task="relay", n=12, seed=1, out=out, colours=4, hops_min=2, hops_max=3)) == 0
+    assert make_data.run(_args(task="relay", n=12, seed=1, out=out, colours=4, min_hops=2, max_hops=3)) == 0
     records = _all_records(out)
     assert {r["answer"] for r in records} == set("RGBY") and {r["difficulty"] for r in records} <= {2, 3}
 
@@ -492,12 +489,12 @@ def test_relay_cli_flags(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def a5_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("a5")
-    make_dataset("a5", 50, 3, out, hops_min=1, hops_max=5)
+    make_dataset("a5", 50, 3, out, min_hops=1, max_hops=5)
     return out
 
 
 def _permutation(op: str) -> dict[str, str]:
-    return {s: synthetic.A5_STATES[synthetic.A5_OPS[op][i]] for i, s in enumerate(synthetic.A5_STATES)}
+    return {s: a5.A5_STATES[a5.A5_OPS[op][i]] for i, s in enumerate(a5.A5_STATES)}
 
 
 def test_a5_ops_generate_a_non_solvable_group() -> None:
@@ -505,12 +502,12 @@ def test_a5_ops_generate_a_non_solvable_group() -> None:
     def parity(p: tuple[int, ...]) -> int:
         return sum(p[i] > p[j] for i in range(5) for j in range(i + 1, 5)) % 2
 
-    assert all(parity(p) == 0 for p in synthetic.A5_OPS.values())
+    assert all(parity(p) == 0 for p in a5.A5_OPS.values())
     group, frontier = {tuple(range(5))}, [tuple(range(5))]
     while frontier:
         g = frontier.pop()
         for op in ("a", "b"):
-            h = tuple(synthetic.A5_OPS[op][g[i]] for i in range(5))
+            h = tuple(a5.A5_OPS[op][g[i]] for i in range(5))
             if h not in group:
                 group.add(h)
                 frontier.append(h)
@@ -520,7 +517,7 @@ def test_a5_ops_generate_a_non_solvable_group() -> None:
 def test_a5_records_apply_their_ops_in_order(a5_dir: Path) -> None:
     records = _all_records(a5_dir)
     assert Counter(r["answer"] for r in records) == {c: 10 for c in "RGBYC"}
-    colours = synthetic.RELAY_COLOURS
+    colours = RELAY_COLOURS
     for r in records:
         ops, (states,), k = r["ops"], r["latent_states"], r["difficulty"]
         assert len(ops) == k and 1 <= k <= 5 and len(states) == 6 and len(r["cot_images"]) == 1
@@ -542,27 +539,28 @@ def test_a5_records_apply_their_ops_in_order(a5_dir: Path) -> None:
 def test_a5_implied_answer_applies_the_remaining_ops(a5_dir: Path, index: int, j: int, state: str) -> None:
     r = _all_records(a5_dir)[index]
     if j > 5:  # past the strip's six cells
-        assert synthetic.implied_answer("a5", r, j, state) is None
+        assert implied_answer("a5", r, j, state) is None
         return
-    implied = synthetic.implied_answer("a5", r, j, state)
-    assert synthetic.implied_answer("a5", r, j, r["latent_states"][0][j]) == r["answer"]
+    implied = implied_answer("a5", r, j, state)
+    assert implied_answer("a5", r, j, r["latent_states"][0][j]) == r["answer"]
     assert (implied == r["answer"]) == (state == r["latent_states"][0][j])  # the remaining ops are a bijection
     x = state
     for op in r["ops"][j:]:
         x = _permutation(op)[x]
     assert implied == x
-    assert synthetic.implied_answer("a5", r, j, "M") is None
-    assert synthetic.implied_answer("a5", {"question": "?"}, j, state) is None
+    assert implied_answer("a5", r, j, "M") is None
+    assert implied_answer("a5", {"question": "?"}, j, state) is None
 
 
-@pytest.mark.parametrize("knobs", [{"hops_min": 0}, {"hops_min": 3, "hops_max": 2}])
+@pytest.mark.parametrize("knobs", [{"min_hops": 0}, {"min_hops": 3, "max_hops": 2}])
 def test_a5_knobs_are_checked(tmp_path: Path, knobs: dict) -> None:
-    with pytest.raises(ValueError, match="hops_min"):
+    with pytest.raises(ValueError, match="min_hops"):
         make_dataset("a5", 10, 0, tmp_path / "d", **knobs)
 
 
 def test_a5_cli_flags(tmp_path: Path) -> None:
     out = tmp_path / "d"
+    # the former flag names --hops-min/--hops-max still work
     assert make_data.run(_args(task="a5", n=10, seed=1, out=out, hops_min=2, hops_max=3)) == 0
     records = _all_records(out)
     assert {r["difficulty"] for r in records} == {2, 3} and all(len(r["question"]) == len("Ops: abc") for r in records)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from latentvl import LatentCollator, build_tiny_model, set_latent_fields
 from latentvl.data.records import load_records
-from latentvl.data.relay_bands import PALETTE, make_relay_bands, relay_bands_sample
+from latentvl.data.tasks.relay_bands import PALETTE, relay_bands_sample
+from latentvl.data.tasks.writer import make_relay_bands
 
 
 def _token_colours(img, row: int = 0):

@@ -32,25 +32,21 @@ drawn table is not (at chance after 600 stage-A steps), but a fixed rule can als
 one forward, so the latents are not necessary for it.
 
 ``annotations.jsonl`` holds the palette order, ``f``, ``c0``, the chain and ``m`` per record; each record
-also carries ``"difficulty": m`` (records ignore unknown keys; evaluation reads it).
+also carries ``"difficulty": m`` (records ignore unknown keys; evaluation reads it). The writer is
+:func:`latentvl.data.tasks.writer.make_relay_bands`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..fileio import write_atomic
-from .palettes import RELAY_BANDS_PALETTE
-from .synthetic import Sample, _jsonl, _png_bytes
+from ..palettes import RELAY_BANDS_PALETTE
+from .common import Sample
 
-__all__ = ["PALETTE", "RELAY_BANDS_DEFAULTS", "make_relay_bands", "relay_bands_sample"]
+__all__ = ["PALETTE", "RELAY_BANDS_DEFAULTS", "RULES", "check_knobs", "relay_bands_sample"]
 
 TOKEN_PX = 28  # one merged visual token (2 x 2 patches of 14 px)
 HALF_PX = TOKEN_PX // 2
@@ -67,7 +63,8 @@ RELAY_BANDS_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _check(knobs: dict[str, Any]) -> dict[str, Any]:
+def check_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    """``knobs`` over :data:`RELAY_BANDS_DEFAULTS`, checked (``cells`` filled in); ValueError if not."""
     unknown = set(knobs) - set(RELAY_BANDS_DEFAULTS)
     if unknown:
         raise ValueError(f"relay_bands: unknown knob(s) {sorted(unknown)}; known: {sorted(RELAY_BANDS_DEFAULTS)}")
@@ -102,7 +99,7 @@ def _fill(img: Image.Image, x0: int, width: int, rgb: tuple[int, int, int]) -> N
 
 def relay_bands_sample(rng: random.Random, hops: int, target: str, knobs: dict[str, Any] | None = None) -> Sample:
     """One sample with ``hops`` hops whose answer is the palette letter ``target``."""
-    k = _check(dict(knobs or {}))
+    k = check_knobs(dict(knobs or {}))
     letters = list(PALETTE)[: k["colours"]]
     if target not in letters:
         raise ValueError(f"relay_bands: target {target!r} is not one of the palette letters {letters}")
@@ -141,75 +138,3 @@ def relay_bands_sample(rng: random.Random, hops: int, target: str, knobs: dict[s
     annotation = {"difficulty": hops, "c0": c0, "chain": chain, "f": f, "rule_positions": sources}
     return Sample(question=f"{hops} hops?", answer=target, images=[question], cot_images=[strip],
                   annotation=annotation)
-
-
-def make_relay_bands(n: int, seed: int, out: str | os.PathLike[str], overwrite: bool = False,
-                     **knobs: Any) -> dict[str, Any]:
-    """Write ``n`` records (train/val/test JSONL, images, annotations, ``meta.json``) into ``out``.
-
-    Hops cycle through ``min_hops..max_hops`` and answers through the palette independently, so both are
-    balanced within each split. Deterministic: the same arguments give byte-identical files.
-    """
-    k = _check(knobs)
-    if n < 1:
-        raise ValueError(f"relay_bands: n={n} must be >= 1")
-    out = Path(out)
-    if (out / "meta.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a dataset (meta.json); pass overwrite=True to replace it")
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    n_test = int(round(n * k["test_fraction"]))
-    n_val = int(round(n * k["val_fraction"]))
-    sizes = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
-    letters = list(PALETTE)[: k["colours"]]
-    hop_values = list(range(k["min_hops"], k["max_hops"] + 1))
-    rows: dict[str, list[dict[str, Any]]] = {s: [] for s in sizes}
-    annotations = []
-    index = 0
-    for split, size in sizes.items():
-        split_rng = random.Random(f"relay_bands:{seed}:{split}")
-        hops = [hop_values[i % len(hop_values)] for i in range(size)]
-        targets = [letters[i % len(letters)] for i in range(size)]
-        split_rng.shuffle(hops)
-        split_rng.shuffle(targets)
-        for m, target in zip(hops, targets):
-            rec_id = f"relay_bands-{index:05d}"
-            sample = relay_bands_sample(random.Random(f"relay_bands:{seed}:sample:{index}"), m, target, k)
-            q_name, c_name = f"{rec_id}-q0.png", f"{rec_id}-cot0.png"
-            write_atomic(images / q_name, _png_bytes(sample.images[0]), sync=False)
-            write_atomic(images / c_name, _png_bytes(sample.cot_images[0]), sync=False)
-            rows[split].append({"id": rec_id, "question": sample.question, "images": [f"images/{q_name}"],
-                                "cot_images": [f"images/{c_name}"], "answer": sample.answer, "difficulty": m})
-            annotations.append({"id": rec_id, "split": split, "answer": sample.answer, **sample.annotation})
-            index += 1
-    for split, split_rows in rows.items():
-        write_atomic(out / f"{split}.jsonl", _jsonl(split_rows))
-    write_atomic(out / "annotations.jsonl", _jsonl(annotations))
-    splits = {}
-    for split, split_rows in rows.items():
-        counts = Counter(r["answer"] for r in split_rows)
-        splits[split] = {
-            "file": f"{split}.jsonl",
-            "size": len(split_rows),
-            "answer_counts": {a: counts.get(a, 0) for a in letters},
-            "difficulty_counts": dict(sorted(Counter(r["difficulty"] for r in split_rows).items())),
-            "chance_accuracy": max(counts.values()) / len(split_rows) if split_rows else None,
-        }
-    total = Counter(r["answer"] for split_rows in rows.values() for r in split_rows)
-    meta = {
-        "task": "relay_bands",
-        "n": n,
-        "seed": seed,
-        "question": "{m} hops?",
-        "answer_rule": "palette letter of f^m(c0): the start tile's colour followed m times through the rule cells",
-        "answer_set": letters,
-        "chance_accuracy": max(total.values()) / n,
-        "chance_method": "rate of the most frequent answer (answers are balanced by construction)",
-        "difficulty": "number of hops m; the CoT strip has the same size for every m",
-        "splits": splits,
-        "knobs": k,
-        "annotations": "annotations.jsonl",
-    }
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-    return meta
