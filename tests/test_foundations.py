@@ -294,3 +294,12 @@ def test_readme_python_example_uses_the_front_door_only():
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
             and isinstance(n.value, ast.Name) and n.value.id == "latentvl"}
     assert used and used <= set(latentvl.__all__), used - set(latentvl.__all__)
+
+
+def test_tests_mirror_the_package():
+    """Each folder of tests/ is a package folder of latentvl (foundations' tests stay at the top)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders and folders <= packages, folders - packages
+    assert not [p.name for p in tests.glob("test_*.py") if p.stem not in ("test_foundations", "test_config_budget")]

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from ..errors import CollatorInputError, RecordError, TrainConfigError, TrainDataError
-from ..training.checkpoint import CheckpointError, RunLockedError
+from ..training.checkpoint import CheckpointError
 from ..training.checks import PreflightError
 from ..training.config import load_config
+from ..training.resume import RunLockedError
 
 # flag -> config key; each flag is a shortcut for "key=value"
 _FLAGS = {

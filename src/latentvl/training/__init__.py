@@ -5,7 +5,8 @@
 - :mod:`latentvl.training.distributed` - accelerate, FSDP2, the collectives and their errors;
 - :class:`latentvl.training.config.TrainConfig` / :func:`~latentvl.training.config.load_config` - options;
 - :mod:`latentvl.training.checks` - the design §8 checks run before the first step;
-- :mod:`latentvl.training.checkpoint` - atomic checkpoints and exact resume;
+- :mod:`latentvl.training.checkpoint` - the checkpoint format: atomic writes, checksums, safe loading;
+- :mod:`latentvl.training.resume` - the folder's lock, the checkpoint to resume from, what may change;
 - :mod:`latentvl.training.metrics` - JSONL log, TensorBoard, progress bar.
 
 See ``docs/training.md``.

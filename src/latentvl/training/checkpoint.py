@@ -146,7 +146,6 @@ def _torch_save(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -427,56 +426,6 @@ def verify_checkpoint(ckpt: str | Path) -> bool:
     return True
 
 
-def choose_resume(resume: str, output_dir: str | Path) -> tuple[Path, list[str]]:
-    """The checkpoint to resume from, verified, and what was said about it (sentences).
-
-    ``"latest"`` (or an output folder): the newest checkpoint that verifies; newer ones that do not are
-    named in the notes and skipped. An explicit checkpoint folder that fails verification raises
-    :class:`CorruptCheckpointError`, which names the file and the newest checkpoint that does verify.
-    """
-    path = Path(resume)
-    explicit = resume != "latest" and (path / STATE_FILE).is_file()
-    root = path.parent.parent if explicit else (Path(output_dir) if resume == "latest" else path)
-    if explicit:
-        try:
-            verify_checkpoint(path)
-        except CorruptCheckpointError as err:
-            good = _newest_verified(root, exclude=path)
-            hint = f"; the newest checkpoint that verifies is {good[0]} (resume={good[0]})" if good else ""
-            raise CorruptCheckpointError(err.file, err.why + hint) from err
-        return path, []
-    candidates = list_checkpoints(root)
-    if not candidates:
-        if resume == "latest":
-            raise CheckpointError(f"resume=latest: no checkpoint under {Path(root) / CHECKPOINT_DIRNAME}")
-        raise CheckpointError(f"resume={resume!r}: not a checkpoint directory (no {STATE_FILE})")
-    notes: list[str] = []
-    for candidate in reversed(candidates):
-        try:
-            verify_checkpoint(candidate)
-        except CorruptCheckpointError as err:
-            notes.append(f"checkpoint {candidate.name} is damaged, skipped: {err}")
-            continue
-        if notes:
-            notes.append(f"resuming from {candidate}, the newest checkpoint that verifies")
-        return candidate, notes
-    raise CheckpointError(
-        f"resume={resume!r}: no checkpoint under {Path(root) / CHECKPOINT_DIRNAME} verifies: " + "; ".join(notes)
-    )
-
-
-def _newest_verified(root: Path, exclude: Path) -> tuple[Path] | None:
-    for candidate in reversed(list_checkpoints(root)):
-        if candidate.resolve() == exclude.resolve():
-            continue
-        try:
-            verify_checkpoint(candidate)
-        except CheckpointError:
-            continue
-        return (candidate,)
-    return None
-
-
 def model_dir_of(path: str | Path) -> Path:
     """The model directory inside a checkpoint (``model/``), or ``path`` itself if it is one."""
     path = Path(path)
@@ -491,66 +440,5 @@ def model_dir_of(path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ the run lock
-LOCK_FILE = ".lock"
 
 
-class RunLockedError(RuntimeError):
-    """Another live run holds ``output_dir``; the message names its pid, host and start time."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
-def acquire_run_lock(output_dir: str | Path, warn=print) -> Path:
-    """Take ``output_dir/.lock`` (pid, host, start time; created with ``O_EXCL``), so that two runs never
-    share an output folder. A lock whose process is gone (same host, pid not alive) or that cannot be
-    read is taken over with a warning; a live one raises :class:`RunLockedError` naming its holder."""
-    import socket
-    import time
-
-    path = Path(output_dir) / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for _attempt in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text(encoding="utf-8"))
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-                holder = None
-            if holder is not None and (host != me["host"] or _pid_alive(pid)):
-                raise RunLockedError(
-                    f"output_dir={str(output_dir)!r} is in use by another run (pid {pid} on {host}, started "
-                    f"{holder.get('started', '?')}; lock file {path}). Wait for it, use another output_dir, "
-                    f"or delete {path} if that run is gone"
-                ) from None
-            what = "unreadable" if holder is None else f"left by pid {pid}, which is no longer running"
-            warn(f"warning: taking over the stale lock {path} ({what})")
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(me) + "\n")
-        return path
-    raise RunLockedError(f"output_dir={str(output_dir)!r}: could not take the lock {path}")
-
-
-def release_run_lock(path: Path | None) -> None:
-    """Remove the lock if it is still this process's."""
-    if path is None:
-        return
-    try:
-        if int(json.loads(path.read_text(encoding="utf-8"))["pid"]) == os.getpid():
-            path.unlink()
-    except (OSError, ValueError, KeyError, TypeError):
-        pass

@@ -26,7 +26,6 @@ import copy
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +40,10 @@ from ..data.collator import LatentCollator, to_device
 from ..errors import TrainConfigError, TrainDataError
 from ..evaluation.calibration import calibrate_threshold, write_model_threshold
 from ..evaluation.teacher_forced import evaluate_records
-from ..fileio import write_atomic
+from ..fileio import replace_dir_with_copy, write_atomic
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
-from .config import TrainConfig, check_resume_config
+from .config import TrainConfig
 from .data import (
     SKIPPED_FILE,
     BatchTimeDataset,
@@ -70,6 +69,7 @@ from .distributed import (
     through_root,
 )
 from .metrics import MetricsWriter
+from .resume import check_resume_config, lock_output_dir, release_run_lock, resume_checkpoint
 from .schedules import lr_factor, teacher_forcing_at, threshold_at
 from .setup import (
     LatentLossModule,
@@ -123,24 +123,6 @@ class TrainResult:
     final_model: Path | None = None
     checks: list[CheckReport] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # calibrate_stop_threshold: the grid and the chosen threshold
-
-
-
-
-def _choose_resume(cfg: TrainConfig, out_dir: Path, main: bool) -> tuple[Path, list[str]]:
-    """The verified checkpoint to resume from (rank 0 verifies, every process learns the answer)."""
-    answer: list[Any] = [None]
-    if main:
-        try:
-            path, notes = ckpt.choose_resume(cfg.resume, out_dir)
-            answer = [("ok", str(path), notes)]
-        except ckpt.CheckpointError as err:
-            answer = [("error", err)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(answer, src=0)
-    if answer[0][0] == "error":
-        raise answer[0][1]
-    return Path(answer[0][1]), answer[0][2]
 
 
 def current_threshold(cfg: TrainConfig, step: int) -> float | None:
@@ -243,7 +225,7 @@ def _run_training(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> Trai
         finally:
             run.metrics.close()
     finally:
-        ckpt.release_run_lock(run.lock)
+        release_run_lock(run.lock)
     run.result.step = run.state.step
     run.result.stage = run.state.stage
     if run.main:
@@ -257,34 +239,18 @@ def _start(cfg: TrainConfig, callbacks: list[Any], where: _Where) -> tuple[_Run,
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out_dir = Path(cfg.output_dir)
-    lock = _lock_output_dir(out_dir, main)
+    lock = lock_output_dir(out_dir, main)
     try:
         return _start_locked(cfg, callbacks, where, accelerator, out_dir, lock)
     except BaseException:
-        ckpt.release_run_lock(lock)
+        release_run_lock(lock)
         raise
-
-
-def _lock_output_dir(out_dir: Path, main: bool) -> Path | None:
-    """Create ``out_dir`` and take its lock (the main process; every process learns the outcome)."""
-    answer: list[Any] = [("ok", None)]
-    if main:
-        try:
-            _prepare_output_dir(out_dir)
-            answer = [("ok", ckpt.acquire_run_lock(out_dir, warn=lambda text: print(text, flush=True)))]
-        except (TrainConfigError, ckpt.RunLockedError) as err:
-            answer = [("error", err)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(answer, src=0)
-    if answer[0][0] == "error":
-        raise answer[0][1]
-    return answer[0][1] if main else None
 
 
 def _start_locked(cfg: TrainConfig, callbacks: list[Any], where: _Where, accelerator, out_dir: Path,
                   lock: Path | None) -> tuple[_Run, list[str]]:
     main = accelerator.is_main_process
-    resume_dir, resume_notes = _choose_resume(cfg, out_dir, main) if cfg.resume else (None, [])
+    resume_dir, resume_notes = resume_checkpoint(cfg, out_dir, main) if cfg.resume else (None, [])
     if main:
         for note in resume_notes:
             print(f"warning: {note}", flush=True)
@@ -620,7 +586,7 @@ def _finish(run: _Run) -> None:
     run.result.checkpoint = run.last_ckpt
     if run.cfg.save_final_model and run.main:
         final = run.out_dir / "final"
-        _replace_dir_with_copy(run.last_ckpt / ckpt.MODEL_DIR, final)
+        replace_dir_with_copy(run.last_ckpt / ckpt.MODEL_DIR, final)
         run.result.final_model = final
     run.accelerator.wait_for_everyone()
     if run.eval_records is not None:
@@ -715,31 +681,3 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ small pieces
-def _prepare_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and make sure it takes files; a :class:`TrainConfigError` naming it if not."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        why = ckpt.describe_os_error(err)
-        raise TrainConfigError(f"output_dir={str(out_dir)!r}: cannot write there ({why})") from err
-
-
-def _replace_dir_with_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically (copy beside it, then swap)."""
-    import os
-    import shutil
-
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    old = dst.with_name(f".old-{dst.name}")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-

@@ -14,6 +14,7 @@ import torch
 
 from latentvl.data.tasks.writer import make_dataset
 from latentvl.training import checkpoint as ckpt_mod
+from latentvl.training import resume as resume_mod
 from latentvl.training.checkpoint import CorruptCheckpointError
 
 TINY = ["tiny_hidden_size=64", "tiny_num_layers=2", "progress_bar=false", "tensorboard=false",
@@ -54,7 +55,7 @@ def _args(data_dir, out, *extra, max_steps=2):
 def finished_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     assert _train_cli(_args(data_dir, out)) == 0
-    assert not (out / ckpt_mod.LOCK_FILE).exists()  # released at the end
+    assert not (out / resume_mod.LOCK_FILE).exists()  # released at the end
     return out
 
 
@@ -88,7 +89,7 @@ def test_a_crafted_pickle_runs_nothing_and_is_refused(data_dir, finished_run, tm
     assert status == 5, err
     assert err.startswith("latentvl train: checkpoint error: ") and str(step / name) in err
     assert len(err.splitlines()) == 1, err
-    assert not (run / ckpt_mod.LOCK_FILE).exists()
+    assert not (run / resume_mod.LOCK_FILE).exists()
 
 
 def test_rng_and_optimizer_files_load_with_weights_only(finished_run):
@@ -189,7 +190,7 @@ def test_a_second_run_on_a_live_output_dir_is_refused(data_dir, tmp_path, capsys
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}
-        (out / ckpt_mod.LOCK_FILE).write_text(json.dumps(lock))
+        (out / resume_mod.LOCK_FILE).write_text(json.dumps(lock))
         status = _train_cli(_args(data_dir, out, max_steps=1))
     finally:
         holder.kill()
@@ -198,24 +199,24 @@ def test_a_second_run_on_a_live_output_dir_is_refused(data_dir, tmp_path, capsys
     assert status == 2 and len(err.splitlines()) == 1, err
     assert f"pid {holder.pid}" in err and "in use" in err
     assert not (out / "checkpoints").exists()
-    assert json.loads((out / ckpt_mod.LOCK_FILE).read_text())["pid"] == holder.pid  # not taken
+    assert json.loads((out / resume_mod.LOCK_FILE).read_text())["pid"] == holder.pid  # not taken
 
 
 def test_the_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
-    path = ckpt_mod.acquire_run_lock(tmp_path)
+    path = resume_mod.acquire_run_lock(tmp_path)
     assert json.loads(path.read_text())["pid"] == os.getpid()
-    with pytest.raises(ckpt_mod.RunLockedError, match=f"pid {os.getpid()}"):
-        ckpt_mod.acquire_run_lock(tmp_path)
-    ckpt_mod.release_run_lock(path)
+    with pytest.raises(resume_mod.RunLockedError, match=f"pid {os.getpid()}"):
+        resume_mod.acquire_run_lock(tmp_path)
+    resume_mod.release_run_lock(path)
     assert not path.exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
     said = []
-    assert ckpt_mod.acquire_run_lock(tmp_path, warn=said.append) == path
+    assert resume_mod.acquire_run_lock(tmp_path, warn=said.append) == path
     assert json.loads(path.read_text())["pid"] == os.getpid()
     assert said and "stale" in said[0] and str(dead.pid) in said[0]
-    ckpt_mod.release_run_lock(path)
+    resume_mod.release_run_lock(path)
 
 
 # ------------------------------------------------------------------------------------ 5. resume of a finished run
@@ -229,7 +230,7 @@ def test_a_run_killed_during_calibration_resumes_and_finishes(data_dir, tmp_path
     # a stale lock of the killed process
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / ckpt_mod.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (out / resume_mod.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     capsys.readouterr()
     status = _train_cli([*args, "--resume"])
     text = capsys.readouterr()
@@ -238,7 +239,7 @@ def test_a_run_killed_during_calibration_resumes_and_finishes(data_dir, tmp_path
     assert "stale lock" in text.out
     assert json.loads((out / "calibration.json").read_text())["threshold"] is not None
     assert (out / "final" / "config.json").is_file()
-    assert not (out / ckpt_mod.LOCK_FILE).exists()
+    assert not (out / resume_mod.LOCK_FILE).exists()
 
 
 # ------------------------------------------------------------------------------------ 7. one rule for exits

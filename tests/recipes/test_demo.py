@@ -12,7 +12,7 @@ from latentvl.evaluation.calibration import DEFAULT_GRID
 from latentvl.recipes.demo.recipe import default_settings, load_demo_settings
 from latentvl.recipes.demo.report import ARMS, alignment_table, difficulty_table, results_table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
