@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from latentvl.data.collator import LatentCollator
-from latentvl.data.records import RecordDataset, RecordError, load_records
-from latentvl.errors import CollatorInputError, ImageReadError, InputError, SampleError
+from latentvl.data.records import RecordDataset, load_records
+from latentvl.errors import CollatorInputError, ImageReadError, InputError, RecordError, SampleError
 from latentvl.evaluation.teacher_forced import evaluate_records
 from latentvl.images import MAX_PIXELS_ENV, image_file_problem, max_image_pixels, open_rgb, read_image
 from latentvl.inference.generate import LatentInference
