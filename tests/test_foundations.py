@@ -25,6 +25,7 @@ def test_every_input_error_is_one_family_with_distinct_members():
         CollatorInputError,
         DatasetImportError,
         LatentConfigError,
+        ModelFormatError,
         RecordError,
         SampleError,
         TrainConfigError,
@@ -32,7 +33,7 @@ def test_every_input_error_is_one_family_with_distinct_members():
     )
 
     members = [LatentConfigError, CollatorInputError, DatasetImportError, RecordError, SampleError,
-               LatentInputError, TrainConfigError, TrainDataError, ImageReadError]
+               LatentInputError, ModelFormatError, TrainConfigError, TrainDataError, ImageReadError]
     for cls in members:
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
         assert cls.__module__ == "latentvl.errors"

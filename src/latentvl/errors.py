@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "LatentConfigError",
     "LatentInputError",
+    "ModelFormatError",
     "RecordError",
     "SampleError",
     "TrainConfigError",
@@ -72,3 +73,9 @@ class SampleError(InputError):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+class ModelFormatError(InputError):
+    """A model directory latentvl will not load (pickled ``*.bin`` weights only: a pickle can run code);
+    the message names the directory and its files."""
+

@@ -56,3 +56,16 @@ def test_make_data_takes_the_former_hops_flags() -> None:
     new = parser.parse_args(["--out", "x", "--min-hops", "2", "--max-hops", "3"])
     old = parser.parse_args(["--out", "x", "--hops-min", "2", "--hops-max", "3"])
     assert (new.min_hops, new.max_hops) == (old.min_hops, old.max_hops) == (2, 3)
+
+
+def test_every_range_knob_is_min_or_max_first_and_takes_its_former_flag() -> None:
+    """One naming style for the generator's ranges: ``min_*``/``max_*`` (the former ``*_min``/``*_max``
+    flags still parse to the same values)."""
+    assert not [k for k in DEFAULT_KNOBS if k.endswith(("_min", "_max"))]
+    parser = argparse.ArgumentParser()
+    make_data.add_arguments(parser)
+    pairs = {"size": (90, 150), "grid": (3, 5)}
+    for name, (lo, hi) in pairs.items():
+        new = parser.parse_args(["--out", "x", f"--min-{name}", str(lo), f"--max-{name}", str(hi)])
+        old = parser.parse_args(["--out", "x", f"--{name}-min", str(lo), f"--{name}-max", str(hi)])
+        assert vars(new) == vars(old) and (getattr(new, f"min_{name}"), getattr(new, f"max_{name}")) == (lo, hi)

@@ -251,7 +251,7 @@ def test_maze_pictures_show_markers_and_the_path_so_far(maze_dir: Path) -> None:
     max_cot=st.integers(1, 4),
 )
 def test_maze_generator_property(seed: int, g: int, target: str, max_cot: int) -> None:
-    knobs = {"grid_min": g, "grid_max": g, "max_cot": max_cot, "size_max": 224}
+    knobs = {"min_grid": g, "max_grid": g, "max_cot": max_cot, "max_size": 224}
     sample = generate_sample("maze", random.Random(seed), target, knobs)
     assert sample.answer == target
     assert 1 <= len(sample.cot_images) <= max_cot
@@ -327,10 +327,10 @@ def test_cli_refuses_to_overwrite_without_flag_and_cleans_stale_images(tmp_path:
 
 def test_cli_knobs_reach_the_generator(tmp_path: Path) -> None:
     out = tmp_path / "d"
-    args = _args(task="maze", n=30, seed=2, out=out, grid_min=4, grid_max=4, max_cot=2, size_min=112, size_max=140)
+    args = _args(task="maze", n=30, seed=2, out=out, min_grid=4, max_grid=4, max_cot=2, min_size=112, max_size=140)
     assert make_data.run(args) == 0
     meta = load_metadata(out / "meta.json")
-    assert meta["knobs"]["grid_max"] == 4 and meta["knobs"]["max_cot"] == 2
+    assert meta["knobs"]["max_grid"] == 4 and meta["knobs"]["max_cot"] == 2
     assert "max_shapes" not in meta["knobs"]
     assert set(meta["cot_images_per_record"]) <= {"1", "2"}
     assert 112 <= meta["image_side_px"]["min"] <= meta["image_side_px"]["max"] <= 140
@@ -341,11 +341,11 @@ def test_cli_knobs_reach_the_generator(tmp_path: Path) -> None:
     ("task", "knobs", "message"),
     [
         ("maze", {"colour": 1}, "unknown knob"),
-        ("maze", {"grid_max": 20}, "needs images of at least"),
-        ("maze", {"grid_min": 5, "grid_max": 4}, "grid_min <= grid_max"),
+        ("maze", {"max_grid": 20}, "needs images of at least"),
+        ("maze", {"min_grid": 5, "max_grid": 4}, "min_grid <= max_grid"),
         ("maze", {"min_cot": 3, "max_cot": 2}, "min_cot <= max_cot"),
         ("maze", {"val_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
-        ("maze", {"size_min": 100, "size_max": 110}, "no image side"),
+        ("maze", {"min_size": 100, "max_size": 110}, "no image side"),
         ("shapes", {"max_shapes": 5}, "max_shapes"),
         ("nope", {}, "unknown task"),
     ],

@@ -46,7 +46,7 @@ def model_c():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("maze")
-    make_dataset("maze", 16, 7, out, val_fraction=0.0, test_fraction=0.5, size_max=140)
+    make_dataset("maze", 16, 7, out, val_fraction=0.0, test_fraction=0.5, max_size=140)
     records, skipped = load_records(out / "test.jsonl")
     assert not skipped and len(records) == 8
     return out, records

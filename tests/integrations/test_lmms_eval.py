@@ -55,7 +55,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("maze")
-    make_dataset("maze", 12, 3, out, val_fraction=0.0, test_fraction=0.5, size_max=140)
+    make_dataset("maze", 12, 3, out, val_fraction=0.0, test_fraction=0.5, max_size=140)
     return out
 
 

@@ -24,7 +24,7 @@ TINY = ["tiny_hidden_size=64", "tiny_num_layers=2", "progress_bar=false", "tenso
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("reliability_data")
-    make_dataset("shapes", 6, 7, out, size_min=56, size_max=84, max_cot=2, val_fraction=0, test_fraction=0)
+    make_dataset("shapes", 6, 7, out, min_size=56, max_size=84, max_cot=2, val_fraction=0, test_fraction=0)
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     bad = [dict(r) for r in rows[:3]]
     bad[1]["question"] = "Which <|image_pad|> colour?"  # the collator rejects a reserved token
@@ -216,6 +216,24 @@ def test_the_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
     assert resume_mod.acquire_run_lock(tmp_path, warn=said.append) == path
     assert json.loads(path.read_text())["pid"] == os.getpid()
     assert said and "stale" in said[0] and str(dead.pid) in said[0]
+    resume_mod.release_run_lock(path)
+
+
+def test_the_lock_is_never_visible_without_its_holder(tmp_path, monkeypatch):
+    """A run started at the same moment must never read an empty lock (it would take it over as stale and
+    both runs would go on): when the lock's content is written, no lock file exists yet."""
+    path = tmp_path / resume_mod.LOCK_FILE
+    seen = []
+    real_dumps = resume_mod.json.dumps
+
+    def dumps(obj, *args, **kwargs):
+        seen.append(path.exists())
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(resume_mod.json, "dumps", dumps)
+    assert resume_mod.acquire_run_lock(tmp_path) == path
+    assert seen == [False]
+    assert json.loads(path.read_text())["pid"] == os.getpid() and not list(tmp_path.glob("*.tmp"))
     resume_mod.release_run_lock(path)
 
 

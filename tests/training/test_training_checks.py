@@ -27,7 +27,7 @@ LATENT = {"latent_budget_alpha": 1.0, "latent_budget_max": 8}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("checks_data")
-    make_dataset("shapes", 20, 3, out, size_min=84, size_max=112, max_cot=2)
+    make_dataset("shapes", 20, 3, out, min_size=84, max_size=112, max_cot=2)
     return out
 
 

@@ -28,7 +28,7 @@ COMPARED = ("loss", "ce", "align", "stop", "grad_norm")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     # images of 84..168 px: budgets 3..6, so the ranks' latent regions have different lengths
-    make_dataset("shapes", 30, 11, root / "data", size_min=84, size_max=168, max_cot=3)
+    make_dataset("shapes", 30, 11, root / "data", min_size=84, max_size=168, max_cot=3)
     model, processor = build_tiny_model(0, hidden_size=64, num_layers=2)
     with torch.no_grad():  # a stop head that fires early on some slots and late on others
         model.latent_stop_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
@@ -155,7 +155,7 @@ def mixed_setup(tmp_path_factory):
     from latentvl.training.data import StreamBatchSampler
 
     root = tmp_path_factory.mktemp("mixed")
-    make_dataset("shapes", 8, 5, root / "data", size_min=56, size_max=84, max_cot=2, val_fraction=0, test_fraction=0)
+    make_dataset("shapes", 8, 5, root / "data", min_size=56, max_size=84, max_cot=2, val_fraction=0, test_fraction=0)
     rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
     seed = 3
     samplers = [StreamBatchSampler(len(rows), 1, 1, 2, r, seed) for r in range(2)]

@@ -20,7 +20,7 @@ LATENT = {"latent_budget_alpha": 1.0, "latent_budget_max": 4}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults_data")
-    make_dataset("shapes", 8, 7, out, size_min=56, size_max=84, max_cot=2, val_fraction=0, test_fraction=0)
+    make_dataset("shapes", 8, 7, out, min_size=56, max_size=84, max_cot=2, val_fraction=0, test_fraction=0)
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     no_cot = [{**r, "cot_images": []} for r in rows]
     (out / "no_cot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_cot))

@@ -23,7 +23,7 @@ KEYS = ("loss", "ce", "align", "stop", "cost", "used", "budget", "grad_norm", "l
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume_data")
-    make_dataset("shapes", 24, 5, out, size_min=84, size_max=112, max_cot=2)
+    make_dataset("shapes", 24, 5, out, min_size=84, max_size=112, max_cot=2)
     return out
 
 

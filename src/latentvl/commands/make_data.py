@@ -32,16 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-cot", type=int, default=d["max_cot"], help="most CoT images per record (default: %(default)s)"
     )
     parser.add_argument(
-        "--size-min", type=int, default=d["size_min"], help="smallest image side in px (default: %(default)s)"
+        "--min-size", "--size-min", dest="min_size", type=int, default=d["min_size"],
+        help="smallest image side in px (--size-min: the former name) (default: %(default)s)",
     )
     parser.add_argument(
-        "--size-max", type=int, default=d["size_max"], help="largest image side in px (default: %(default)s)"
+        "--max-size", "--size-max", dest="max_size", type=int, default=d["max_size"],
+        help="largest image side in px (--size-max: the former name) (default: %(default)s)",
     )
     parser.add_argument(
-        "--grid-min", type=int, default=d["grid_min"], help="maze: smallest grid (cells/side) (default: %(default)s)"
+        "--min-grid", "--grid-min", dest="min_grid", type=int, default=d["min_grid"],
+        help="maze: smallest grid (cells/side) (--grid-min: the former name) (default: %(default)s)",
     )
     parser.add_argument(
-        "--grid-max", type=int, default=d["grid_max"], help="maze: largest grid (cells/side) (default: %(default)s)"
+        "--max-grid", "--grid-max", dest="max_grid", type=int, default=d["max_grid"],
+        help="maze: largest grid (cells/side) (--grid-max: the former name) (default: %(default)s)",
     )
     parser.add_argument(
         "--min-moves", type=int, default=d["min_moves"], help="maze: shortest start-goal path (default: %(default)s)"

@@ -7,16 +7,11 @@ from pathlib import Path
 import torch
 
 from ..config import LatentSettings
-from ..errors import InputError
+from ..errors import ModelFormatError
 from ..processor import LatentProcessor
 from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
 from ..tokens import resize_embeddings_for_latents as _resize
 from .modeling import LatentQwen2_5_VLForConditionalGeneration
-
-
-class ModelFormatError(InputError):
-    """A model directory latentvl will not load (e.g. pickled ``pytorch_model.bin`` weights only)."""
-
 
 # dtype names that load_latent_model takes ("auto": as saved)
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

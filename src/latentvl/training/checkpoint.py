@@ -437,8 +437,3 @@ def model_dir_of(path: str | Path) -> Path:
     if found is not None:
         return found / MODEL_DIR
     raise CheckpointError(f"{path} is neither a model directory nor a checkpoint (no config.json)")
-
-
-# ------------------------------------------------------------------------------------ the run lock
-
-

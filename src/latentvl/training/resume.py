@@ -48,22 +48,34 @@ def _pid_alive(pid: int) -> bool:
 
 
 def acquire_run_lock(output_dir: str | Path, warn=print) -> Path:
-    """Take ``output_dir/.lock`` (pid, host, start time; created with ``O_EXCL``), so that two runs never
-    share an output folder. A lock whose process is gone (same host, pid not alive) or that cannot be
-    read is taken over with a warning; a live one raises :class:`RunLockedError` naming its holder."""
+    """Take ``output_dir/.lock`` (pid, host, start time), so that two runs never share an output folder.
+
+    The lock appears whole or not at all: it is written beside the folder's lock name, then hard-linked to
+    it (``os.link`` fails if the name exists), so a run started at the same moment never reads a half-written
+    lock. A lock whose process is gone (same host, pid not alive) or that cannot be read is taken over with
+    a warning; a live one raises :class:`RunLockedError` naming its holder."""
 
     path = Path(output_dir) / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    mine = path.with_name(f"{LOCK_FILE}.{me['pid']}.tmp")
+    mine.write_text(json.dumps(me) + "\n", encoding="utf-8")
+    try:
+        return _link_lock(path, mine, output_dir, warn)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _link_lock(path: Path, mine: Path, output_dir: str | Path, warn) -> Path:
     for _attempt in range(3):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(mine, path)
         except FileExistsError:
             try:
                 holder = json.loads(path.read_text(encoding="utf-8"))
                 pid, host = int(holder["pid"]), str(holder["host"])
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
                 holder = None
-            if holder is not None and (host != me["host"] or _pid_alive(pid)):
+            if holder is not None and (host != socket.gethostname() or _pid_alive(pid)):
                 raise RunLockedError(
                     f"output_dir={str(output_dir)!r} is in use by another run (pid {pid} on {host}, started "
                     f"{holder.get('started', '?')}; lock file {path}). Wait for it, use another output_dir, "
@@ -74,8 +86,6 @@ def acquire_run_lock(output_dir: str | Path, warn=print) -> Path:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(me) + "\n")
         return path
     raise RunLockedError(f"output_dir={str(output_dir)!r}: could not take the lock {path}")
 

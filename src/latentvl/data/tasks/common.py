@@ -31,11 +31,11 @@ class Sample:
     record_fields: dict[str, Any] = field(default_factory=dict)  # extra keys of the JSONL record
 
 
-def pick_side(rng: random.Random, size_min: int, size_max: int, min_side: int) -> int:
-    """A random image side: a multiple of :data:`SIDE_STEP` in ``[max(size_min, min_side), size_max]``."""
-    sides = [s for s in range(SIDE_STEP, size_max + 1, SIDE_STEP) if s >= max(size_min, min_side)]
+def pick_side(rng: random.Random, min_size: int, max_size: int, min_side: int) -> int:
+    """A random image side: a multiple of :data:`SIDE_STEP` in ``[max(min_size, min_side), max_size]``."""
+    sides = [s for s in range(SIDE_STEP, max_size + 1, SIDE_STEP) if s >= max(min_size, min_side)]
     if not sides:
-        raise ValueError(f"no image side that is a multiple of {SIDE_STEP} in [{max(size_min, min_side)}, {size_max}]")
+        raise ValueError(f"no image side that is a multiple of {SIDE_STEP} in [{max(min_size, min_side)}, {max_size}]")
     return rng.choice(sides)
 
 

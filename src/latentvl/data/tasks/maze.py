@@ -41,7 +41,7 @@ MAZE_QUESTION = "First move from start?"
 MAZE_ANSWERS = ("U", "D", "L", "R")
 RULE = "first move (U/D/L/R) of the unique path from the green start to the red goal"
 MOVES: dict[str, Cell] = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
-KNOBS = ("min_cot", "max_cot", "size_min", "size_max", "grid_min", "grid_max", "min_moves")  # meta.json order
+KNOBS = ("min_cot", "max_cot", "min_size", "max_size", "min_grid", "max_grid", "min_moves")  # meta.json order
 
 MAZE_MIN_CELL = 12  # px; smaller cells are hard to see
 MAZE_MARGIN = 4  # px around the maze
@@ -169,8 +169,8 @@ def _draw_maze(
 
 
 def sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
-    g = rng.randint(knobs["grid_min"], knobs["grid_max"])
-    side = pick_side(rng, knobs["size_min"], knobs["size_max"], _maze_min_side(g))
+    g = rng.randint(knobs["min_grid"], knobs["max_grid"])
+    side = pick_side(rng, knobs["min_size"], knobs["max_size"], _maze_min_side(g))
     edges = carve_maze(g, rng)
     need = max(knobs["min_moves"], knobs["min_cot"], 1)
     cells = [(r, c) for r in range(g) for c in range(g)]
@@ -232,15 +232,15 @@ def baselines(annotations: list[dict[str, Any]]) -> dict[str, float]:
 
 def check_knobs(k: dict[str, Any]) -> None:
     """Raise ValueError when the maze knobs of ``k`` (all knobs, defaults filled in) cannot be met."""
-    if not 2 <= k["grid_min"] <= k["grid_max"]:
-        raise ValueError(f"need 2 <= grid_min <= grid_max, got {k['grid_min']}, {k['grid_max']}")
-    if _maze_min_side(k["grid_max"]) > k["size_max"]:
+    if not 2 <= k["min_grid"] <= k["max_grid"]:
+        raise ValueError(f"need 2 <= min_grid <= max_grid, got {k['min_grid']}, {k['max_grid']}")
+    if _maze_min_side(k["max_grid"]) > k["max_size"]:
         raise ValueError(
-            f"a {k['grid_max']}x{k['grid_max']} maze needs images of at least "
-            f"{_maze_min_side(k['grid_max'])} px; raise size_max or lower grid_max"
+            f"a {k['max_grid']}x{k['max_grid']} maze needs images of at least "
+            f"{_maze_min_side(k['max_grid'])} px; raise max_size or lower max_grid"
         )
-    pick_side(random.Random(0), k["size_min"], k["size_max"], _maze_min_side(k["grid_max"]))
+    pick_side(random.Random(0), k["min_size"], k["max_size"], _maze_min_side(k["max_grid"]))
     # any spanning tree joins opposite corners by >= 2(g-1) moves, so such a start-goal pair exists
-    longest = 2 * (k["grid_min"] - 1)
+    longest = 2 * (k["min_grid"] - 1)
     if max(k["min_moves"], k["min_cot"]) > longest:
         raise ValueError(f"min_moves/min_cot {max(k['min_moves'], k['min_cot'])} impossible on a small grid")

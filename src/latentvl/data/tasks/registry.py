@@ -32,10 +32,10 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "test_fraction": 0.1,
     "min_cot": 1,
     "max_cot": 4,
-    "size_min": 84,
-    "size_max": 224,
-    "grid_min": 3,
-    "grid_max": 6,
+    "min_size": 84,
+    "max_size": 224,
+    "min_grid": 3,
+    "max_grid": 6,
     "min_moves": 2,
     "max_shapes": 4,
     "colours": 6,
@@ -105,8 +105,8 @@ def check_knobs(task: str, knobs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("val_fraction + test_fraction must be < 1")
     if not 1 <= k["min_cot"] <= k["max_cot"]:
         raise ValueError(f"need 1 <= min_cot <= max_cot, got {k['min_cot']}, {k['max_cot']}")
-    if not SIDE_STEP <= k["size_min"] <= k["size_max"]:
-        raise ValueError(f"need {SIDE_STEP} <= size_min <= size_max, got {k['size_min']}, {k['size_max']}")
+    if not SIDE_STEP <= k["min_size"] <= k["max_size"]:
+        raise ValueError(f"need {SIDE_STEP} <= min_size <= max_size, got {k['min_size']}, {k['max_size']}")
     TASKS[task].check(k)
     return k
 

@@ -19,7 +19,7 @@ __all__ = ["KNOBS", "RULE", "SHAPE_COLOURS", "SHAPES_ANSWERS", "SHAPES_QUESTION"
 SHAPES_QUESTION = "Colour of largest shape?"
 SHAPES_ANSWERS = ("R", "G", "B", "Y")
 RULE = "colour (R/G/B/Y) of the largest shape; colours are distinct within an image"
-KNOBS = ("min_cot", "max_cot", "size_min", "size_max", "max_shapes")  # meta.json order
+KNOBS = ("min_cot", "max_cot", "min_size", "max_size", "max_shapes")  # meta.json order
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "R": (220, 30, 30),
     "G": (0, 170, 0),
@@ -59,7 +59,7 @@ def _draw_shapes(side: int, shapes: list[dict[str, Any]], greyed: set[int], fram
 
 
 def sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
-    side = pick_side(rng, knobs["size_min"], knobs["size_max"], SHAPES_MIN_SIDE)
+    side = pick_side(rng, knobs["min_size"], knobs["max_size"], SHAPES_MIN_SIDE)
     k = rng.randint(2, knobs["max_shapes"])
     others = [c for c in SHAPE_COLOURS if c != target]
     rng.shuffle(others)
@@ -101,4 +101,4 @@ def check_knobs(k: dict[str, Any]) -> None:
         raise ValueError(f"max_shapes={k['max_shapes']} must be in [2, {len(SHAPE_COLOURS)}]")
     if k["min_cot"] > 2:
         raise ValueError("shapes: min_cot must be <= 2 (an image may hold only 2 shapes)")
-    pick_side(random.Random(0), k["size_min"], k["size_max"], SHAPES_MIN_SIDE)
+    pick_side(random.Random(0), k["min_size"], k["max_size"], SHAPES_MIN_SIDE)

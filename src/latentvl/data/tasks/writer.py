@@ -61,8 +61,8 @@ def make_dataset(task: str, n: int, seed: int, out: str | os.PathLike[str], **kn
     """Generate ``n`` records of ``task`` into ``out`` and return the metadata written to ``meta.json``.
 
     Knobs (defaults in :data:`latentvl.data.tasks.registry.DEFAULT_KNOBS`): ``val_fraction``,
-    ``test_fraction``, ``min_cot``, ``max_cot`` (CoT images per record), ``size_min``/``size_max`` (image
-    side range in px, sides are multiples of 28), maze: ``grid_min``/``grid_max``/``min_moves``, shapes:
+    ``test_fraction``, ``min_cot``, ``max_cot`` (CoT images per record), ``min_size``/``max_size`` (image
+    side range in px, sides are multiples of 28), maze: ``min_grid``/``max_grid``/``min_moves``, shapes:
     ``max_shapes``, relay: ``colours``/``min_hops``/``max_hops``, a5: ``min_hops``/``max_hops``; and
     ``overwrite`` (default False: refuse to write into a directory that already holds a dataset).
     Deterministic: the same arguments give byte-identical files.
