@@ -24,6 +24,27 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# The backbone families. The model-level tests (tests/model, tests/inference) run on every family; other
+# folders on the default one. A test module may choose with a module-level TINY_BACKBONES tuple.
+ALL_BACKBONES = ("qwen2_5_vl", "qwen3_vl")
+MODEL_LEVEL = ("model", "inference")
+
+
+def pytest_generate_tests(metafunc):
+    if "backbone" in metafunc.fixturenames:
+        path = str(metafunc.definition.path)
+        model_level = any(f"/tests/{d}/" in path for d in MODEL_LEVEL)
+        default = ALL_BACKBONES if model_level else ALL_BACKBONES[:1]
+        metafunc.parametrize("backbone", getattr(metafunc.module, "TINY_BACKBONES", default), indirect=True,
+                             scope="module")
+
+
+@pytest.fixture(scope="module")
+def backbone(request):
+    """The backbone family of this module's tiny model (parametrised: see pytest_generate_tests)."""
+    return request.param
+
+
 # The tiny model every model test uses, built in one place. A test module chooses its latent fields with a
 # module-level TINY_LATENT dict (set_latent_fields keywords) and its size with TINY_SIZE (build_tiny_model
 # keywords); TINY_SEED (default 0) only where a test needs a particular random model (test_inference: greedy
@@ -31,9 +52,9 @@ def one_thread():
 TINY_SEED = 0
 
 
-def _build_tiny(module):
+def _build_tiny(module, backbone):
     seed = getattr(module, "TINY_SEED", TINY_SEED)
-    model, processor = build_tiny_model(seed=seed, **getattr(module, "TINY_SIZE", {}))
+    model, processor = build_tiny_model(seed=seed, backbone=backbone, **getattr(module, "TINY_SIZE", {}))
     latent = getattr(module, "TINY_LATENT", None)
     if latent:
         set_latent_fields(model.config, **latent)
@@ -41,13 +62,13 @@ def _build_tiny(module):
 
 
 @pytest.fixture(scope="module")
-def tiny(request):
-    """``(model, processor)``: the tiny model, built once per test module (tests may change its latent fields
-    and restore them)."""
-    return _build_tiny(request.module)
+def tiny(request, backbone):
+    """``(model, processor)``: the tiny model of ``backbone``, built once per test module and backbone (tests may
+    change its latent fields and restore them)."""
+    return _build_tiny(request.module, backbone)
 
 
 @pytest.fixture()
-def fresh_tiny(request):
+def fresh_tiny(request, backbone):
     """``(model, processor)``: the same tiny model, built anew for each test (for tests that train it)."""
-    return _build_tiny(request.module)
+    return _build_tiny(request.module, backbone)

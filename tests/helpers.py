@@ -91,10 +91,10 @@ def run_pass1(model, batch, threshold=None):
                  latent_threshold=threshold)
 
 
-def talking_tiny_model(seed: int = 5):
+def talking_tiny_model(seed: int = 5, backbone: str = "qwen2_5_vl"):
     """``(model, processor)``: a tiny model whose greedy answers depend on the input (text weights scaled up)
     and whose stop head halts some segments early in stage C (a fixed random head, bias 0)."""
-    model, processor = build_tiny_model(seed=seed)
+    model, processor = build_tiny_model(seed=seed, backbone=backbone)
     with torch.no_grad():
         for name, w in model.model.language_model.named_parameters():
             if w.dim() == 2 and "embed" not in name:
@@ -105,19 +105,22 @@ def talking_tiny_model(seed: int = 5):
     return model, processor
 
 
-def patched_embeds(model, batch, p1):
+def patched_embeds(model, batch, p1, return_visual=False):
     """``[B, S, H]`` input embeddings of ``batch`` with pass 1's vectors placed at its latent slots (pass 2's
-    input)."""
-    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
-    return embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec.to(embeds.dtype))
+    input); with ``return_visual`` also the question images' DeepStack extras (None without DeepStack)."""
+    embeds, visual = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                                        return_visual=True)
+    embeds = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]), p1.ce_patch_vec.to(embeds.dtype))
+    return (embeds, visual) if return_visual else embeds
 
 
 def hidden_before_slots(model, batch, p1):
     """``[P, H]`` pass 2's last hidden state at the position before each active latent slot (what pass 1
     feeds into that slot when nothing replaces it)."""
-    hidden = model.model.language_model(inputs_embeds=patched_embeds(model, batch, p1),
-                                        attention_mask=batch["attention_mask"],
-                                        position_ids=p1.position_ids).last_hidden_state
+    embeds, visual = patched_embeds(model, batch, p1, return_visual=True)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                        position_ids=p1.position_ids,
+                                        **model.text_visual_kwargs(visual)).last_hidden_state
     return hidden[p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1] - 1]
 
 

@@ -1,4 +1,4 @@
-"""latentvl: teach Qwen2.5-VL to reason in latent visual thoughts.
+"""latentvl: teach Qwen2.5-VL or Qwen3-VL to reason in latent visual thoughts.
 
 Stage A (warm-up) fills a fixed budget of latent slots per chain-of-thought image with the model's
 own hidden states; stage C adds a learned stop head that decides how many of those slots to use.
@@ -9,10 +9,11 @@ imported from there on first use (``import latentvl`` itself loads neither trans
 =====================================  =============================================================
 name                                   home
 =====================================  =============================================================
-``build_tiny_model``                   :mod:`latentvl.model.tiny` (offline random Qwen2.5-VL)
+``build_tiny_model``                   :mod:`latentvl.model.tiny` (offline random Qwen2.5-VL or Qwen3-VL)
 ``load_latent_model``                  :mod:`latentvl.model.loading` (a local checkpoint directory)
 ``save_latent_checkpoint``             :mod:`latentvl.model.loading`
-``LatentQwen2_5_VLForConditionalGeneration``  :mod:`latentvl.model.modeling`
+``LatentQwen2_5_VLForConditionalGeneration``  :mod:`latentvl.model.families.qwen2_5_vl`
+``LatentQwen3VLForConditionalGeneration``     :mod:`latentvl.model.families.qwen3_vl`
 ``LatentSettings``, ``set_latent_fields``     :mod:`latentvl.config` (the latent fields of a config)
 ``LatentProcessor``                    :mod:`latentvl.processor`
 ``load_records``, ``RecordDataset``    :mod:`latentvl.data.records` (JSONL records, validated)
@@ -35,7 +36,8 @@ _HOMES = {
     "build_tiny_model": "latentvl.model.tiny",
     "load_latent_model": "latentvl.model.loading",
     "save_latent_checkpoint": "latentvl.model.loading",
-    "LatentQwen2_5_VLForConditionalGeneration": "latentvl.model.modeling",
+    "LatentQwen2_5_VLForConditionalGeneration": "latentvl.model.families.qwen2_5_vl",
+    "LatentQwen3VLForConditionalGeneration": "latentvl.model.families.qwen3_vl",
     "LatentSettings": "latentvl.config",
     "set_latent_fields": "latentvl.config",
     "LatentProcessor": "latentvl.processor",

@@ -24,8 +24,8 @@ def _rms_norm_in_input_dtype(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-def _model(dtype: torch.dtype):
-    model, _ = build_tiny_model(seed=3)
+def _model(dtype: torch.dtype, backbone: str):
+    model, _ = build_tiny_model(seed=3, backbone=backbone)
     with torch.no_grad():  # a stop head that fires at some slots and not at others
         model.latent_stop_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
         model.latent_stop_head.bias.zero_()
@@ -37,13 +37,13 @@ def _model(dtype: torch.dtype):
 
 
 @pytest.fixture(scope="module")
-def tiny32():
-    return _model(torch.float32)
+def tiny32(backbone):
+    return _model(torch.float32, backbone)
 
 
 @pytest.fixture(scope="module")
-def tiny64():
-    return _model(torch.float64)
+def tiny64(backbone):
+    return _model(torch.float64, backbone)
 
 
 def _batch(model):
@@ -256,10 +256,10 @@ def test_compiled_training_step_gives_the_eager_loss_and_gradients(tiny64, stage
 
 # ---------------------------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
-def talker():
+def talker(backbone):
     """A stage-C tiny model whose greedy answers depend on the input (text weights scaled up) and whose
     stop head halts some segments early; with its processor."""
-    model, processor = talking_tiny_model()
+    model, processor = talking_tiny_model(backbone=backbone)
     set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0)
     return model.eval(), processor
 

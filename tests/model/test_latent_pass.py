@@ -134,12 +134,13 @@ def test_call_count_depends_on_layout_only(tiny):
     assert counts[0] == 1 + steps  # one prefix call, then one call per column
 
 
-def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, null_scale=0.0):
+def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, null_scale=0.0, visual=None):
     """Pass 1 by its definition, for one unpadded sample: every latent re-runs the language model over
     all the columns used so far (no cache, causal attention). Inactive slots are left out of the
     sequence altogether, or with ``null_scale > 0`` kept with their own embedding (<|latent_pad|>, as
     pass 2 sees them) and their K/V scaled by the pass-2 gating (``latent_kv_mask``). Returns
-    {column: latent vector} and {column: stop logit}."""
+    {column: latent vector} and {column: stop logit}. ``visual``: the sample's DeepStack extras over its
+    unpadded columns ``[1, S_b]`` (a family with DeepStack)."""
     lm = model.model.language_model
     seg_of = {c: s for s, e, _ in segments for c in range(s, e)}
     first, end = min(seg_of), max(seg_of) + 1
@@ -148,8 +149,10 @@ def _reference_pass1(model, embeds, pos, segments, threshold, stage_c, detach, n
 
     def last_hidden():
         gating = {} if all(keep) else {"latent_kv_mask": torch.tensor([keep]), "latent_null_scale": null_scale}
+        extras = {} if visual is None else model.text_visual_kwargs(visual.take(torch.tensor([0]),
+                                                                                torch.tensor([cols])))
         return lm(inputs_embeds=torch.stack(rows)[None], position_ids=pos[:, None, cols],
-                  **gating).last_hidden_state[0, -1]
+                  **gating, **extras).last_hidden_state[0, -1]
 
     for c in range(first, end):
         if c not in seg_of:
@@ -181,9 +184,9 @@ def _rms_norm_in_input_dtype(self, x):
 
 
 @pytest.fixture(scope="module")
-def tiny64():
+def tiny64(backbone):
     """The tiny model in float64 throughout (the stock RMSNorm computes in float32 whatever its input)."""
-    model, processor = build_tiny_model(seed=3)
+    model, processor = build_tiny_model(seed=3, backbone=backbone)
     set_latent_fields(model.config, latent_budget_alpha=1.0, latent_budget_gamma=0.5, latent_budget_max=6)
     with torch.no_grad():
         model.latent_stop_head.weight.normal_(0, 0.5)
@@ -215,31 +218,32 @@ def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, 
     u = torch.randn(*batch["input_ids"].shape, generator=g, dtype=torch.float64)
 
     def embeds_and_positions():
-        e = model.embed_inputs(batch["input_ids"], pixels, batch["image_grid_thw"])
+        e, visual = model.embed_inputs(batch["input_ids"], pixels, batch["image_grid_thw"], return_visual=True)
         pos = model.compute_position_ids(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"],
                                          batch["image_grid_thw"])
-        return e, pos
+        return e, pos, visual
 
     threshold = None
     if stage == "C":  # halfway between two of the head's probabilities: many segments halt early, none on a tie
-        e, pos = embeds_and_positions()
+        e, pos, visual = embeds_and_positions()
         with torch.no_grad():
             every = model.latent_pass(batch["input_ids"], batch["attention_mask"], e, pos,
-                                      batch["latent_segments"], batch["latent_budgets"], threshold=1.0)
+                                      batch["latent_segments"], batch["latent_budgets"], threshold=1.0,
+                                      visual=visual)
         probs = sorted({p for seg in sum(every.latent_stop_probs, []) for p in seg})
         k = len(probs) // 4
         threshold = (probs[k] + probs[k + 1]) / 2
 
-    e, pos = embeds_and_positions()
+    e, pos, visual = embeds_and_positions()
     p1 = model.latent_pass(batch["input_ids"], batch["attention_mask"], e, pos, batch["latent_segments"],
-                           batch["latent_budgets"], threshold=threshold)
+                           batch["latent_budgets"], threshold=threshold, visual=visual)
     r, c = p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]
     loss = (w[r, c] * p1.ce_patch_vec).sum()
     if stage == "C":
         loss = loss + (u * p1.stop_logits)[p1.stop_step_active].sum()
     got = torch.autograd.grad(loss, params, allow_unused=True)
 
-    e, pos = embeds_and_positions()
+    e, pos, visual = embeds_and_positions()
     ref_loss, gated_before_active = e.new_zeros(()), 0
     for b in range(len(batch["ids"])):
         idx = batch["attention_mask"][b].nonzero()[:, 0]
@@ -247,8 +251,9 @@ def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, 
         segs = [(s - off, t - off, i) for s, t, i in batch["latent_segments"][b]]
         if not segs:
             continue
+        vis = None if visual is None else visual.take(torch.tensor([b]), idx[None])
         vecs, logits = _reference_pass1(model, e[b, idx], pos[:, b, idx], segs, threshold, stage == "C", detach,
-                                        null_scale)
+                                        null_scale, vis)
         mine = {int(col): v for row, col, v in zip(r, c, p1.ce_patch_vec) if row == b}
         assert sorted(mine) == sorted(k + off for k in vecs)  # the same active slots
         for k, v in vecs.items():
@@ -268,7 +273,8 @@ def test_pass1_values_and_gradients_equal_the_definition(tiny64, stage, detach, 
     with torch.no_grad():
         e2 = e.index_put((r, c), p1.ce_patch_vec.detach())
         hidden = model.model.language_model(inputs_embeds=e2, attention_mask=batch["attention_mask"], position_ids=pos,
-                                            **model._gating_kwargs(p1.latent_kv_mask)).last_hidden_state
+                                            **model._gating_kwargs(p1.latent_kv_mask),
+                                            **model.text_visual_kwargs(visual)).last_hidden_state
         assert (hidden[r, c - 1] - p1.ce_patch_vec).abs().max().item() <= 1e-10
     want = torch.autograd.grad(ref_loss, params, allow_unused=True)
     checked = 0

@@ -1,4 +1,5 @@
-"""Real-checkpoint loading path: a stock Qwen2.5-VL directory written the way public ones are."""
+"""Real-checkpoint loading path: a stock Qwen2.5-VL or Qwen3-VL directory written the way public ones are
+(Qwen2.5-VL's published key names predate transformers' ``model.language_model`` layout; Qwen3-VL's are it)."""
 
 import json
 
@@ -6,17 +7,24 @@ import pytest
 import torch
 from helpers import legacy_key
 from safetensors.torch import save_file
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from latentvl import LatentSettings
+from latentvl.errors import ModelFormatError
+from latentvl.model.backbone import family
 from latentvl.model.loading import load_latent_model, save_latent_checkpoint
 from latentvl.model.tiny import build_tiny_image_processor, build_tiny_tokenizer, tiny_config
 from latentvl.tokens import LATENT_PAD, LATENT_TOKENS
 
+STOCK = {"qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, legacy_key),
+         "qwen3_vl": (Qwen3VLForConditionalGeneration, lambda key: key)}
+
 
 @pytest.fixture(scope="module")
-def stock_dir(tmp_path_factory):
-    """A stock Qwen2.5-VL checkpoint: no latent tokens or fields, sharded safetensors + index."""
+def stock_dir(tmp_path_factory, backbone):
+    """A stock checkpoint of ``backbone``: no latent tokens or fields, sharded safetensors + index, the
+    published key names."""
+    stock_class, published_key = STOCK[backbone]
     path = tmp_path_factory.mktemp("stock")
     tokenizer = build_tiny_tokenizer()
     # the stock tokenizer has no latent tokens: rebuild the vocabulary without them
@@ -32,15 +40,15 @@ def stock_dir(tmp_path_factory):
     stock_tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>",
                                         eos_token="<|im_end|>")
     stock_tok.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, backbone=backbone)
     config.text_config.vocab_size = len(stock_tok)
     for name in LatentSettings.field_names():
         delattr(config, name)
     config.tie_word_embeddings = False
     config.text_config.tie_word_embeddings = False
     torch.manual_seed(3)
-    stock = Qwen2_5_VLForConditionalGeneration(config)
-    state = {legacy_key(k): v.contiguous() for k, v in stock.state_dict().items()}
+    stock = stock_class(config)
+    state = {published_key(k): v.contiguous() for k, v in stock.state_dict().items()}
     keys = sorted(state)
     shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
     weight_map = {}
@@ -50,17 +58,18 @@ def stock_dir(tmp_path_factory):
         weight_map.update({k: name for k in shard_keys})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg = config.to_dict()
-    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg["architectures"] = [stock_class.__name__]
     (path / "config.json").write_text(json.dumps(cfg))
     stock_tok.save_pretrained(path)
-    build_tiny_image_processor().save_pretrained(path)
-    assert not any(k.startswith("model.language_model") for k in weight_map)
+    build_tiny_image_processor(patch_size=family(backbone).PATCH_SIZE).save_pretrained(path)
+    assert any(k.startswith("model.language_model") for k in weight_map) == (backbone == "qwen3_vl")
     return path, stock
 
 
 def test_stock_checkpoint_loads_every_tensor(stock_dir):
     path, stock = stock_dir
     model, processor = load_latent_model(path)
+    assert type(model).__mro__[2] is type(stock)  # the family's latent class, chosen from model_type
     ref = stock.state_dict()
     got = model.state_dict()
     old_vocab = ref["model.language_model.embed_tokens.weight"].shape[0]
@@ -97,6 +106,18 @@ def test_latent_checkpoint_round_trip(stock_dir, tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_latent_model(tmp_path / "nowhere")
+
+
+def test_an_unsupported_model_type_is_named(stock_dir, tmp_path):
+    import shutil
+
+    path, _ = stock_dir
+    shutil.copytree(path, tmp_path / "other")
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match=r"config.json: model_type 'llava' is not a backbone"):
+        load_latent_model(tmp_path / "other")
 
 
 def test_commands_accept_a_stock_checkpoint_directory(stock_dir, tmp_path, capsys):

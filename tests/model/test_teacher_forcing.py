@@ -139,9 +139,10 @@ def test_tail_dropout_gates_pass_two_in_stage_a_training_only(tiny):
             torch.manual_seed(5)
             keep = _tail_dropout(model, batch, batch["input_ids"])
             p1 = out.latent
-            args = (model, patched_embeds(model, batch, p1), batch["attention_mask"], p1.position_ids, batch["labels"])
-            ref = _pass2_forward(*args, model._gating_kwargs(keep)).logits
-            full = _pass2_forward(*args, {}).logits
+            embeds, visual = patched_embeds(model, batch, p1, return_visual=True)
+            args = (model, embeds, batch["attention_mask"], p1.position_ids, batch["labels"])
+            ref = _pass2_forward(*args, model._gating_kwargs(keep), visual).logits
+            full = _pass2_forward(*args, {}, visual).logits
             assert not keep.all()
             torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-4)
             assert (out.logits - full).abs().max() > 1e-2

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ..model.backbone import BACKBONES
 from ..recipes.demo import recipe
 from ..recipes.demo.recipe import default_settings, demo_tasks, load_demo_settings, run_demo
 from ..recipes.demo.report import difficulty_table, results_table
@@ -42,12 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-c", type=int, default=None, help="stage-C steps")
     parser.add_argument("--n", type=int, default=None, help="records to generate")
     parser.add_argument("--seed", type=int, default=None, help="seed for data, model and order")
+    parser.add_argument("--backbone", default=None, choices=sorted(BACKBONES),
+                        help="the tiny model's family (default: qwen2_5_vl)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = load_demo_settings(args.config, quick=args.quick, full=args.full, task=args.task)
+        settings = load_demo_settings(args.config, quick=args.quick, full=args.full, task=args.task,
+                                      backbone=args.backbone)
     except (OSError, ValueError, yaml.YAMLError) as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2

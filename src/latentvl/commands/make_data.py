@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-hops", "--hops-max", dest="max_hops", type=int, default=d["max_hops"],
         help="relay (< colours), a5: most hops k (--hops-max: the former name) (default: %(default)s)",
     )
+    parser.add_argument(
+        "--token-px", dest="token_px", type=int, default=d["token_px"],
+        help="a5: side in px of one merged visual token (28: Qwen2.5-VL, 32: Qwen3-VL) (default: %(default)s)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
 

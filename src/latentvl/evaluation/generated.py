@@ -89,7 +89,7 @@ class _CausalRunner:
         for name, patches in variants.items():
             if patches is None:
                 continue
-            new_tokens = self.engine.generate(outcome.batch, outcome.embeds, patches, self.gen)
+            new_tokens = self.engine.generate(outcome.batch, outcome.embeds, patches, self.gen, outcome.visual)
             decoded = self.engine.decode(new_tokens)
             for b, (r, (text, _ids, _fin)) in enumerate(zip(results, decoded, strict=True)):
                 if has_latents[b] and (name != "swap" or donors[b] is not None):

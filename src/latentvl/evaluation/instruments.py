@@ -195,7 +195,8 @@ class InstrumentRunner:
         counts = [len(units[b][1]) if b in latent_rows else len(r.used_lens) for b, r in enumerate(results)]
         for keep in range(max(counts)):
             patches = truncate_latents(base, batch["input_ids"], batch["latent_segments"], keep, latent_rows)
-            decoded = self.engine.decode(self.engine.generate(batch, outcome.embeds, patches, self.gen))
+            decoded = self.engine.decode(self.engine.generate(batch, outcome.embeds, patches, self.gen,
+                                                              outcome.visual))
             for b, (r, (text, _ids, _fin)) in enumerate(zip(results, decoded, strict=True)):
                 if counts[b] > keep and sum(r.used_lens):
                     self.trunc_answers[keep][r.index] = text
@@ -232,9 +233,9 @@ class InstrumentRunner:
         if not chosen:
             return
         with step_overrides(self.engine.model, plan):
-            p1 = self.engine.latent_pass(outcome.batch, outcome.embeds)
+            p1 = self.engine.latent_pass(outcome.batch, outcome.embeds, outcome.visual)
         decoded = self.engine.decode(self.engine.generate(outcome.batch, outcome.embeds, Patches.from_pass(p1),
-                                                          self.gen))
+                                                          self.gen, outcome.visual))
         for b, info in chosen.items():
             r = outcome.results[b]
             self.implants[r.index] = {**info, "answer": decoded[b][0], "before": r.answer}
@@ -298,8 +299,8 @@ def collect_segment_latents(engine: LatentInference, records: Sequence[Any],
         chunk = todo[start:start + batch_size]
         prepared = [engine.prepare(r, i, 1) for i, r in chunk]
         batch = engine.collate(prepared)
-        embeds = engine.encode(batch)
-        p1 = engine.latent_pass(batch, embeds)
+        embeds, visual = engine.encode(batch)
+        p1 = engine.latent_pass(batch, embeds, visual)
         if p1 is None:
             return out
         from ..inference.generate import split_latents

@@ -39,6 +39,7 @@ from ..data.collator import LatentCollator, grid_from_size, image_list, load_ima
 from ..data.records import Record
 from ..errors import CollatorInputError, ImageReadError, SampleError
 from ..model.pass1 import LatentPassOutput
+from ..model.visual import VisualStack
 
 __all__ = [
     "END_OF_TURN",
@@ -190,6 +191,7 @@ class BatchOutcome:
     embeds: torch.Tensor
     latent: LatentPassOutput | None
     results: list[InferenceResult]
+    visual: VisualStack | None = None
 
 
 def normalize_answer(text: str | None) -> str:
@@ -304,13 +306,16 @@ class LatentInference:
         return to_device(batch, self.device)
 
     @torch.no_grad()
-    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Input embeddings ``[B, S, H]`` with the question images' features: computed once, used by
-        both steps (so the vision tower runs once per batch)."""
-        return self.model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, VisualStack | None]:
+        """Input embeddings ``[B, S, H]`` with the question images' features, and their DeepStack extras (a
+        family with DeepStack; else None): computed once, used by both steps (so the vision tower runs once
+        per batch)."""
+        return self.model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                                       return_visual=True)
 
     @torch.no_grad()
-    def latent_pass(self, batch: dict[str, Any], embeds: torch.Tensor) -> LatentPassOutput | None:
+    def latent_pass(self, batch: dict[str, Any], embeds: torch.Tensor,
+                    visual: VisualStack | None = None) -> LatentPassOutput | None:
         """Step 1 (the model's ``latent_mode=True`` pass); None when the engine runs without latents."""
         if not self.use_latents:
             return None
@@ -318,11 +323,12 @@ class LatentInference:
                                                     batch["mm_token_type_ids"], batch["image_grid_thw"])
         return self.model.latent_pass(batch["input_ids"], batch["attention_mask"], embeds, positions,
                                       batch["latent_segments"], batch["latent_budgets"],
-                                      threshold=self.threshold, sample_ids=batch["ids"])
+                                      threshold=self.threshold, sample_ids=batch["ids"], visual=visual)
 
     @torch.no_grad()
     def generate(
-        self, batch: dict[str, Any], embeds: torch.Tensor, patches: Patches, gen: GenerationSettings
+        self, batch: dict[str, Any], embeds: torch.Tensor, patches: Patches, gen: GenerationSettings,
+        visual: VisualStack | None = None,
     ) -> torch.Tensor:
         """Step 2: ``generate()`` from ``embeds`` with the patches and mask; the new tokens ``[B, T]``.
 
@@ -343,6 +349,7 @@ class LatentInference:
                 input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                 image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
                 generation_config=gen.generation_config(self.pad_id, self.stop_ids, self.device), **patches.kwargs(),
+                latent_visual=visual,
             )
         finally:
             self.model.generation_config = saved
@@ -371,9 +378,9 @@ class LatentInference:
     ) -> BatchOutcome:
         """Collate, step 1, step 2, decode. Raises if anything in the batch fails."""
         batch = self.collate(prepared)
-        embeds, t_encode = self._timed(self.encode, batch)
-        p1, t_latent = self._timed(self.latent_pass, batch, embeds)
-        new_tokens, t_gen = self._timed(self.generate, batch, embeds, Patches.from_pass(p1), gen)
+        (embeds, visual), t_encode = self._timed(self.encode, batch)
+        p1, t_latent = self._timed(self.latent_pass, batch, embeds, visual)
+        new_tokens, t_gen = self._timed(self.generate, batch, embeds, Patches.from_pass(p1), gen, visual)
         timings = {"encode_s": t_encode, "latent_pass_s": t_latent, "generation_s": t_gen,
                    "batch_size": len(prepared)}
         per_row = split_latents(p1, len(prepared)) if return_latents and p1 is not None else None
@@ -386,7 +393,7 @@ class LatentInference:
                 timings=dict(timings), token_ids=ids, finished=finished,
                 latents=per_row[b] if per_row is not None else None,
             ))
-        return BatchOutcome(prepared, batch, embeds, p1, results)
+        return BatchOutcome(prepared, batch, embeds, p1, results, visual)
 
     def iter_batches(
         self, samples: Sequence[Any], gen: GenerationSettings, batch_size: int = 8,

@@ -372,8 +372,8 @@ class _LatentVLBase(lmms):
                 raise ValueError(f"latentvl: loglikelihood request {sample['id']}: {err}") from err
             conts.append(ids)
         batch = engine.collate(prepared)
-        embeds = engine.encode(batch)
-        p1 = engine.latent_pass(batch, embeds)
+        embeds, visual = engine.encode(batch)
+        p1 = engine.latent_pass(batch, embeds, visual)
         patches = Patches.from_pass(p1)
         B, S = batch["input_ids"].shape
         T = max(1, max(len(c) for c in conts))
@@ -394,6 +394,7 @@ class _LatentVLBase(lmms):
             attention_mask=torch.cat([batch["attention_mask"], cont_mask], dim=1),
             mm_token_type_ids=torch.cat([mm, mm.new_zeros(B, T)], dim=1),
             image_grid_thw=batch["image_grid_thw"], use_cache=False, **kw,
+            latent_visual=None if visual is None else visual.pad_right(T),
         ).logits
         logp = torch.log_softmax(logits[:, S - 1:S - 1 + T].float(), dim=-1)
         results = []

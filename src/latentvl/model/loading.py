@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from ..errors import ModelFormatError
 from ..processor import LatentProcessor
 from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
 from ..tokens import resize_embeddings_for_latents as _resize
-from .modeling import LatentQwen2_5_VLForConditionalGeneration
+from .backbone import backbone_for_model_type, latent_model_class
+from .modeling import LatentModelMixin
 
 # dtype names that load_latent_model takes ("auto": as saved)
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,13 +24,14 @@ def load_latent_model(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "latent_sdpa",
     device_map: str | dict | None = None,
-) -> tuple[LatentQwen2_5_VLForConditionalGeneration, LatentProcessor]:
+) -> tuple[LatentModelMixin, LatentProcessor]:
     """Load ``(model, processor)`` from a local directory, never from a hub.
 
-    The directory may be a latentvl checkpoint or a stock Qwen2.5-VL one (``config.json`` naming
-    ``Qwen2_5_VLForConditionalGeneration``, safetensors shards with an index, tokenizer and
-    ``preprocessor_config.json``). For a stock one the latent tokens are added, the embeddings grow
-    (new rows = mean embedding), the latent ids are written to the config and the stop head is
+    The directory may be a latentvl checkpoint or a stock Qwen2.5-VL or Qwen3-VL one (``config.json`` with
+    its ``model_type``, safetensors shards with an index, tokenizer and ``preprocessor_config.json``); the
+    family's latent class is chosen from the saved config's ``model_type``
+    (:func:`latentvl.model.backbone.backbone_for_model_type`). For a stock one the latent tokens are added,
+    the embeddings grow (new rows = mean embedding), the latent ids are written to the config and the stop head is
     freshly initialised; ``save_latent_checkpoint`` then makes it self-contained.
     """
     path = Path(path)
@@ -39,8 +42,16 @@ def load_latent_model(
             f"{path}: holds only pickled weights ({', '.join(sorted(p.name for p in path.glob('*.bin')))}), "
             "which latentvl does not load (a pickle can run code); convert them to safetensors first"
         )
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path / 'config.json'}: not readable JSON ({e})") from e
+    try:
+        backbone = backbone_for_model_type(model_type, where=str(path / "config.json"))
+    except ValueError as e:
+        raise ModelFormatError(str(e)) from e
     processor = LatentProcessor.from_pretrained(path)
-    model = LatentQwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = latent_model_class(backbone).from_pretrained(
         path,
         dtype=dtype if dtype is not None else "auto",
         attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
@@ -62,7 +73,7 @@ def load_latent_model(
 
 
 def save_latent_checkpoint(
-    model: LatentQwen2_5_VLForConditionalGeneration, processor: LatentProcessor, path: str | Path
+    model: LatentModelMixin, processor: LatentProcessor, path: str | Path
 ) -> None:
     """Write model (safetensors), config with every latent field, tokenizer and image processor."""
     path = Path(path)

@@ -1,4 +1,13 @@
-"""``LatentQwen2_5_VLForConditionalGeneration``: Qwen2.5-VL that thinks in latent visual tokens.
+"""The latent model, whatever its backbone family: :class:`LatentModelMixin` over a transformers
+Qwen-VL model (``LatentQwen2_5_VLForConditionalGeneration`` in :mod:`latentvl.model.families.qwen2_5_vl`,
+``LatentQwen3VLForConditionalGeneration`` in :mod:`latentvl.model.families.qwen3_vl`).
+
+What is family-specific is behind three methods a family class may override (the backbone boundary,
+docs/model.md): :meth:`LatentModelMixin.visual_features` (question images to merged features and, for a
+family with DeepStack, the features added to the first decoder layers), :meth:`LatentModelMixin.text_visual_kwargs`
+(how those extras reach the text model) and the parent class itself (its ``get_rope_index``, its decoder
+layers' attention, which calls the registered gated attention). Positions come from the parent's
+``get_rope_index`` over the full-budget sequence (D2) in both families.
 
 Two passes (design §4–§6):
 
@@ -25,7 +34,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import LatentSettings, check_threshold
@@ -35,6 +43,7 @@ from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # impo
 from .compat import CACHE_KWARG, output_cache, resolve_cache
 from .objective import LatentLossOutput, latent_loss
 from .pass1 import LatentPassOutput, pass_output, run_steps, shifted_frame
+from .visual import VisualStack
 
 
 class LatentFeedbackGain(nn.Module):
@@ -54,11 +63,11 @@ class LatentFeedbackGain(nn.Module):
         return (x * self.weight.float()).to(h.dtype)
 
 
-def _register_checkpoint_mapping(class_name: str) -> None:
-    """Let the subclass load stock checkpoints: transformers looks key renamings up by class name."""
+def register_checkpoint_mapping(class_name: str, parent_name: str) -> None:
+    """Let a latent subclass load stock checkpoints: transformers looks key renamings up by class name."""
     from transformers import conversion_mapping as cm
 
-    parent = cm.get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration")
+    parent = cm.get_checkpoint_conversion_mapping(parent_name)
     if parent is not None and cm.get_checkpoint_conversion_mapping(class_name) is None:
         cm.register_checkpoint_conversion_mapping(class_name, parent)
 
@@ -81,8 +90,10 @@ def _select_gated_attention(config) -> None:
     config._attn_implementation_internal = stock_attention(config._attn_implementation)
 
 
-class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL with latent visual thoughts. A transformers ``PreTrainedModel`` subclass.
+class LatentModelMixin:
+    """Latent visual thoughts over a transformers Qwen-VL model: a family class lists this mixin first,
+    then its transformers parent (``class LatentQwen3VLForConditionalGeneration(LatentModelMixin,
+    Qwen3VLForConditionalGeneration)``).
 
     Adds ``latent_stop_head`` (``Linear(hidden, 1)``), the latent config fields (design §1) and the two
     passes. The text model always runs a gated attention (``latent_sdpa``, ``latent_eager`` or
@@ -95,6 +106,10 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     # Interventions only (never set in training): ``f(x [R, H], sample [R], column [R]) -> [R, H]`` may
     # replace the input of pass 1's step at each row's original column; later steps see the result.
     latent_step_override = None
+    #: The family's name (``latentvl.model.backbone.BACKBONES``); set by each family class.
+    backbone: str = ""
+    #: Whether question images also add DeepStack features inside the text model (a family sets it).
+    has_deepstack: bool = False
 
     def __init__(self, config):
         LatentSettings.from_config(config).apply_to(config)
@@ -199,18 +214,34 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         return distributed or torch.is_grad_enabled()
 
+    def visual_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The backbone's image features: one ``[N_i, H]`` merged-token tensor per image, and the DeepStack
+        features (one ``[sum N_i, H]`` tensor per layer) of a family that has them, else None."""
+        return list(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output), None
+
+    def text_visual_kwargs(self, visual: VisualStack | None) -> dict[str, Any]:
+        """The text model's keywords for ``visual`` (none for a family without DeepStack)."""
+        return {}
+
     def embed_inputs(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
-    ) -> torch.FloatTensor:
-        """Token embeddings with the question images' visual features placed at their image tokens.
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
+        return_visual: bool = False,
+    ) -> torch.FloatTensor | tuple[torch.FloatTensor, VisualStack | None]:
+        """Token embeddings ``[B, S, H]`` with the question images' visual features placed at their image
+        tokens; with ``return_visual=True`` also the :class:`~latentvl.model.visual.VisualStack` of a family
+        with DeepStack (None otherwise, or without images), which every later call on these embeddings takes.
+        Without it, a family with DeepStack remembers the stack of the last ``input_ids`` it embedded, and a
+        later call on ready embeddings of the same ``input_ids`` uses it.
 
         A batch without question images runs the vision tower on :meth:`_dummy_image` when
         :meth:`_vision_everywhere` says so, and adds ``0 * sum(features)``: the embeddings are
         unchanged and every process makes one vision call per batch, images or not.
         """
         embeds = self.get_input_embeddings()(input_ids)
+        visual = None
         if pixel_values is not None:
-            feats = self.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+            feats, deepstack = self.visual_features(pixel_values, image_grid_thw)
             feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
             mask = (input_ids == self.config.image_token_id)[..., None]
             if int(mask.sum()) != feats.shape[0]:
@@ -218,10 +249,58 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                     f"{int(mask.sum())} image tokens in input_ids but {feats.shape[0]} visual features"
                 )
             embeds = embeds.masked_scatter(mask, feats)
+            if deepstack is not None:
+                visual = VisualStack.from_mask(mask[..., 0], [f.to(embeds.device, embeds.dtype) for f in deepstack])
+                if not return_visual:  # remembered for a later call on the same input_ids (_visual_for)
+                    self.__dict__["_latent_visual_memo"] = (input_ids, visual)
         elif self._vision_everywhere():
-            dummy = self.model.get_image_features(*self._dummy_image(embeds.device)).pooler_output
-            embeds = embeds + 0.0 * torch.cat(dummy, dim=0).sum().to(embeds.dtype)
-        return embeds
+            dummy, deepstack = self.visual_features(*self._dummy_image(embeds.device))
+            extra = torch.cat(dummy, dim=0).sum() + sum(f.sum() for f in deepstack or [])
+            embeds = embeds + 0.0 * extra.to(embeds.dtype)
+        return (embeds, visual) if return_visual else embeds
+
+    def _visual_for(self, input_ids: torch.Tensor | None, visual: VisualStack | None, what: str) -> VisualStack | None:
+        """The :class:`VisualStack` of a call on ready embeddings: ``visual`` when given; else, for a family with
+        DeepStack, the one :meth:`embed_inputs` computed last, when it embedded these ``input_ids`` (the same
+        tensor, or one with the same values: ``embeds = model.embed_inputs(ids, ...)`` then
+        ``model(input_ids=ids, inputs_embeds=embeds)`` needs no more); else an error where the embeddings hold
+        image tokens (their DeepStack features would be missing)."""
+        if visual is not None or not self.has_deepstack or input_ids is None:
+            return visual
+        memo = self.__dict__.get("_latent_visual_memo")
+        if memo is not None:
+            ids, remembered = memo
+            if ids is input_ids or (ids.shape == input_ids.shape and ids.device == input_ids.device
+                                    and bool(torch.equal(ids, input_ids))):
+                return remembered
+        if bool((input_ids == self.config.image_token_id).any()):
+            raise LatentInputError(
+                f"{what}: the embeddings hold image tokens but no latent_visual was given; this backbone "
+                f"({self.backbone}) adds DeepStack features at them: take both from "
+                f"model.embed_inputs(..., return_visual=True), or embed these input_ids last")
+        return None
+
+    def text_forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+        labels: torch.Tensor | None = None, visual: VisualStack | None = None, gating: dict[str, Any] | None = None,
+        cache=None, use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs,
+    ) -> LatentCausalLMOutput:
+        """The causal LM over ready embeddings ``[B, S, H]`` (question images placed, latents patched):
+        the text model with ``visual``'s extras and the gating keywords, the LM head on the last
+        ``logits_to_keep`` positions (all with 0) and, with ``labels``, the shifted CE loss."""
+        out = self.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache, **{CACHE_KWARG: cache}, **self.text_visual_kwargs(visual), **(gating or {}),
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return LatentCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                    attentions=out.attentions, **{CACHE_KWARG: output_cache(out)})
 
     def _gating_kwargs(self, latent_kv_mask: torch.Tensor | None) -> dict[str, Any]:
         if latent_kv_mask is None:
@@ -253,6 +332,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         ce_patch_vec: torch.FloatTensor | None = None,
         latent_kv_mask: torch.BoolTensor | None = None,
         latent_threshold: float | None = None,
+        latent_visual: VisualStack | None = None,
         cache=None,
         **kwargs,
     ):
@@ -261,40 +341,57 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         Pass 2 patches ``ce_patch_vec`` at ``ce_patch_pos`` (only on a call that starts from an empty
         cache, i.e. the prefill of ``generate()``) and applies ``latent_kv_mask`` ``[B, S_kv]`` in every
         text attention layer. Without ``position_ids`` on an empty cache, positions are computed over
-        the full-budget sequence (D2). The KV cache may come as ``cache`` or ``past_key_values``
-        (transformers renamed it; :mod:`latentvl.model.compat`).
+        the full-budget sequence (D2). ``latent_visual``: the :class:`~latentvl.model.visual.VisualStack` that
+        ``embed_inputs(..., return_visual=True)`` returned with ``inputs_embeds`` (a family with DeepStack
+        needs it wherever the embeddings hold image tokens). The KV cache may come as ``cache`` or
+        ``past_key_values`` (transformers renamed it; :mod:`latentvl.model.compat`).
         """
         cache = resolve_cache(cache, past_key_values)
         if latent_mode:
             if input_ids is None:
                 raise LatentInputError("latent_mode=True needs input_ids (they locate the latent segments)")
-            embeds = inputs_embeds if inputs_embeds is not None else self.embed_inputs(
-                input_ids, pixel_values, image_grid_thw)
+            visual = latent_visual
+            if inputs_embeds is None:
+                inputs_embeds, visual = self.embed_inputs(input_ids, pixel_values, image_grid_thw, return_visual=True)
             if position_ids is None:
                 position_ids = self.compute_position_ids(input_ids, attention_mask, mm_token_type_ids,
                                                          image_grid_thw)
-            return self.latent_pass(input_ids, attention_mask, embeds, position_ids, latent_segments,
-                                    latent_budgets, threshold=latent_threshold)
+            return self.latent_pass(input_ids, attention_mask, inputs_embeds, position_ids, latent_segments,
+                                    latent_budgets, threshold=latent_threshold, visual=visual)
 
-        # Only a call that may be the first one reads the cache's length: a static cache's is a tensor, and a
-        # compiled decoding step (which has positions, and no patches: see _update_model_kwargs_for_generation)
-        # must not branch on it.
-        maybe_first = ce_patch_pos is not None or (position_ids is None and input_ids is not None)
-        past_len = cache.get_seq_length() if cache is not None and maybe_first else 0
-        if ce_patch_pos is not None and past_len == 0:
+        # The first call of pass 2 (a forward, or generate()'s prefill) with patches or ready embeddings runs the
+        # text model on the embeddings itself (text_forward), with the question images' extras; any other call
+        # (generate()'s decoding steps, a plain forward from input_ids) is the parent's forward. Only such a
+        # call reads the cache's length: a static cache's is a tensor, and a compiled decoding step (input_ids,
+        # positions, no patches: see _update_model_kwargs_for_generation) must not branch on it.
+        ready = ce_patch_pos is not None or inputs_embeds is not None
+        if ready and (cache is None or cache.get_seq_length() == 0):
+            visual = latent_visual
             if inputs_embeds is None:
-                inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-                pixel_values = None
-            inputs_embeds = inputs_embeds.index_put(
-                (ce_patch_pos[:, 0], ce_patch_pos[:, 1]), ce_patch_vec.to(inputs_embeds.dtype))
-        if position_ids is None and past_len == 0 and input_ids is not None:
+                inputs_embeds, visual = self.embed_inputs(input_ids, pixel_values, image_grid_thw, return_visual=True)
+            else:
+                visual = self._visual_for(input_ids, visual, "a forward from inputs_embeds")
+            if ce_patch_pos is not None:
+                inputs_embeds = inputs_embeds.index_put(
+                    (ce_patch_pos[:, 0], ce_patch_pos[:, 1]), ce_patch_vec.to(inputs_embeds.dtype))
+            if position_ids is None:
+                if input_ids is None:
+                    raise LatentInputError("a first forward from inputs_embeds needs position_ids or input_ids "
+                                           "(the M-RoPE positions of the full-budget sequence, D2)")
+                position_ids = self.compute_position_ids(input_ids, attention_mask, mm_token_type_ids,
+                                                         image_grid_thw)
+            out = self.text_forward(inputs_embeds, attention_mask, position_ids, labels=labels, visual=visual,
+                                    gating=self._gating_kwargs(latent_kv_mask), cache=cache, use_cache=use_cache,
+                                    logits_to_keep=logits_to_keep, **kwargs)
+            out.latent_kv_mask = latent_kv_mask
+            return out
+        if position_ids is None and input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             position_ids = self.compute_position_ids(input_ids, attention_mask, mm_token_type_ids,
                                                      image_grid_thw)
         out = super().forward(
-            input_ids=input_ids if inputs_embeds is None or pixel_values is not None else None,
+            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             pixel_values=pixel_values,
@@ -312,7 +409,8 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens=1):
-        """After each ``generate()`` step: drop the patches once the prefill has placed them, and grow
+        """After each ``generate()`` step: drop the patches and the visual extras once the prefill has placed
+        them, and grow
         ``latent_kv_mask`` with the generated tokens (always kept), except on a static cache, where the
         mask keeps its prompt length (keys past its end count as kept) so that every decoding step has the
         same shapes and a compiled step is reused."""
@@ -320,6 +418,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens)
         model_kwargs.pop("ce_patch_pos", None)
         model_kwargs.pop("ce_patch_vec", None)
+        model_kwargs.pop("latent_visual", None)
         mask = model_kwargs.get("latent_kv_mask")
         cache = resolve_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
         if mask is not None and not getattr(cache, "is_compileable", False):
@@ -340,6 +439,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         sample_ids: list[str] | None = None,
         full_budget: bool = False,
         forcing: tuple[torch.Tensor, torch.Tensor] | None = None,
+        visual: VisualStack | None = None,
     ) -> LatentPassOutput:
         """Fill the latent slots of a batch (design §4, D8). See :class:`LatentPassOutput`.
 
@@ -348,6 +448,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         whatever the stage (no stop head, no halting): the latents a segment would have if it never stopped,
         as in stage A. ``forcing`` ``(forced [B, S] bool, inputs [B, S, H])``: teacher-forced slots and the
         inputs they take instead of the fed-back state (``latent_teacher_forcing``; see :meth:`latent_loss`).
+        ``visual``: the question images' :class:`~latentvl.model.visual.VisualStack` (a family with DeepStack).
 
         All samples advance together (:mod:`latentvl.model.pass1`): each sample is shifted right so that its
         first latent slot falls on the same column (:func:`~latentvl.model.pass1.shifted_frame`), one prefix
@@ -358,6 +459,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         no host synchronisation happens inside the loop.
         """
         self._require_gated_attention("the latent pass (latent_mode=True)")
+        visual = self._visual_for(input_ids, visual, "the latent pass")
         settings = self.latent_settings
         stage = "A" if full_budget else settings.latent_mode_stage
         thr = check_threshold(settings.latent_stop_threshold if threshold is None else threshold, "threshold")
@@ -382,7 +484,7 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 align_vec=inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]),
                 used_lens=torch.zeros(B, layout.max_segments, dtype=torch.long, device=device),
             )
-        frame = shifted_frame(layout, steps, inputs_embeds, position_ids, attention_mask, forcing)
+        frame = shifted_frame(layout, steps, inputs_embeds, position_ids, attention_mask, forcing, visual)
         trace = run_steps(self, frame, settings, thr, stage_c=stage == "C")
         return pass_output(layout, frame, trace, (B, S), position_ids)
 
@@ -392,9 +494,5 @@ class LatentQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         :func:`latentvl.model.objective.latent_loss`."""
         return latent_loss(self, batch, threshold)
 
-_register_checkpoint_mapping(LatentQwen2_5_VLForConditionalGeneration.__name__)
 
-__all__ = [
-    "LatentCausalLMOutput",
-    "LatentQwen2_5_VLForConditionalGeneration",
-]
+__all__ = ["LatentCausalLMOutput", "LatentFeedbackGain", "LatentModelMixin", "register_checkpoint_mapping"]

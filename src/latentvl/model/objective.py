@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from ..errors import LatentInputError
 from .losses import (
@@ -31,17 +30,18 @@ from .losses import (
     stop_loss,
 )
 from .pass1 import LatentPassOutput
+from .visual import VisualStack
 
 __all__ = ["LatentLossOutput", "compiled_pass2", "latent_loss"]
 
 
 def _pass2_forward(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                   labels: torch.Tensor, gating: dict[str, Any]):
+                   labels: torch.Tensor, gating: dict[str, Any], visual: VisualStack | None = None):
     """Pass 2 in training: the full-sequence forward of ``inputs_embeds`` ``[B, S, H]`` (latents patched in)
-    with ``labels`` ``[B, S]`` (its CE loss) and the gating keywords (stage C's ``latent_kv_mask``)."""
-    return Qwen2_5_VLForConditionalGeneration.forward(
-        model, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-        labels=labels, use_cache=False, **gating)
+    with ``labels`` ``[B, S]`` (its CE loss), the gating keywords (stage C's ``latent_kv_mask``) and the
+    question images' ``visual`` extras (a family with DeepStack)."""
+    return model.text_forward(inputs_embeds, attention_mask, position_ids, labels=labels, visual=visual,
+                              gating=gating, use_cache=False)
 
 
 @functools.cache
@@ -78,7 +78,8 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     """
     s = model.latent_settings
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    embeds = model.embed_inputs(input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+    embeds, visual = model.embed_inputs(input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                        return_visual=True)
     position_ids = model.compute_position_ids(input_ids, attention_mask, batch.get("mm_token_type_ids"),
                                              batch.get("image_grid_thw"))
     cot_feats, forcing = None, None
@@ -87,7 +88,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         forcing = _teacher_forcing(model, batch, embeds, cot_feats)
     p1 = model.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
                           batch["latent_budgets"], threshold=threshold, sample_ids=batch.get("ids"),
-                          forcing=forcing)
+                          forcing=forcing, visual=visual)
     embeds2 = embeds.index_put((p1.ce_patch_pos[:, 0], p1.ce_patch_pos[:, 1]),
                                p1.ce_patch_vec.to(embeds.dtype))
     stage_c = s.latent_mode_stage == "C"
@@ -96,7 +97,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     kv_mask = p1.latent_kv_mask if stage_c else None
     if model.training and not stage_c and s.latent_tail_dropout > 0:
         kv_mask = _tail_dropout(model, batch, input_ids)
-    out = pass2(model, embeds2, attention_mask, position_ids, batch["labels"], model._gating_kwargs(kv_mask))
+    out = pass2(model, embeds2, attention_mask, position_ids, batch["labels"], model._gating_kwargs(kv_mask), visual)
     ce = out.loss
     zero = ce.new_zeros(())
 
@@ -113,7 +114,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         stop = cost = 0.0 * sum(p.sum() for p in model.latent_stop_head.parameters()).float()
     elif stage_c:
         if s.latent_stop_target_mode == "answer":
-            targets, target_calls = _answer_stop_targets(model, batch, embeds, position_ids)
+            targets, target_calls = _answer_stop_targets(model, batch, embeds, position_ids, visual)
         labels, weights = _stop_label_tensors(model, batch, p1, targets)
         stop = stop_loss(p1.stop_logits, labels, weights)
         if s.latent_cost_mode == "count":
@@ -216,7 +217,7 @@ def _stop_label_tensors(model, batch, p1: LatentPassOutput, targets: list[list[i
     return labels.to(device), weights.to(device)
 
 def _answer_ce_per_sample(model, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-    kv_mask: torch.Tensor, labels: torch.Tensor,
+    kv_mask: torch.Tensor, labels: torch.Tensor, visual: VisualStack | None = None,
 ) -> torch.Tensor:
     """``[R]`` mean answer CE of each row (0 for a row without labels); one language-model call.
 
@@ -224,7 +225,7 @@ def _answer_ce_per_sample(model, embeds: torch.Tensor, attention_mask: torch.Ten
     """
     hidden = model.model.language_model(
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        **model._gating_kwargs(kv_mask),
+        **model._gating_kwargs(kv_mask), **model.text_visual_kwargs(visual),
     ).last_hidden_state
     target = labels[:, 1:]
     r, c = (target != -100).nonzero(as_tuple=True)
@@ -236,8 +237,8 @@ def _answer_ce_per_sample(model, embeds: torch.Tensor, attention_mask: torch.Ten
     return total / count.clamp_min(1.0)
 
 @torch.no_grad()
-def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, position_ids: torch.Tensor
-) -> tuple[list[list[int]], int]:
+def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, position_ids: torch.Tensor,
+                         visual: VisualStack | None = None) -> tuple[list[list[int]], int]:
     """Content-aware stop targets (``latent_stop_target_mode="answer"``) and the model calls spent.
 
     1. Pass 1 at full budget, without gradient (every slot active): the latents a segment has if
@@ -260,12 +261,12 @@ def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, pos
     B, S = input_ids.shape
     device = input_ids.device
     full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, segments,
-                            batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True)
+                            batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True, visual=visual)
     calls = full.num_model_calls
     patched = embeds.index_put((full.ce_patch_pos[:, 0], full.ce_patch_pos[:, 1]),
                                full.ce_patch_vec.to(embeds.dtype))
     keep = torch.ones(B, S, dtype=torch.bool, device=device)
-    ref = _answer_ce_per_sample(model, patched, attention_mask, position_ids, keep, labels).tolist()
+    ref = _answer_ce_per_sample(model, patched, attention_mask, position_ids, keep, labels, visual).tolist()
     calls += 1
     M = max((len(segs) for segs in segments), default=0)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -290,6 +291,7 @@ def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, pos
         ce = _answer_ce_per_sample(model,
             patched[pick].repeat_interleave(K, dim=0), attention_mask[pick].repeat_interleave(K, dim=0),
             position_ids[:, pick].repeat_interleave(K, dim=1), masks, labels[pick].repeat_interleave(K, dim=0),
+            None if visual is None else visual.take(pick.repeat_interleave(K)),
         ).view(len(pick), K).tolist()
         calls += 1
         for r, b in enumerate(rows):

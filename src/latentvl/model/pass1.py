@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..errors import LatentInputError
 from ..segments import Layout
 from .kv_store import LatentKVStore
+from .visual import VisualStack
 
 if TYPE_CHECKING:
     from ..config import LatentSettings
@@ -66,7 +68,9 @@ class ShiftedFrame:
     (``[R, steps]``): ``is_latent``, ``slot_index`` (-1 off segments), ``segment_index`` (-1 off segments),
     ``is_last_slot``. ``rows`` / ``shifts`` ``[R]`` long; ``real`` ``[R, 1]`` bool (False only for the dummy
     row of a batch without latents). ``forced`` ``[R, W]`` bool and ``forced_inputs`` ``[R, W, H]``: the
-    teacher-forced slots and their inputs (None without ``latent_teacher_forcing``).
+    teacher-forced slots and their inputs (None without ``latent_teacher_forcing``). ``visual``: the question
+    images' :class:`~latentvl.model.visual.VisualStack` in frame coordinates (a family with DeepStack), whose
+    visual positions all lie in the prefix.
     """
 
     rows: torch.Tensor
@@ -83,6 +87,7 @@ class ShiftedFrame:
     is_last_slot: torch.Tensor
     forced: torch.Tensor | None = None
     forced_inputs: torch.Tensor | None = None
+    visual: VisualStack | None = None
 
     @property
     def num_rows(self) -> int:
@@ -99,10 +104,13 @@ class ShiftedFrame:
 
 def shifted_frame(layout: Layout, steps: int, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                   attention_mask: torch.Tensor,
-                  forcing: tuple[torch.Tensor, torch.Tensor] | None = None) -> ShiftedFrame:
+                  forcing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  visual: VisualStack | None = None) -> ShiftedFrame:
     """Gather the batch ``[B, S]`` into the frame of ``layout`` with ``steps`` steps (the layout's own,
     or more in a distributed run, where every process makes the same number of calls). ``forcing``:
-    ``(forced [B, S] bool, inputs [B, S, H])``, the teacher-forced slots and their inputs, gathered alike."""
+    ``(forced [B, S] bool, inputs [B, S, H])``, the teacher-forced slots and their inputs, gathered alike;
+    ``visual`` likewise. A visual position at or after a row's first latent slot is refused (DeepStack
+    features enter with the prefix call only)."""
     device = inputs_embeds.device
     S = inputs_embeds.shape[1]
     rows = torch.tensor(layout.rows, device=device)
@@ -110,6 +118,13 @@ def shifted_frame(layout: Layout, steps: int, inputs_embeds: torch.Tensor, posit
     orig = torch.arange(layout.prefix_len + steps, device=device)[None, :] - shifts[:, None]  # [R, W]
     inside = (orig >= 0) & (orig < S)
     orig_c = orig.clamp(0, S - 1)
+    if visual is not None:
+        visual = visual.take(rows, orig_c, inside)
+        late = visual.mask[:, layout.prefix_len:].any(dim=1)
+        if bool(late.any()):
+            sample = int(rows[late.nonzero()[0, 0]])
+            raise LatentInputError(f"sample {sample}: an image token after the first latent slot; latentvl places "
+                                   "question images before the latent segments")
     return ShiftedFrame(
         rows=rows, shifts=shifts, real=torch.as_tensor(layout.real_rows, device=device)[:, None],
         prefix_len=layout.prefix_len, steps=steps,
@@ -122,17 +137,25 @@ def shifted_frame(layout: Layout, steps: int, inputs_embeds: torch.Tensor, posit
         is_last_slot=torch.as_tensor(layout.is_last_slot(steps), device=device),
         forced=None if forcing is None else forcing[0][rows[:, None], orig_c] & inside,
         forced_inputs=None if forcing is None else forcing[1][rows[:, None], orig_c],
+        visual=visual,
     )
 
 
 # ----------------------------------------------------------------------------------------- step functions
+def _step_mask(step_bias: torch.Tensor, layer_types: tuple[str, ...]):
+    """The text model's ``attention_mask`` for a prepared 4D mask: one per layer type for a text model that
+    builds one per type (Qwen2.5-VL's ``layer_types``), the tensor itself for one that builds a single mask
+    (Qwen3-VL). Both pass a prepared 4D mask to the attention as is."""
+    return {t: step_bias for t in layer_types} if layer_types else step_bias
+
+
 def _eager_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor, c: int, store: LatentKVStore,
                 layer_types: tuple[str, ...]) -> torch.Tensor:
     """One latent step: ``x`` ``[R, H]`` fed at column ``c`` (positions ``pos`` ``[3, R, 1]``); returns the
     last hidden state ``[R, H]``. A one-token step needs no causal mask: the ``[R, 1, 1, c+1]`` key mask
     is the whole mask, handed to the attention layers as is (contiguous: sdpa is slower on a strided one)."""
     step_bias = key_bias[:, None, None, : c + 1].contiguous()
-    out = lm(inputs_embeds=x[:, None], attention_mask={t: step_bias for t in layer_types}, position_ids=pos,
+    out = lm(inputs_embeds=x[:, None], attention_mask=_step_mask(step_bias, layer_types), position_ids=pos,
              use_cache=False, latent_kv_store=store)
     return out.last_hidden_state[:, 0]
 
@@ -143,7 +166,7 @@ def _static_step(lm, x: torch.Tensor, pos: torch.Tensor, key_bias: torch.Tensor,
     the store's full width, -inf after the column. Every step of a pass has the same shapes."""
     future = torch.arange(key_bias.shape[-1], device=key_bias.device) > column
     step_bias = key_bias.masked_fill(future, float("-inf"))[:, None, None, :]
-    out = lm(inputs_embeds=x[:, None], attention_mask={t: step_bias for t in layer_types}, position_ids=pos,
+    out = lm(inputs_embeds=x[:, None], attention_mask=_step_mask(step_bias, layer_types), position_ids=pos,
              use_cache=False, latent_kv_store=store, latent_step_column=column)
     return out.last_hidden_state[:, 0]
 
@@ -276,14 +299,16 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
     key_bias.masked_fill_(frame.attend == 0, float("-inf"))
     halting = Halting(frame, model.latent_stop_head if stage_c else None, threshold,
                       float(settings.latent_null_scale), key_bias, store)
-    run_step = step_runner(lm, store, key_bias, tuple(sorted(set(text.layer_types))), settings.latent_compile)
+    layer_types = tuple(sorted(set(getattr(text, "layer_types", None) or ())))
+    run_step = step_runner(lm, store, key_bias, layer_types, settings.latent_compile)
     inputs, owns, actives = [], [], []
     with no_gradient_checkpointing(model), contextlib.closing(store):
         # latent_prefix_grad=False: the prefix (question, images) runs without autograd in pass 1, so its
         # activations are not kept; pass 2 still trains it through the CE loss.
         with torch.set_grad_enabled(torch.is_grad_enabled() and settings.latent_prefix_grad):
+            visual = model.text_visual_kwargs(None if frame.visual is None else frame.visual.columns(0, P))
             out = lm(inputs_embeds=frame.embeds[:, :P], attention_mask=frame.attend[:, :P],
-                     position_ids=frame.positions[:, :, :P], use_cache=False, latent_kv_store=store)
+                     position_ids=frame.positions[:, :, :P], use_cache=False, latent_kv_store=store, **visual)
         h_prev = out.last_hidden_state[:, -1]
         if not settings.latent_feedback:  # called as a module, so a LoRA wrapper's trainable copy is used
             pause = model.latent_pause_embedding(torch.zeros(1, dtype=torch.long, device=h_prev.device))[0]

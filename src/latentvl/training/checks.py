@@ -206,16 +206,22 @@ def check_no_think(
         kv_mask = keep.clone()
     # Both calls run on every process, latents or not, through embed_inputs (one vision call each, a
     # dummy image where the batch has none): distributed processes make the same calls in lockstep.
+    embeds, visual = model.embed_inputs(ids, pix, grid, return_visual=True)
     logits = model(
-        inputs_embeds=model.embed_inputs(ids, pix, grid),
+        input_ids=ids,
+        inputs_embeds=embeds,
+        latent_visual=visual,
         attention_mask=att,
         position_ids=pos,
         mm_token_type_ids=mm,
         latent_kv_mask=kv_mask.to(device),
     ).logits.float()
     ids2 = ids2.to(device)
+    embeds2, visual2 = model.embed_inputs(ids2, pix, grid, return_visual=True)
     logits2 = model(
-        inputs_embeds=model.embed_inputs(ids2, pix, grid),
+        input_ids=ids2,
+        inputs_embeds=embeds2,
+        latent_visual=visual2,
         attention_mask=att2.to(device),
         position_ids=pos2.to(device),
         mm_token_type_ids=mm2.to(device) if mm2 is not None else None,

@@ -39,6 +39,7 @@ import yaml
 
 from ..config import STAGES, LatentSettings
 from ..errors import LatentConfigError, TrainConfigError
+from ..model.backbone import BACKBONES
 
 # What a run trains: one of the model's stages (latentvl.config.STAGES), or stage A then stage C.
 RUN_STAGES = (*STAGES, "AC")
@@ -64,7 +65,10 @@ class TrainConfig:
     """Every option of ``latentvl train``. Defaults suit a small CPU run; see ``docs/training.md``."""
 
     # ---- model
-    model: str = "tiny"  # "tiny" (random tiny Qwen2.5-VL, offline) or a model directory
+    model: str = "tiny"  # "tiny" (a random tiny model, offline) or a model directory
+    # the backbone family ("qwen2_5_vl" or "qwen3_vl"): the tiny model's (null: qwen2_5_vl); with a model
+    # directory, null takes the directory's own and a name must match its config.json's model_type
+    backbone: str | None = None
     tiny_hidden_size: int = 128
     tiny_num_layers: int = 4
     attn_implementation: str = "latent_sdpa"
@@ -242,6 +246,8 @@ class TrainConfig:
                 raise self._bad(name, "must be >= 1 or null")
         if self.tiny_hidden_size % 8:
             raise self._bad("tiny_hidden_size", "must be a multiple of 8 (4 heads, rotary halves)")
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise self._bad("backbone", f"must be one of {sorted(BACKBONES)} or null")
 
     def _validate_optimiser(self) -> None:
         """Optimiser, schedule, threshold, LoRA and the run's tolerances."""

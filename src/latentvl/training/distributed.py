@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.backbone import BACKBONES, family
 from .config import TrainConfig
 from .setup import latent_model
 
@@ -90,7 +91,9 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=handlers)
 
 
-FSDP_BLOCKS = ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")
+def fsdp_blocks() -> set[str]:
+    """The class names FSDP2 wraps one unit each: every backbone family's decoder layers and vision blocks."""
+    return {block for name in BACKBONES for block in family(name).BLOCKS}
 
 
 def shard_fsdp2(module: nn.Module, precision: str) -> nn.Module:
@@ -104,8 +107,9 @@ def shard_fsdp2(module: nn.Module, precision: str) -> nn.Module:
         raise ValueError("mixed_precision=fp16 with distributed=fsdp is not supported; use bf16")
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = fsdp_blocks()
     for sub in module.modules():
-        if type(sub).__name__ in FSDP_BLOCKS:
+        if type(sub).__name__ in blocks:
             fully_shard(sub, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
     return module

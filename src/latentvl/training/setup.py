@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..errors import TrainConfigError
+from ..model.backbone import DEFAULT_BACKBONE
 from ..model.compat import enable_activation_checkpointing
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
@@ -78,6 +79,7 @@ def build_model(cfg: TrainConfig, stage: str, resume_dir: Path | None = None):
         model, processor = build_tiny_model(
             seed=cfg.seed,
             attn_implementation=cfg.attn_implementation,
+            backbone=cfg.backbone or DEFAULT_BACKBONE,
             hidden_size=cfg.tiny_hidden_size,
             num_layers=cfg.tiny_num_layers,
         )
@@ -89,6 +91,9 @@ def build_model(cfg: TrainConfig, stage: str, resume_dir: Path | None = None):
                 if resume_dir is None or cfg.lora:
                     raise
                 raise ckpt.CorruptCheckpointError(source, f"cannot be loaded ({type(err).__name__}: {err})") from err
+        if cfg.backbone is not None and model.backbone != cfg.backbone:
+            raise TrainConfigError(f"backbone: {cfg.backbone!r} was asked for, but {source} holds a {model.backbone!r} "
+                                   "model (its config.json's model_type); leave backbone null to take the model's own")
     set_stage(model, cfg, stage)
     return model, processor
 

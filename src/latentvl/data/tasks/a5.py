@@ -22,12 +22,12 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from ..palettes import RELAY_COLOURS
-from .common import SIDE_STEP, WHITE, Sample
+from .common import WHITE, Sample
 
 __all__ = ["A5_IDENTITY", "A5_OPS", "A5_STATES", "KNOBS", "QUESTION", "RULE", "a5_apply", "a5_implied_answer",
            "check_knobs", "sample"]
 
-KNOBS = ("min_hops", "max_hops")  # meta.json order
+KNOBS = ("min_hops", "max_hops", "token_px")  # meta.json order
 QUESTION = "Ops: <k ops, then - up to max_hops>"
 RULE = ("letter of the state after applying the listed ops (permutations of R G B Y C) in order to the "
         "colour of the question image")
@@ -39,8 +39,8 @@ A5_OPS: dict[str, tuple[int, ...]] = {
     "b": (1, 2, 0, 3, 4),  # the 3-cycle R -> G -> B -> R
     "c": (1, 0, 3, 2, 4),  # (R G)(B Y)
 }
-A5_SWATCH = 2 * SIDE_STEP  # question image: 4 visual tokens, the tiny processor's minimum
-A5_CELL = SIDE_STEP  # one strip cell = one merged visual token
+# Sides in merged visual tokens of `token_px` pixels (28: Qwen2.5-VL's 2x2 patches of 14 px, 32: Qwen3-VL's of 16)
+A5_SWATCH_TOKENS = 2  # question image: 2 x 2 visual tokens, the tiny processor's minimum
 A5_IDENTITY = "-"
 
 
@@ -61,13 +61,15 @@ def sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
     for op in ops:
         chain.append(a5_apply(op, chain[-1]))
     held = chain + [chain[-1]] * (cells - len(chain))
-    question = Image.new("RGB", (A5_SWATCH, A5_SWATCH), RELAY_COLOURS[s0])
-    strip = Image.new("RGB", (A5_CELL * cells, A5_CELL), WHITE)
+    cell = int(knobs["token_px"])  # one strip cell = one merged visual token
+    swatch = A5_SWATCH_TOKENS * cell
+    question = Image.new("RGB", (swatch, swatch), RELAY_COLOURS[s0])
+    strip = Image.new("RGB", (cell * cells, cell), WHITE)
     draw = ImageDraw.Draw(strip)
     for j, state in enumerate(held):
-        draw.rectangle((A5_CELL * j, 0, A5_CELL * (j + 1) - 1, A5_CELL - 1), RELAY_COLOURS[state])
+        draw.rectangle((cell * j, 0, cell * (j + 1) - 1, cell - 1), RELAY_COLOURS[state])
     text = "Ops: " + "".join(ops) + A5_IDENTITY * (cells - 1 - k)
-    annotation = {"side": A5_CELL * cells, "hops": k, "ops": ops, "chain": chain}
+    annotation = {"side": cell * cells, "hops": k, "ops": ops, "chain": chain}
     fields = {"difficulty": k, "latent_states": [held], "ops": ops}
     return Sample(text, chain[-1], [question], [strip], annotation, fields)
 
@@ -90,3 +92,5 @@ def check_knobs(k: dict[str, Any]) -> None:
     """Raise ValueError when the a5 knobs of ``k`` (all knobs, defaults filled in) cannot be met."""
     if not 1 <= k["min_hops"] <= k["max_hops"]:
         raise ValueError(f"need 1 <= min_hops <= max_hops, got {k['min_hops']}, {k['max_hops']}")
+    if int(k["token_px"]) < 1:
+        raise ValueError(f"need token_px >= 1, got {k['token_px']}")

@@ -41,6 +41,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "colours": 6,
     "min_hops": 1,
     "max_hops": 4,
+    "token_px": SIDE_STEP,  # a5: the side of one merged visual token (28: Qwen2.5-VL, 32: Qwen3-VL)
 }
 
 

@@ -76,12 +76,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_demo_settings(path: str | Path | None = None, quick: bool = False, full: bool = False,
-                       task: str | None = None) -> dict[str, Any]:
+                       task: str | None = None, backbone: str | None = None) -> dict[str, Any]:
     """The demo's settings for ``task`` (default: the file's ``demo.task``, else the shipped one).
 
     In order, each over the last: the shipped sections; the ``per_task`` entry of the task (the shipped
     one, updated from the file's) over ``demo`` and, for its ``train`` part, ``train``; the file's own
     sections; then ``quick`` (shrinks the run) or ``full`` (the ``full`` section, the longer schedule).
+    ``backbone`` (else ``train.backbone``, else Qwen2.5-VL) is the tiny model's family; a task whose images
+    are drawn in merged visual tokens (``token_px``) gets that family's token side unless the file sets it.
     """
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
@@ -105,7 +107,21 @@ def load_demo_settings(path: str | Path | None = None, quick: bool = False, full
         settings["demo"].update(settings["quick"])
     if full:
         settings["demo"].update(settings["full"])
+    _apply_backbone(settings, backbone)
     return settings
+
+
+def _apply_backbone(settings: dict[str, Any], backbone: str | None) -> None:
+    """Set the tiny model's family and, for a task with a ``token_px`` knob, its merged-token side."""
+    from ...data.tasks.registry import TASKS
+    from ...model.backbone import DEFAULT_BACKBONE, family
+
+    name = backbone or settings["train"].get("backbone") or DEFAULT_BACKBONE
+    settings["train"]["backbone"] = name
+    task = settings["demo"]["task"]
+    data = settings["demo"].setdefault("data", {}).setdefault(task, {})
+    if task in TASKS and "token_px" in TASKS[task].knobs and "token_px" not in data:
+        data["token_px"] = 2 * family(name).PATCH_SIZE
 
 
 # --------------------------------------------------------------------------------------------- runs
