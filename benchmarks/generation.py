@@ -21,7 +21,8 @@ import copy
 import statistics
 
 import torch
-from latent_pass import build, synthetic_batch, timed
+from architectures import build, describe
+from latent_pass import synthetic_batch, timed
 from transformers import Qwen2_5_VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 from latentvl import set_latent_fields
@@ -53,14 +54,17 @@ def stock_copy(model):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "3b"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "3b", "8b"], default="tiny",
+                    help="tiny, Qwen2.5-VL-3B or Qwen3-VL-8B architecture (benchmarks/architectures.py)")
+    ap.add_argument("--backbone", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
+                    help="the tiny model's family")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64 tiny, 512 3b)")
     ap.add_argument("--segments", type=int, default=2)
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--tokens", type=int, nargs=2, default=[8, 40], help="the two decoding lengths n1 n2")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=None, help="3b only: fewer text layers (a quick check)")
+    ap.add_argument("--layers", type=int, default=None, help="3b/8b only: fewer text layers (a quick check)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = ap.parse_args()
@@ -68,10 +72,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.model == "3b" else torch.float32
-    prompt = args.prompt or (512 if args.model == "3b" else 64)
+    dtype = torch.float32 if args.model == "tiny" else torch.bfloat16
+    prompt = args.prompt or (64 if args.model == "tiny" else 512)
     torch.manual_seed(0)
-    model = build(args.model, device, dtype, args.layers)
+    model = build(args.model, device, dtype, args.layers, args.backbone)
     set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0)
     with torch.no_grad():  # a stop head that halts some segments early: the mask gates slots
         head = model.latent_stop_head
@@ -119,7 +123,8 @@ def main() -> None:
     per_token = {name: (med[(name, n2)] - med[(name, n1)]) / (n2 - n1) for name in variants}
 
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {ids.shape[1]} tokens "
+    print(f"device: {dev}; "
+          f"model: {describe(args.model, args.backbone)} ({dtype}); batch {args.batch}; prompt {ids.shape[1]} tokens "
           f"({args.segments} segments x {args.budget} latents, used {p1.used_lens.sum().item()} of "
           f"{sum(map(sum, budgets))}); decoding {n1} and {n2} tokens; backend {args.backend}; "
           f"median of {args.repeats}")

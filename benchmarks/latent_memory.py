@@ -22,7 +22,8 @@ import statistics
 import time
 
 import torch
-from latent_pass import build, sync, synthetic_batch
+from architectures import build, describe
+from latent_pass import sync, synthetic_batch
 from transformers.cache_utils import DynamicCache
 
 from latentvl import set_latent_fields
@@ -123,22 +124,26 @@ def measure(model, device: str, batch: int, prompt: int, steps: int, repeats: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "3b"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "3b", "8b"], default="tiny",
+                    help="tiny, Qwen2.5-VL-3B or Qwen3-VL-8B architecture (benchmarks/architectures.py)")
+    ap.add_argument("--backbone", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
+                    help="the tiny model's family")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompts", type=int, nargs="+", default=None, help="default 128 512 (tiny), 512 2048 (3b)")
     ap.add_argument("--steps", type=int, nargs="+", default=[16, 64], help="latents (one segment)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=None, help="3b only: fewer text layers (a quick check)")
+    ap.add_argument("--layers", type=int, default=None, help="3b/8b only: fewer text layers (a quick check)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.model == "3b" else torch.float32
-    prompts = args.prompts or ([512, 2048] if args.model == "3b" else [128, 512])
+    dtype = torch.float32 if args.model == "tiny" else torch.bfloat16
+    prompts = args.prompts or ([128, 512] if args.model == "tiny" else [512, 2048])
     torch.manual_seed(0)
-    model = build(args.model, device, dtype, args.layers).train()
+    model = build(args.model, device, dtype, args.layers, args.backbone).train()
     model.requires_grad_(True)
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; stage A; one segment; "
+    print(f"device: {dev}; "
+          f"model: {describe(args.model, args.backbone)} ({dtype}); batch {args.batch}; stage A; one segment; "
           f"fwd+bwd median of {args.repeats}")
     head = (f"{'prompt':>7}{'steps':>7}{'saved MiB store':>17}{'saved MiB cache':>17}{'ratio':>8}"
             f"{'time ratio':>12}{'no prefix grad':>16}")

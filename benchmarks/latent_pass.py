@@ -13,8 +13,10 @@ the same on every machine.
 
 Usage::
 
-    python benchmarks/latent_pass.py                 # tiny model on CPU
+    python benchmarks/latent_pass.py                 # tiny Qwen2.5-VL on CPU
+    python benchmarks/latent_pass.py --backbone qwen3_vl   # tiny Qwen3-VL on CPU
     python benchmarks/latent_pass.py --model 3b      # Qwen2.5-VL-3B architecture, random bf16 weights (GPU)
+    python benchmarks/latent_pass.py --model 8b      # Qwen3-VL-8B architecture, random bf16 weights (GPU)
 """
 
 from __future__ import annotations
@@ -24,48 +26,12 @@ import statistics
 import time
 
 import torch
+from architectures import build, describe
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import Qwen2_5_VLConfig
 from transformers.cache_utils import DynamicCache
 
-from latentvl import LatentQwen2_5_VLForConditionalGeneration, build_tiny_model, set_latent_fields
+from latentvl import set_latent_fields
 from latentvl.model.compat import CACHE_KWARG
-
-
-def qwen25_vl_3b_config(vocab_size: int = 151_936) -> Qwen2_5_VLConfig:
-    """The published Qwen2.5-VL-3B architecture (random weights: nothing is downloaded)."""
-    return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": vocab_size, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
-            "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        },
-        vision_config={
-            "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-        },
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
-
-
-def build(model_name: str, device: str, dtype: torch.dtype, layers: int | None = None):
-    """The tiny model, or the 3B architecture (``layers`` overrides its 36 text layers: a quick check)."""
-    if model_name == "tiny":
-        model, _ = build_tiny_model(seed=0)
-    else:
-        config = qwen25_vl_3b_config()
-        if layers is not None:
-            config.text_config.num_hidden_layers = layers
-            config.text_config.layer_types = config.text_config.layer_types[:layers]
-        set_latent_fields(config, latent_token_id=151_700, latent_start_token_id=151_701,
-                          latent_end_token_id=151_702)
-        with torch.device(device):
-            model = LatentQwen2_5_VLForConditionalGeneration(config)
-        model.set_latent_attention("latent_sdpa")
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def synthetic_batch(model, batch: int, prompt: int, segments: int, budget: int, device: str):
@@ -139,21 +105,24 @@ def per_sample_loop(model, input_ids, segments, threshold: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "3b"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "3b", "8b"], default="tiny",
+                    help="tiny, Qwen2.5-VL-3B or Qwen3-VL-8B architecture (benchmarks/architectures.py)")
+    ap.add_argument("--backbone", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
+                    help="the tiny model's family")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 tiny, 512 3b)")
     ap.add_argument("--segments", type=int, default=4)
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--stage", choices=["A", "C"], default="C")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=None, help="3b only: fewer text layers (a quick check)")
+    ap.add_argument("--layers", type=int, default=None, help="3b/8b only: fewer text layers (a quick check)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.model == "3b" else torch.float32
-    prompt = args.prompt or (512 if args.model == "3b" else 128)
+    dtype = torch.float32 if args.model == "tiny" else torch.bfloat16
+    prompt = args.prompt or (128 if args.model == "tiny" else 512)
     torch.manual_seed(0)
-    model = build(args.model, device, dtype, args.layers)
+    model = build(args.model, device, dtype, args.layers, args.backbone)
     if args.stage == "C":
         set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
         with torch.no_grad():
@@ -208,7 +177,8 @@ def main() -> None:
     ops = {k: scale.get(k, 1) * (count_ops(pair[1]) - count_ops(pair[0])) / ds for k, pair in counted.items()}
 
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
+    print(f"device: {dev}; "
+          f"model: {describe(args.model, args.backbone)} ({dtype}); batch {args.batch}; prompt {prompt}; "
           f"{args.segments} segments x {2 * args.budget} latents ({steps_of(long)} steps); stage {args.stage}; "
           f"median of {args.repeats}")
     print(f"{'what':<46}{'whole pass ms':>14}{'per step ms':>13}{'ops per step':>14}")

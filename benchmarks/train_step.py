@@ -25,7 +25,8 @@ import argparse
 import statistics
 
 import torch
-from latent_pass import build, synthetic_batch, timed
+from architectures import build, describe
+from latent_pass import synthetic_batch, timed
 from torch._dynamo.utils import counters
 
 from latentvl import set_latent_fields
@@ -45,14 +46,17 @@ def training_batch(model, batch: int, prompt: int, segments: int, budget: int, a
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "3b"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "3b", "8b"], default="tiny",
+                    help="tiny, Qwen2.5-VL-3B or Qwen3-VL-8B architecture (benchmarks/architectures.py)")
+    ap.add_argument("--backbone", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl",
+                    help="the tiny model's family")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64 tiny, 512 3b)")
     ap.add_argument("--segments", type=int, default=2)
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--answer", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=None, help="3b only: fewer text layers (a quick check)")
+    ap.add_argument("--layers", type=int, default=None, help="3b/8b only: fewer text layers (a quick check)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend for the compiled variants")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference rows (two more compiles)")
@@ -62,10 +66,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.model == "3b" else torch.float32
-    prompt = args.prompt or (512 if args.model == "3b" else 64)
+    dtype = torch.float32 if args.model == "tiny" else torch.bfloat16
+    prompt = args.prompt or (64 if args.model == "tiny" else 512)
     torch.manual_seed(0)
-    model = build(args.model, device, dtype, args.layers).train()
+    model = build(args.model, device, dtype, args.layers, args.backbone).train()
     # alignment needs CoT images; it is one vision call without gradient and a cosine loss, left out here
     set_latent_fields(model.config, latent_align_weight=0.0)
     batch = training_batch(model, args.batch, prompt, args.segments, args.budget, args.answer, device)
@@ -136,7 +140,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {dev}; model: {args.model} ({dtype}); batch {args.batch}; prompt {prompt}; "
+    print(f"device: {dev}; "
+          f"model: {describe(args.model, args.backbone)} ({dtype}); batch {args.batch}; prompt {prompt}; "
           f"{args.segments} segments x {args.budget} latents ({steps} steps); answer {args.answer}; "
           f"backend {args.backend}; median of {args.repeats}")
     print(f"compiled: {graphs} graphs captured (pass 1: one per pass shape and grad mode; pass 2: one per "
