@@ -200,3 +200,9 @@ def test_demo_over_two_seeds_in_two_processes(tmp_path, capsys):
 
 def test_seed_folders_are_inside_the_output_folder():
     assert seeds_mod.seed_dir("runs/x", 3) == Path("runs/x/seed_3")
+
+
+def test_exit_status_is_1_on_a_missed_bar_except_under_quick():
+    from latentvl.commands.demo import exit_status
+
+    assert (exit_status(True, False), exit_status(False, False), exit_status(False, True)) == (0, 1, 0)

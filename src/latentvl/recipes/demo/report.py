@@ -96,7 +96,7 @@ def _pct(x: float | None) -> str:
 
 
 def _figure(x: float | None) -> str:
-    return "not measured" if x is None else f"{x:.3f}"
+    return "not measured" if x is None else f"measured {x:.3f}"
 
 
 def difficulty_table(report: DemoReport) -> str:
@@ -345,7 +345,7 @@ def markdown(report: DemoReport) -> str:
         "## Bars",
         "",
         *[f"- {bar.text.format(**bars)}: {ok[report['checks'][bar.check]]} "
-          f"(measured {_figure(metrics.get(bar.metric))})" for bar in BARS if bar.check in report["checks"]],
+          f"({_figure(metrics.get(bar.metric))})" for bar in BARS if bar.check in report["checks"]],
         "",
         "Accuracy: greedy two-step inference (latent pass, then generate), exact match of the answer. "
         "Stage C halts at the threshold named in its row. used/budget, all latents: the latents used over the budget, "
