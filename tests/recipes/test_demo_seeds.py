@@ -145,7 +145,7 @@ def test_a_killed_seeds_run_resumes_without_rerunning_finished_seeds(tmp_path, m
             raise RuntimeError("killed")
         d = seeds_mod.seed_dir(out, seed)
         d.mkdir(parents=True)
-        (d / "report.json").write_text(json.dumps(_report(seed)))
+        (d / "report.json").write_text(json.dumps({**_report(seed), "settings": settings}))
 
     monkeypatch.setattr(seeds_mod, "_run_one", fake_run_one)
     settings = load_demo_settings(None, quick=True)
@@ -160,8 +160,16 @@ def test_a_killed_seeds_run_resumes_without_rerunning_finished_seeds(tmp_path, m
     again = run_seeds(tmp_path, settings, [0, 1, 2], jobs=1, log=lambda *a: None)
     assert ran[3:] == [(1, 1), (2, 2)] and again["all_seeds_met"] is True
     assert not (seeds_mod.seed_dir(tmp_path, 2) / "leftover").exists()
-    # a report of another seed in a seed's folder is not that seed's
-    assert seeds_mod.completed_report(seeds_mod.seed_dir(tmp_path, 0) / "report.json", 5) is None
+    # a report of other settings (another seed, other steps) is not reused; threads and progress bars aside
+    report_0 = seeds_mod.seed_dir(tmp_path, 0) / "report.json"
+    mine = {**settings, "demo": {**settings["demo"], "seed": 0}}
+    assert seeds_mod.completed_report(report_0, mine) is not None
+    assert seeds_mod.completed_report(report_0, {**mine, "demo": {**mine["demo"], "seed": 5}}) is None
+    assert seeds_mod.completed_report(report_0, {**mine, "demo": {**mine["demo"], "steps_a": 99}}) is None
+    assert seeds_mod.completed_report(report_0, {**mine, "train": {**mine["train"], "num_threads": 1,
+                                                                   "progress_bar": False}}) is not None
+    run_seeds(tmp_path, {**settings, "demo": {**settings["demo"], "steps_c": 1}}, [0], jobs=1, log=lambda *a: None)
+    assert ran[5:] == [(0, 0)]
 
 
 def test_seeds_and_seed_exclude_each_other_and_jobs_needs_seeds(capsys):

@@ -3,8 +3,9 @@
 ``latentvl demo --seeds 0-4 --jobs 2`` runs :func:`latentvl.recipes.demo.recipe.run_demo` once per seed in
 ``<out>/seed_<n>/`` (``jobs`` processes at a time, each with ``train.num_threads // jobs`` threads, at least
 one), then writes ``seeds.md`` and ``seeds.json`` in ``<out>``: one row per seed, and per arm and per bar
-figure the mean, the standard deviation and the worst seed. A seed whose ``report.json`` is complete is not
-run again, so a killed run, started again with the same arguments, finishes only what is missing.
+figure the mean, the standard deviation and the worst seed. A seed whose ``report.json`` is complete and of
+the same settings is not run again, so a killed run, started again with the same arguments, finishes only
+what is missing.
 """
 
 from __future__ import annotations
@@ -58,16 +59,35 @@ def seed_dir(out: str | Path, seed: int) -> Path:
     return Path(out) / f"seed_{seed}"
 
 
-def completed_report(path: str | Path, seed: int) -> dict[str, Any] | None:
-    """The demo report at ``path`` (a ``report.json``) if it is complete and of ``seed``, else None."""
+# Settings that change how fast a demo runs, not what it measures: a report is reused across them.
+_PACE = (("train", "num_threads"), ("train", "progress_bar"))
+
+
+def _recipe(settings: Mapping[str, Any]) -> Any:
+    """``settings`` as JSON would give them back, less the keys of ``_PACE``."""
+    plain = json.loads(json.dumps(settings))
+    for section, key in _PACE:
+        (plain.get(section) or {}).pop(key, None)
+    return plain
+
+
+def completed_report(path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The demo report at ``path`` (a ``report.json``) if it is complete and was made with ``settings`` (its
+    seed included; the threads and progress bars aside), else None."""
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     complete = isinstance(report, dict) and {"checks", "all_bars_met", "bar_metrics", "results"} <= set(report)
-    if not complete or (report.get("settings") or {}).get("demo", {}).get("seed") != seed:
+    if not complete or _recipe(report.get("settings") or {}) != _recipe(settings):
         return None
     return report
+
+
+def _seed_settings(settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    out = copy.deepcopy(dict(settings))
+    out["demo"]["seed"] = seed
+    return out
 
 
 def _run_one(out: str, settings: dict[str, Any], seed: int) -> None:
@@ -83,28 +103,27 @@ def _run_one(out: str, settings: dict[str, Any], seed: int) -> None:
 def run_seeds(out: str | Path, settings: dict[str, Any], seeds: Sequence[int], jobs: int = 1,
               log: Callable[..., None] = print) -> dict[str, Any]:
     """The demo of ``settings`` once per seed (``demo.seed`` replaced), ``jobs`` at a time, then the seeds
-    report in ``out``. Seeds with a complete ``report.json`` are read, not run; the folder of a seed without
-    one is cleared and the seed run from the start. ``jobs == 1`` runs in this process; more, in fresh
-    processes with ``train.num_threads // jobs`` threads each (at least 1) and no progress bars. A seed that
-    fails is logged and counts as missing every bar. Returns the seeds report (``seeds.json``'s content)."""
+    report in ``out``. Seeds with a complete ``report.json`` of the same settings are read, not run; the
+    folder of any other seed is cleared and the seed run from the start. ``jobs == 1`` runs in this process;
+    more, in fresh processes with ``train.num_threads // jobs`` threads each (at least 1) and no progress
+    bars. A seed that fails is logged and counts as missing every bar. Returns the seeds report
+    (``seeds.json``'s content)."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pending = [s for s in seeds if completed_report(seed_dir(out, s) / "report.json", s) is None]
-    done = [s for s in seeds if s not in pending]
-    if done:
-        log(f"seeds {', '.join(map(str, done))}: complete report.json found, not run again")
     base = copy.deepcopy(settings)
     if jobs > 1:
         total = int(base["train"].get("num_threads") or 1)
         base["train"]["num_threads"] = max(1, total // jobs)
         base["train"]["progress_bar"] = False
-    per_seed = {}
+    per_seed = {s: _seed_settings(base, s) for s in seeds}
+    pending = [s for s in seeds if completed_report(seed_dir(out, s) / "report.json", per_seed[s]) is None]
+    done = [s for s in seeds if s not in pending]
+    if done:
+        log(f"seeds {', '.join(map(str, done))}: complete report.json found, not run again")
     for s in pending:
         shutil.rmtree(seed_dir(out, s), ignore_errors=True)
-        per_seed[s] = copy.deepcopy(base)
-        per_seed[s]["demo"]["seed"] = s
     errors: dict[int, str] = {}
     if jobs == 1 or len(pending) <= 1:
         for s in pending:
@@ -123,7 +142,7 @@ def run_seeds(out: str | Path, settings: dict[str, Any], seeds: Sequence[int], j
                 except Exception as err:  # noqa: BLE001 - as above
                     errors[s] = f"{type(err).__name__}: {err}"
                     log(f"[seed {s}] failed: {errors[s]}")
-    reports = {s: completed_report(seed_dir(out, s) / "report.json", s) for s in seeds}
+    reports = {s: completed_report(seed_dir(out, s) / "report.json", per_seed[s]) for s in seeds}
     seeds_report = aggregate(reports, errors)
     seeds_report["out"] = str(out)
     write_seeds_report(out, seeds_report)
