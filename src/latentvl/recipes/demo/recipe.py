@@ -44,6 +44,7 @@ __all__ = [
     "demo_tasks",
     "load_demo_settings",
     "run_demo",
+    "train_speed",
 ]
 
 
