@@ -53,8 +53,24 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert a["truncation"] and a["probe"]
     assert set(report["checks"]) == {
         "stage_a_over_no_latents_at_hardest", "stage_a_over_pause_at_hardest", "masking_latents_costs_stage_a",
-        "implant_followed", "stage_c_within_5_points_of_a", "stage_c_used_ratio_below_1"}
+        "implant_followed", "stage_c_within_5_points_of_a", "stage_c_used_ratio_below_1",
+        "stage_c_halting_follows_difficulty", "stage_c_halting_saves_latents"}
     assert report["all_bars_met"] == all(report["checks"].values())
+    # the halting bars read stage C's halting on the test split at its chosen threshold, and report.md shows them
+    learned = report["stage_c_halting"]["learned"]
+    assert report["bar_metrics"]["stage_c_spearman_used_difficulty"] == learned["spearman_used_difficulty"]
+    assert report["bar_metrics"]["stage_c_halting_used_ratio"] == learned["used_ratio"]
+    assert "Spearman(latents used, difficulty) >= 0.6" in md and "used/budget <= 0.8 on the test split" in md
+    # the wall time by phase, and each arm's training speed from the trainer's per-step metrics
+    t = report["timings_s"]
+    phases = ["data", *(f"train_{arm}" for arm in ARMS), "calibrate", "evaluate_stage_c_halting", "evaluate",
+              "report"]
+    assert set(t) == {*phases, "total"}
+    assert all(t[k] >= 0 for k in phases) and sum(t[k] for k in phases) <= t["total"] + 0.5
+    assert set(report["train_speed"]) == set(ARMS)
+    for arm, speed in report["train_speed"].items():
+        assert speed["steps"] == report["steps"][arm] and speed["steps_per_s"] > 0 and speed["wall_steps_per_s"] > 0
+    assert "| phase | seconds | share of the total |" in md and "| arm | steps | steps/s | steps/s, wall |" in md
     for key in ("stage_a", "stage_c"):  # every test record lists its CoT images: each segment is measured
         al = report["results"][key]["alignment"]
         used = sum(sum(x["used_lens"]) for x in report["per_sample"][key])

@@ -35,7 +35,8 @@ import yaml
 from ...evaluation.metrics import USED_RATIO
 from ...fileio import write_atomic
 from ...reports.format import difficulty_key
-from .report import ARMS, DemoReport, write_demo_report
+from .bars import bar_metrics, check_bars
+from .report import ARMS, DemoReport, write_demo_plots, write_demo_report
 
 __all__ = [
     "ARM_LATENT",
@@ -43,6 +44,7 @@ __all__ = [
     "demo_tasks",
     "load_demo_settings",
     "run_demo",
+    "train_speed",
 ]
 
 
@@ -262,30 +264,6 @@ def _evaluate(
     }
 
 
-def _checks(report: DemoReport) -> dict[str, bool]:
-    r, bars = report["results"], report["bars"]
-    hard = report["hardest_difficulty"]
-
-    def at_hard(arm: str) -> float:
-        by = r[arm]["accuracy_by_difficulty"]
-        return by[hard]["accuracy"] if hard is not None and hard in by else r[arm]["accuracy"]
-
-    a = at_hard("stage_a")
-    mask = (r["stage_a"].get("causal") or {}).get("mask") or {}
-    follow = (r["stage_a"].get("implant") or {}).get("follow_rate")
-    c_ratio = r["stage_c"]["used_ratio"]
-    return {
-        "stage_a_over_no_latents_at_hardest": a >= at_hard("baseline_no_latents") + bars["a_over_no_latents"],
-        "stage_a_over_pause_at_hardest": a >= at_hard("pause") + bars["a_over_pause"],
-        "masking_latents_costs_stage_a": mask.get("accuracy") is not None
-        and r["stage_a"]["accuracy"] - mask["accuracy"] >= bars["mask_drop"],
-        "implant_followed": follow is not None and follow >= bars["implant_follow"],
-        "stage_c_within_5_points_of_a": r["stage_c"]["accuracy"]
-        >= r["stage_a"]["accuracy"] - bars["max_c_accuracy_drop"],
-        "stage_c_used_ratio_below_1": c_ratio is not None and c_ratio < bars["max_c_used_ratio"],
-    }
-
-
 @dataclass
 class _DemoData:
     """The generated task: its files, records, per-record fields, chance and stage A's schedule."""
@@ -316,18 +294,37 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> DemoReport
     data, demo = _make_data(out, settings["demo"], log)  # 1. data
     timings["data"] = time.perf_counter() - t_start
     runs, histories, final_thr = _train_arms(settings, demo, data, out, timings, log)  # 2. and 3. the five arms
-    t0 = time.perf_counter()
     # 4. stage C's stop threshold, chosen on the val split, and its halting against difficulty
-    calibration, eval_thr, halting = _stage_c_threshold_and_halting(demo, data, runs, final_thr, log)
-    timings["stage_c_threshold_and_halting"] = time.perf_counter() - t0
+    calibration, eval_thr, halting = _stage_c_threshold_and_halting(demo, data, runs, final_thr, log, timings)
     t0 = time.perf_counter()
     evals = _evaluate_arms(settings, demo, data, runs, eval_thr, out, log)  # 5. held-out evaluation
     timings["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()  # 6. report
+    report = _assemble_report(settings, demo, data, runs, evals, final_thr, out,
+                              stage_c_threshold=eval_thr, calibration=calibration, stage_c_halting=halting)
+    report["train_speed"] = train_speed(histories, {arm: timings[f"train_{arm}"] for arm in ARMS})
+    write_demo_plots(out, report, histories, evals["stage_c"]["samples"])
+    timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    report = _assemble_report(settings, demo, data, runs, evals, final_thr, timings, out)  # 6. report
-    report.update(stage_c_threshold=eval_thr, calibration=calibration, stage_c_halting=halting)
-    write_demo_report(out, report, histories, evals["stage_c"]["samples"])
+    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    write_demo_report(out, report)
     return report
+
+
+def train_speed(histories: dict[str, list[dict[str, Any]]], wall_s: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per arm: ``steps``, ``steps_per_s`` (steps over the summed ``step_time`` of the trainer's per-step
+    metrics; None without them) and ``wall_steps_per_s`` (steps over the arm's whole training time ``wall_s``,
+    model building and checkpoints included)."""
+    out = {}
+    for arm, rows in histories.items():
+        times = [float(r["step_time"]) for r in rows if r.get("step_time") is not None]
+        wall = wall_s.get(arm)
+        out[arm] = {
+            "steps": len(rows),
+            "steps_per_s": len(times) / sum(times) if times and sum(times) > 0 else None,
+            "wall_steps_per_s": len(rows) / wall if wall else None,
+        }
+    return out
 
 
 def _make_data(out: Path, demo: dict[str, Any], log) -> tuple[_DemoData, dict[str, Any]]:
@@ -392,12 +389,14 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
 
 
 def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], final_thr: float,
-                                   log) -> tuple[dict[str, Any] | None, float, dict[str, Any] | None]:
+                                   log, timings: dict[str, float] | None = None,
+                                   ) -> tuple[dict[str, Any] | None, float, dict[str, Any] | None]:
     """Stage C's stop threshold chosen on the validation split (:mod:`latentvl.evaluation.calibration`) and
     written into its final model (skipped when ``demo.calibrate_threshold`` is off or there is no val split:
     the threshold is then the training's last, ``final_thr``); then stage C on the test split at that
     threshold and at full budget, against difficulty (what ``latentvl halting`` reports; skipped without
-    difficulties). Returns ``(calibration or None, threshold, halting or None)``."""
+    difficulties). Returns ``(calibration or None, threshold, halting or None)``; the seconds of each part go
+    into ``timings`` as ``calibrate`` and ``evaluate_stage_c_halting``."""
     from ...data.collator import LatentCollator
     from ...evaluation.calibration import DEFAULT_TOLERANCE, calibrate_threshold, write_model_threshold
     from ...evaluation.halting import evaluate_halting
@@ -407,8 +406,10 @@ def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: 
     calibrate = bool(demo.get("calibrate_threshold", True)) and bool(data.val_records)
     difficulty = {sid: f["difficulty"] for sid, f in data.test_fields.items()
                   if isinstance(f.get("difficulty"), (int, float)) and not isinstance(f.get("difficulty"), bool)}
+    timings = {} if timings is None else timings
     if not calibrate and not difficulty:
         return None, final_thr, None
+    t0 = time.perf_counter()
     with quiet_hf_progress():
         model, processor = load_latent_model(runs["stage_c"].checkpoint / "model")
     collator, batch_size = LatentCollator(processor, model.config), int(demo["eval_batch_size"])
@@ -422,10 +423,13 @@ def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: 
         used = "-" if calibration["used_ratio"] is None else f"{calibration['used_ratio']:.3f}"
         log(f"stage C: stop threshold {threshold:g} chosen on {calibration['n']} val records (accuracy "
             f"{calibration['accuracy']:.3f}, used/budget {used}; best {calibration['best_accuracy']:.3f})")
+    timings["calibrate"] = time.perf_counter() - t0
     halting = None
     if difficulty:
+        t0 = time.perf_counter()
         halting = evaluate_halting(model, collator, data.test_records, difficulty, threshold=threshold,
                                    batch_size=batch_size)
+        timings["evaluate_stage_c_halting"] = time.perf_counter() - t0
     return calibration, threshold, halting
 
 
@@ -445,9 +449,9 @@ def _evaluate_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoDa
 
 
 def _assemble_report(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, runs: dict[str, Any],
-                     evals: dict[str, dict[str, Any]], final_thr: float, timings: dict[str, float],
-                     out: Path) -> DemoReport:
-    """The report's JSON content, with the bars checked."""
+                     evals: dict[str, dict[str, Any]], final_thr: float, out: Path, **stage_c: Any) -> DemoReport:
+    """The report's JSON content, with the bars checked (``stage_c``: ``stage_c_threshold``, ``calibration``
+    and ``stage_c_halting``, which the halting bars read)."""
     steps_a, steps_c = int(demo["steps_a"]), int(demo["steps_c"])
     diffs = sorted({d for ev in evals.values() for d in ev["accuracy_by_difficulty"]}, key=difficulty_key)
     report: DemoReport = {
@@ -464,12 +468,13 @@ def _assemble_report(settings: dict[str, Any], demo: dict[str, Any], data: _Demo
         "bars": demo["bars"],
         "per_sample": {"stage_a": evals["stage_a"]["samples"], "stage_c": evals["stage_c"]["samples"]},
         "preflight": {arm: [r.to_dict() for r in runs[arm].checks] for arm in ARMS},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "settings": settings,
         "out": str(out),
         "outputs": {arm: str(runs[arm].checkpoint) for arm in ARMS},
     }
-    report["checks"] = _checks(report)
+    report.update(stage_c)
+    report["bar_metrics"] = bar_metrics(report)
+    report["checks"] = check_bars(report["bar_metrics"], report["bars"])
     report["all_bars_met"] = all(report["checks"].values())
     return report
 

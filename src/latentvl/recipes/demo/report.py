@@ -10,6 +10,7 @@ from typing import Any, TypedDict
 from ...evaluation.metrics import LABELS, USED_RATIO
 from ...fileio import write_atomic
 from ...reports.format import difficulty_key as _difficulty_key
+from .bars import BARS
 
 __all__ = [
     "ARMS",
@@ -24,6 +25,8 @@ __all__ = [
     "markdown",
     "results_table",
     "truncation_table",
+    "time_section",
+    "write_demo_plots",
     "write_demo_report",
 ]
 
@@ -79,8 +82,10 @@ class DemoReport(TypedDict, total=False):
     settings: dict[str, Any]
     out: str
     outputs: dict[str, str]
+    bar_metrics: dict[str, float | None]
     checks: dict[str, bool]
     all_bars_met: bool
+    train_speed: dict[str, dict[str, Any]]
     stage_c_threshold: float
     calibration: dict[str, Any] | None
     stage_c_halting: dict[str, Any] | None
@@ -88,6 +93,10 @@ class DemoReport(TypedDict, total=False):
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def _figure(x: float | None) -> str:
+    return "not measured" if x is None else f"measured {x:.3f}"
 
 
 def difficulty_table(report: DemoReport) -> str:
@@ -311,20 +320,10 @@ def _setup(report: DemoReport) -> str:
     )
 
 
-_CHECK_TEXT = {
-    "stage_a_over_no_latents_at_hardest": "stage A >= no latents + {a_over_no_latents:.0%} at the hardest difficulty",
-    "stage_a_over_pause_at_hardest": "stage A >= pause tokens + {a_over_pause:.0%} at the hardest difficulty",
-    "masking_latents_costs_stage_a": "masking every latent costs stage A >= {mask_drop:.0%}",
-    "implant_followed": "implant: >= {implant_follow:.0%} of stage A's answers follow the implanted state",
-    "stage_c_within_5_points_of_a": "stage C no more than {max_c_accuracy_drop:.0%} below stage A",
-    "stage_c_used_ratio_below_1": "stage C used/budget (all latents) below {max_c_used_ratio:g}",
-}
-
-
 def markdown(report: DemoReport) -> str:
     """``report.md`` of the demo's report."""
     ok = {True: "met", False: "NOT met"}
-    bars = report["bars"]
+    bars, metrics = report["bars"], report.get("bar_metrics") or {}
     lines = [
         "# latentvl demo report",
         "",
@@ -345,7 +344,8 @@ def markdown(report: DemoReport) -> str:
         _setup(report),
         "## Bars",
         "",
-        *[f"- {_CHECK_TEXT[name].format(**bars)}: {ok[v]}" for name, v in report["checks"].items()],
+        *[f"- {bar.text.format(**bars)}: {ok[report['checks'][bar.check]]} "
+          f"({_figure(metrics.get(bar.metric))})" for bar in BARS if bar.check in report["checks"]],
         "",
         "Accuracy: greedy two-step inference (latent pass, then generate), exact match of the answer. "
         "Stage C halts at the threshold named in its row. used/budget, all latents: the latents used over the budget, "
@@ -403,13 +403,31 @@ def _latent_sections(report: DemoReport) -> list[str]:
         "",
         "![latents used against budget](latents.png)",
         "",
-        "## Time",
-        "",
-        "| part | seconds |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in report["timings_s"].items()],
-        "",
+        *time_section(report),
     ]
+
+
+def time_section(report: DemoReport) -> list[str]:
+    """The wall time by phase (share of the total) and each arm's training steps per second."""
+    t = report.get("timings_s") or {}
+    total = t.get("total")
+    lines = ["## Time", "", "| phase | seconds | share of the total |", "|---|---|---|"]
+    for k, v in t.items():
+        share = f"{v / total:.0%}" if total and k != "total" else "-"
+        lines.append(f"| {k} | {v} | {share} |")
+    speed = report.get("train_speed") or {}
+    if speed:
+        lines += ["", "Training speed: steps per second of the trainer's steps (its per-step `step_time`), and "
+                  "over the arm's whole training time (model building and checkpoints included).", "",
+                  "| arm | steps | steps/s | steps/s, wall |", "|---|---|---|---|"]
+        for arm, s in speed.items():
+            lines.append(f"| {ARM_LABELS.get(arm, arm).split(' (')[0]} | {s['steps']} | {_rate(s['steps_per_s'])} "
+                         f"| {_rate(s['wall_steps_per_s'])} |")
+    return lines + [""]
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _plot_accuracy_vs_difficulty(path: Path, report: DemoReport) -> None:
@@ -562,12 +580,17 @@ def _plot_latents(
 
 
 
-def write_demo_report(out: Path, report: DemoReport, histories: dict[str, list[dict[str, Any]]],
-                      stage_c_samples: list[dict[str, Any]]) -> None:
-    """The plots, ``report.json`` and ``report.md`` of the demo in ``out``."""
+def write_demo_plots(out: Path, report: DemoReport, histories: dict[str, list[dict[str, Any]]],
+                     stage_c_samples: list[dict[str, Any]]) -> None:
+    """The report's plots in ``out``: ``accuracy_vs_difficulty.png``, ``loss_curves.png``, ``latents.png``."""
     steps_a = report["steps"]["stage_a"]
     _plot_accuracy_vs_difficulty(out / "accuracy_vs_difficulty.png", report)
     _plot_losses(out / "loss_curves.png", histories, steps_a)
     _plot_latents(out / "latents.png", histories["stage_c"], stage_c_samples, report)
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def write_demo_report(out: Path, report: DemoReport) -> None:
+    """``report.md``, then ``report.json`` in ``out``, each written atomically: a complete ``report.json``
+    marks a finished demo (``latentvl demo --seeds`` does not run its seed again)."""
     write_atomic(out / "report.md", markdown(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
