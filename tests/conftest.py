@@ -54,6 +54,7 @@ TINY_SEED = 0
 
 def _build_tiny(module, backbone):
     seed = getattr(module, "TINY_SEED", TINY_SEED)
+    seed = seed[backbone] if isinstance(seed, dict) else seed  # a seed per backbone where a test needs one
     model, processor = build_tiny_model(seed=seed, backbone=backbone, **getattr(module, "TINY_SIZE", {}))
     latent = getattr(module, "TINY_LATENT", None)
     if latent:

@@ -52,7 +52,8 @@ def to_stage_c(model, seed=0):
     return model
 
 
-TINY_SEED = 5  # the `tiny` fixture: a random model whose sharpened greedy answers both stop and run to the limit
+# the `tiny` fixture: a random model (per backbone) whose sharpened greedy answers both stop and run to the limit
+TINY_SEED = {"qwen2_5_vl": 5, "qwen3_vl": 0}
 TINY_LATENT = {"latent_budget_alpha": 0.8}  # budgets of 3-4 for these image sizes
 
 
@@ -63,8 +64,9 @@ def tiny(tiny):
 
 
 @pytest.fixture(scope="module")
-def tiny_c(tiny):
-    return to_stage_c(tiny[0]), tiny[1]
+def tiny_c(tiny, backbone):
+    # a stop-head seed per backbone under which some first segment halts mid-way (halting_threshold)
+    return to_stage_c(tiny[0], seed={"qwen2_5_vl": 0, "qwen3_vl": 2}[backbone]), tiny[1]
 
 
 @pytest.fixture(scope="module")

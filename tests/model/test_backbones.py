@@ -125,3 +125,30 @@ def test_visual_stack_follows_rows_and_columns(data):
         want = dense[layer][rows[:, None], cols][want_mask[:, :W]]
         assert torch.equal(got[layer], want)
     assert torch.equal(taken.columns(0, W).mask, want_mask[:, :W])
+
+
+@torch.no_grad()
+def test_remembered_deepstack_is_used_only_for_the_embeddings_it_came_with(tiny, backbone):
+    """Embeddings without ``input_ids`` that continue the last embedded batch (tokens appended) find its
+    DeepStack features; embeddings of other pixels under the same ``input_ids`` do not (a DeepStack family
+    refuses them)."""
+    model, processor = tiny
+    a = collate_samples(model, processor, [make_sample(i, 1) for i in range(2)])
+    ids, grid = a["input_ids"], {"image_grid_thw": a["image_grid_thw"], "mm_token_type_ids": a["mm_token_type_ids"]}
+    pos = model.compute_position_ids(ids, a["attention_mask"], a["mm_token_type_ids"], a["image_grid_thw"])
+    embeds, visual = model.embed_inputs(ids, a["pixel_values"], a["image_grid_thw"], return_visual=True)
+    tail = model.get_input_embeddings()(ids[:, -3:])
+    longer = torch.cat([embeds, tail], dim=1)
+    longer_pos = torch.cat([pos, pos[:, :, -1:] + torch.arange(1, 4)], dim=2)
+    explicit = model(inputs_embeds=longer, latent_visual=None if visual is None else visual.pad_right(3),
+                     position_ids=longer_pos).logits
+    model.embed_inputs(ids, a["pixel_values"], a["image_grid_thw"])
+    implicit = model(inputs_embeds=longer, position_ids=longer_pos).logits
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+    model.embed_inputs(ids, a["pixel_values"].flip(0), a["image_grid_thw"])  # other pixels, same ids
+    call = lambda: model(input_ids=ids, inputs_embeds=embeds, attention_mask=a["attention_mask"], **grid)  # noqa: E731
+    if model.has_deepstack:
+        with pytest.raises(LatentInputError, match="DeepStack"):
+            call()
+    else:
+        call()

@@ -299,7 +299,7 @@ def collect_segment_latents(engine: LatentInference, records: Sequence[Any],
         chunk = todo[start:start + batch_size]
         prepared = [engine.prepare(r, i, 1) for i, r in chunk]
         batch = engine.collate(prepared)
-        embeds, visual = engine.encode(batch)
+        embeds, visual = engine.encode(batch, return_visual=True)
         p1 = engine.latent_pass(batch, embeds, visual)
         if p1 is None:
             return out

@@ -306,12 +306,14 @@ class LatentInference:
         return to_device(batch, self.device)
 
     @torch.no_grad()
-    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, VisualStack | None]:
-        """Input embeddings ``[B, S, H]`` with the question images' features, and their DeepStack extras (a
-        family with DeepStack; else None): computed once, used by both steps (so the vision tower runs once
-        per batch)."""
+    def encode(self, batch: dict[str, Any], return_visual: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, VisualStack | None]:
+        """Input embeddings ``[B, S, H]`` with the question images' features: computed once, used by both
+        steps (so the vision tower runs once per batch). With ``return_visual`` also their DeepStack extras
+        (a family with DeepStack; else None), which both steps then take; without, the model finds them
+        from ``batch["input_ids"]`` (``embed_inputs``)."""
         return self.model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                                       return_visual=True)
+                                       return_visual=return_visual)
 
     @torch.no_grad()
     def latent_pass(self, batch: dict[str, Any], embeds: torch.Tensor,
@@ -378,7 +380,7 @@ class LatentInference:
     ) -> BatchOutcome:
         """Collate, step 1, step 2, decode. Raises if anything in the batch fails."""
         batch = self.collate(prepared)
-        (embeds, visual), t_encode = self._timed(self.encode, batch)
+        (embeds, visual), t_encode = self._timed(self.encode, batch, True)
         p1, t_latent = self._timed(self.latent_pass, batch, embeds, visual)
         new_tokens, t_gen = self._timed(self.generate, batch, embeds, Patches.from_pass(p1), gen, visual)
         timings = {"encode_s": t_encode, "latent_pass_s": t_latent, "generation_s": t_gen,

@@ -372,7 +372,7 @@ class _LatentVLBase(lmms):
                 raise ValueError(f"latentvl: loglikelihood request {sample['id']}: {err}") from err
             conts.append(ids)
         batch = engine.collate(prepared)
-        embeds, visual = engine.encode(batch)
+        embeds, visual = engine.encode(batch, return_visual=True)
         p1 = engine.latent_pass(batch, embeds, visual)
         patches = Patches.from_pass(p1)
         B, S = batch["input_ids"].shape

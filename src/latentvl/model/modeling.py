@@ -231,8 +231,8 @@ class LatentModelMixin:
         """Token embeddings ``[B, S, H]`` with the question images' visual features placed at their image
         tokens; with ``return_visual=True`` also the :class:`~latentvl.model.visual.VisualStack` of a family
         with DeepStack (None otherwise, or without images), which every later call on these embeddings takes.
-        Without it, a family with DeepStack remembers the stack of the last ``input_ids`` it embedded, and a
-        later call on ready embeddings of the same ``input_ids`` uses it.
+        Without it, a family with DeepStack remembers the stack of the batch it embedded last, and a later
+        call that continues that batch uses it (:meth:`_visual_for`).
 
         A batch without question images runs the vision tower on :meth:`_dummy_image` when
         :meth:`_vision_everywhere` says so, and adds ``0 * sum(features)``: the embeddings are
@@ -251,29 +251,37 @@ class LatentModelMixin:
             embeds = embeds.masked_scatter(mask, feats)
             if deepstack is not None:
                 visual = VisualStack.from_mask(mask[..., 0], [f.to(embeds.device, embeds.dtype) for f in deepstack])
-                if not return_visual:  # remembered for a later call on the same input_ids (_visual_for)
-                    self.__dict__["_latent_visual_memo"] = (input_ids, visual)
+                if not return_visual:  # remembered for a later call on these embeddings (_visual_for)
+                    self.__dict__["_latent_visual_memo"] = (input_ids, visual, feats)
         elif self._vision_everywhere():
             dummy, deepstack = self.visual_features(*self._dummy_image(embeds.device))
             extra = torch.cat(dummy, dim=0).sum() + sum(f.sum() for f in deepstack or [])
             embeds = embeds + 0.0 * extra.to(embeds.dtype)
         return (embeds, visual) if return_visual else embeds
 
-    def _visual_for(self, input_ids: torch.Tensor | None, visual: VisualStack | None, what: str) -> VisualStack | None:
+    def _visual_for(self, input_ids: torch.Tensor | None, visual: VisualStack | None, what: str,
+                    inputs_embeds: torch.Tensor | None = None) -> VisualStack | None:
         """The :class:`VisualStack` of a call on ready embeddings: ``visual`` when given; else, for a family with
-        DeepStack, the one :meth:`embed_inputs` computed last, when it embedded these ``input_ids`` (the same
-        tensor, or one with the same values: ``embeds = model.embed_inputs(ids, ...)`` then
-        ``model(input_ids=ids, inputs_embeds=embeds)`` needs no more); else an error where the embeddings hold
-        image tokens (their DeepStack features would be missing)."""
-        if visual is not None or not self.has_deepstack or input_ids is None:
+        DeepStack, the one :meth:`embed_inputs` computed last, when this call continues that batch: its
+        embeddings begin with that batch's columns and hold at its image positions exactly the features
+        placed there then, and its ``input_ids`` (if given) begin with the ids embedded then (so
+        ``embeds = model.embed_inputs(ids, ...)``, then ``model(input_ids=ids, inputs_embeds=embeds, ...)``,
+        with latents patched in or tokens appended, needs no more). Otherwise an error where ``input_ids``
+        hold image tokens (their DeepStack features would be missing)."""
+        if visual is not None or not self.has_deepstack:
             return visual
         memo = self.__dict__.get("_latent_visual_memo")
         if memo is not None:
-            ids, remembered = memo
-            if ids is input_ids or (ids.shape == input_ids.shape and ids.device == input_ids.device
-                                    and bool(torch.equal(ids, input_ids))):
-                return remembered
-        if bool((input_ids == self.config.image_token_id).any()):
+            ids, remembered, placed = memo
+            B, S = ids.shape
+            ref = inputs_embeds
+            if ref is not None and ref.shape[0] == B and ref.shape[1] >= S and ref.device == ids.device:
+                same = bool(torch.equal(ref[:, :S][remembered.mask], placed.to(ref.dtype)))
+                if same and input_ids is not None:
+                    same = input_ids.shape[1] == ref.shape[1] and bool(torch.equal(input_ids[:, :S], ids))
+                if same:
+                    return remembered.pad_right(ref.shape[1] - S) if ref.shape[1] > S else remembered
+        if input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
             raise LatentInputError(
                 f"{what}: the embeddings hold image tokens but no latent_visual was given; this backbone "
                 f"({self.backbone}) adds DeepStack features at them: take both from "
@@ -370,7 +378,7 @@ class LatentModelMixin:
             if inputs_embeds is None:
                 inputs_embeds, visual = self.embed_inputs(input_ids, pixel_values, image_grid_thw, return_visual=True)
             else:
-                visual = self._visual_for(input_ids, visual, "a forward from inputs_embeds")
+                visual = self._visual_for(input_ids, visual, "a forward from inputs_embeds", inputs_embeds)
             if ce_patch_pos is not None:
                 inputs_embeds = inputs_embeds.index_put(
                     (ce_patch_pos[:, 0], ce_patch_pos[:, 1]), ce_patch_vec.to(inputs_embeds.dtype))
@@ -459,7 +467,7 @@ class LatentModelMixin:
         no host synchronisation happens inside the loop.
         """
         self._require_gated_attention("the latent pass (latent_mode=True)")
-        visual = self._visual_for(input_ids, visual, "the latent pass")
+        visual = self._visual_for(input_ids, visual, "the latent pass", inputs_embeds)
         settings = self.latent_settings
         stage = "A" if full_budget else settings.latent_mode_stage
         thr = check_threshold(settings.latent_stop_threshold if threshold is None else threshold, "threshold")

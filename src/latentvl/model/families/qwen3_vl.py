@@ -68,6 +68,8 @@ def tiny_config(ids: dict[str, int], vocab_size: int, hidden_size: int = 128, nu
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
                                 "mrope_interleaved": True},
             "pad_token_id": ids["<|endoftext|>"],
+            "bos_token_id": ids["<|im_start|>"],
+            "eos_token_id": ids["<|im_end|>"],
         },
         vision_config={
             "depth": 4,
