@@ -135,3 +135,25 @@ def test_cli_infer_engine_vllm(checkpoint, samples, tmp_path):
         rows[engine] = [json.loads(line) for line in out.read_text().splitlines()]
     key = ("id", "answer", "token_ids", "used_lens", "budgets", "finished")
     assert [[r[k] for k in key] for r in rows["vllm"]] == [[r[k] for k in key] for r in rows["hf"]]
+
+
+def test_cli_eval_engine_vllm(checkpoint, samples, tmp_path):
+    """``latentvl eval --engine vllm``: the same predictions and causal checks as ``--engine hf``."""
+    path = checkpoint[0]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({**s, "images": [str(p) for p in s["images"]],
+                                        "cot_images": [str(p) for p in s["cot_images"]]}) + "\n"
+                            for s in samples[:4]))
+    reports = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"eval-{engine}"
+        assert cli_main(["eval", "--model", str(path), "--data", str(data), "--out", str(out), "--engine", engine,
+                         "--batch-size", "4"]) == 0
+        reports[engine] = json.loads((out / "report.json").read_text())
+        reports[engine]["rows"] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    key = ("id", "prediction", "token_ids", "used_lens", "correct")
+    hf, vl = reports["hf"], reports["vllm"]
+    assert [[r[k] for k in key] for r in vl["rows"]] == [[r[k] for k in key] for r in hf["rows"]]
+    for check in hf["causal"]:
+        if isinstance(hf["causal"][check], dict) and "answer_change_rate" in hf["causal"][check]:
+            assert vl["causal"][check]["answer_change_rate"] == hf["causal"][check]["answer_change_rate"], check
