@@ -72,8 +72,9 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--only", choices=("hf", "vllm"), default=None,
+                    help="time one engine alone (no vLLM engine process beside an hf run)")
     args = ap.parse_args()
-    from latentvl.inference.vllm_engine import VLLMInference
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -81,10 +82,15 @@ def main() -> None:
         recs = records(args.records, tmp)
         model, processor = load_latent_model(ckpt)
         model.eval()
-        engines = {"hf": LatentInference(model, processor),
-                   "vllm": VLLMInference(model, processor, ckpt, max_model_len=1024)}
-        engines["vllm"].run(recs[:2], batch_size=2, max_new_tokens=2)  # warm-up
-        engines["hf"].run(recs[:2], batch_size=2, max_new_tokens=2)
+        engines = {}
+        if args.only != "vllm":
+            engines["hf"] = LatentInference(model, processor)
+        if args.only != "hf":
+            from latentvl.inference.vllm_engine import VLLMInference
+
+            engines["vllm"] = VLLMInference(model, processor, ckpt, max_model_len=1024)
+        for engine in engines.values():  # warm-up
+            engine.run(recs[:2], batch_size=2, max_new_tokens=2)
         print(f"{args.records} records, up to {args.max_new_tokens} new tokens, greedy, "
               f"torch threads {torch.get_num_threads()}")
         print(f"{'batch':>5} {'engine':>6} {'tokens':>7} {'step-2 tok/s':>13} {'end-to-end tok/s':>17}")
@@ -93,12 +99,15 @@ def main() -> None:
             row = {name: measure(engine, recs, batch, args.max_new_tokens) for name, engine in engines.items()}
             for name, m in row.items():
                 print(f"{batch:>5} {name:>6} {m['tokens']:>7} {m['gen_tok_s']:>13.1f} {m['wall_tok_s']:>17.1f}")
+            if len(row) < 2:
+                continue
             same = row["hf"]["answers"] == row["vllm"]["answers"]
             print(f"      same answers: {same}; step-2 tokens/s vllm/hf: "
                   f"{row['vllm']['gen_tok_s'] / row['hf']['gen_tok_s']:.2f}x")
             last = row
-        print(f"tokens/s vllm/hf: {last['vllm']['gen_tok_s'] / last['hf']['gen_tok_s']:.2f}x "
-              f"(end to end {last['vllm']['wall_tok_s'] / last['hf']['wall_tok_s']:.2f}x)")
+        if len(last) == 2:
+            print(f"tokens/s vllm/hf: {last['vllm']['gen_tok_s'] / last['hf']['gen_tok_s']:.2f}x "
+                  f"(end to end {last['vllm']['wall_tok_s'] / last['hf']['wall_tok_s']:.2f}x)")
 
 
 if __name__ == "__main__":
