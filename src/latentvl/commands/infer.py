@@ -44,6 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="hf",
                         help="where step 2 (generation) runs: hf (transformers' generate(), the default) or "
                              "vllm (vLLM, the 'vllm' extra; needs latent_null_scale 0)")
+    parser.add_argument("--vllm-gpu-memory", type=float, default=None, metavar="FRACTION",
+                        help="with --engine vllm on a GPU: the share of GPU memory vLLM may take (vLLM's "
+                             "gpu_memory_utilization; leave room for step 1's model; default: vLLM's)")
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -59,7 +62,10 @@ def make_engine(args: argparse.Namespace, model: Any, processor: Any, **kwargs: 
     if getattr(args, "engine", "hf") == "vllm":
         from ..inference.vllm_engine import VLLMInference
 
-        return VLLMInference(model, processor, args.model, **kwargs)
+        llm_kwargs = {}
+        if getattr(args, "vllm_gpu_memory", None) is not None:
+            llm_kwargs["gpu_memory_utilization"] = args.vllm_gpu_memory
+        return VLLMInference(model, processor, args.model, llm_kwargs=llm_kwargs, **kwargs)
     return LatentInference(model, processor, **kwargs)
 
 
