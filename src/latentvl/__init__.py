@@ -21,6 +21,7 @@ name                                   home
 ``TrainConfig``, ``load_config``       :mod:`latentvl.training.config`
 ``train``                              :mod:`latentvl.training.trainer` (stage A, C, or both)
 ``LatentInference``, ``GenerationSettings``, ``infer``  :mod:`latentvl.inference.generate`
+``VLLMInference``                      :mod:`latentvl.inference.vllm_engine` (step 2 in vLLM; the vllm extra)
 ``InputError``, ``LatentInputError``   :mod:`latentvl.errors` (every input error's family)
 =====================================  =============================================================
 """
@@ -50,6 +51,7 @@ _HOMES = {
     "LatentInference": "latentvl.inference.generate",
     "GenerationSettings": "latentvl.inference.generate",
     "infer": "latentvl.inference.generate",
+    "VLLMInference": "latentvl.inference.vllm_engine",
     "InputError": "latentvl.errors",
     "LatentInputError": "latentvl.errors",
 }

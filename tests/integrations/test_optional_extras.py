@@ -39,3 +39,31 @@ def test_the_whole_suite_collects_without_the_lmms_extra(tmp_path):
 def test_ci_turns_the_skip_into_an_error(tmp_path):
     proc = _pytest_without_lmms(tmp_path, str(TESTS / "integrations" / "test_lmms_eval.py"), require=True)
     assert proc.returncode != 0 and "LATENTVL_REQUIRE_EXTRAS=1" in proc.stdout
+
+
+def test_engine_vllm_without_vllm_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """Without vLLM, ``--engine vllm`` fails with one line that names the extra; latentvl imports without it."""
+    import latentvl.inference.vllm_engine as vllm_engine
+    from latentvl.cli import main as cli_main
+    from latentvl.model.loading import save_latent_checkpoint
+    from latentvl.model.tiny import build_tiny_model
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'"):
+        vllm_engine.import_vllm()
+    model, processor = build_tiny_model()
+    save_latent_checkpoint(model, processor, tmp_path / "ckpt")
+    code = cli_main(["infer", "--model", str(tmp_path / "ckpt"), "--question", "Which way?", "--engine", "vllm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "infer: error: --engine vllm needs vLLM: pip install -e '.[vllm]'" in err
+
+
+def test_engine_vllm_refuses_soft_suppression():
+    from latentvl import set_latent_fields
+    from latentvl.inference.vllm_engine import VLLMInference
+    from latentvl.model.tiny import build_tiny_model
+
+    model, processor = build_tiny_model()
+    set_latent_fields(model.config, latent_null_scale=0.3)
+    with pytest.raises(ValueError, match=r"latent_null_scale=0.3 .*--engine hf"):
+        VLLMInference(model, processor, "unused")

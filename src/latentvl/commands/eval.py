@@ -18,7 +18,7 @@ from ..evaluation.instruments import read_record_fields, task_of_data
 from ..evaluation.metrics import LABELS, MEAN_USED_OVER_BUDGET
 from ..reports.evaluation import REPORT_FILES, evaluate
 from ..reports.format import fmt as _fmt
-from .infer import add_model_arguments, load_for_inference
+from .infer import add_model_arguments, load_for_inference, make_engine
 
 __all__ = ["add_arguments", "run"]
 
@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     extra = [{"id": s.id, "kind": "invalid_record", "error": f"{s.source}: {s.reason}"} for s in skipped]
     try:
         model, processor = load_for_inference(args)
-    except (OSError, ValueError) as err:
+        engine = make_engine(args, model, processor, threshold=args.threshold, use_latents=not args.no_latents,
+                             default_num_segments=args.num_segments)
+    except (OSError, ValueError, ImportError) as err:
         print(f"eval: error: {err}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else Path(f"eval-{args.data.stem}")
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, threshold=args.threshold, causal_checks=not args.no_causal,
         use_latents=not args.no_latents, chance_accuracy=chance, default_num_segments=args.num_segments,
         seed=args.seed, extra_errors=extra, fields=fields, task=task, probe_records=probe_records,
-        probe_fields=probe_fields,
+        probe_fields=probe_fields, engine=engine,
     )
     lat = report["latents"]
     print(f"accuracy {_fmt(report['accuracy'], pct=True)} on {report['n_evaluated']} samples "

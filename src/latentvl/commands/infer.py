@@ -22,7 +22,10 @@ from ..inference.generate import LatentInference
 from ..model.attention import LATENT_ATTENTION
 from ..model.loading import DTYPES, load_latent_model
 
-__all__ = ["add_arguments", "add_model_arguments", "load_for_inference", "run"]
+__all__ = ["ENGINES", "add_arguments", "add_model_arguments", "load_for_inference", "make_engine", "run"]
+
+ENGINES = ("hf", "vllm")
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``infer`` and ``eval``: which model, where it runs, how it thinks."""
@@ -38,6 +41,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt without latent segments (a model trained without latents)")
     parser.add_argument("--num-segments", type=int, default=1,
                         help="segments for a sample with no budgets and no CoT images (default: 1)")
+    parser.add_argument("--engine", choices=ENGINES, default="hf",
+                        help="where step 2 (generation) runs: hf (transformers' generate(), the default) or "
+                             "vllm (vLLM, the 'vllm' extra; needs latent_null_scale 0)")
+    parser.add_argument("--vllm-gpu-memory", type=float, default=None, metavar="FRACTION",
+                        help="with --engine vllm on a GPU: the share of GPU memory vLLM may take (vLLM's "
+                             "gpu_memory_utilization; leave room for step 1's model; default: vLLM's)")
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -46,6 +55,18 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     model, processor = load_latent_model(args.model, dtype=DTYPES[args.dtype],
                                          attn_implementation=LATENT_ATTENTION[args.attn])
     return model.to(device).eval(), processor
+
+
+def make_engine(args: argparse.Namespace, model: Any, processor: Any, **kwargs: Any) -> LatentInference:
+    """The inference engine ``args.engine`` names, on ``model`` (step 1) and, for vllm, ``args.model``."""
+    if getattr(args, "engine", "hf") == "vllm":
+        from ..inference.vllm_engine import VLLMInference
+
+        llm_kwargs = {}
+        if getattr(args, "vllm_gpu_memory", None) is not None:
+            llm_kwargs["gpu_memory_utilization"] = args.vllm_gpu_memory
+        return VLLMInference(model, processor, args.model, llm_kwargs=llm_kwargs, **kwargs)
+    return LatentInference(model, processor, **kwargs)
 
 
 def _budgets(text: str) -> list[int]:
@@ -130,12 +151,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         model, processor = load_for_inference(args)
-        engine = LatentInference(model, processor, threshold=args.threshold, use_latents=not args.no_latents,
-                                 default_num_segments=args.num_segments)
+        engine = make_engine(args, model, processor, threshold=args.threshold, use_latents=not args.no_latents,
+                             default_num_segments=args.num_segments)
         results = engine.run(samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         print(f"infer: error: {err}", file=sys.stderr)
         return 2
     for s in skipped:

@@ -141,6 +141,7 @@ def evaluate_generated(
     instruments: bool = True,
     probe_records: Sequence[Any] | None = None,
     probe_fields: Mapping[str, Mapping[str, Any]] | None = None,
+    engine: LatentInference | None = None,
 ) -> dict[str, Any]:
     """Answer every record greedily and measure; :func:`latentvl.reports.evaluation.evaluate` also writes
     the report files.
@@ -156,11 +157,16 @@ def evaluate_generated(
     the implied answers. With ``instruments`` (and latents and causal checks on), truncation and implant
     run; with ``probe_records`` (and ``probe_fields``), the linear probe is fit on their latents.
 
+    ``engine``: the inference engine to answer with (e.g. a
+    :class:`~latentvl.inference.vllm_engine.VLLMInference`, built on ``model`` and ``processor`` with the same
+    ``threshold``, ``use_latents`` and ``default_num_segments``); default a :class:`LatentInference`.
+
     Returns the report (see ``docs/inference.md`` for every key) with ``predictions`` (one dict per
     record, in order) added.
     """
-    engine = LatentInference(model, processor, threshold=threshold, use_latents=use_latents,
-                             default_num_segments=default_num_segments)
+    if engine is None:
+        engine = LatentInference(model, processor, threshold=threshold, use_latents=use_latents,
+                                 default_num_segments=default_num_segments)
     gen = GenerationSettings(max_new_tokens=max_new_tokens)
     do_causal = causal_checks and use_latents
     causal = _CausalRunner(engine, gen, seed) if do_causal else None

@@ -480,9 +480,22 @@ def split_latents(p1: LatentPassOutput, batch_size: int) -> list[torch.Tensor]:
 
 def infer(
     model: Any, processor: Any, samples: Sequence[Any], threshold: float | None = None,
-    use_latents: bool = True, default_num_segments: int = 1, **run_kwargs: Any,
+    use_latents: bool = True, default_num_segments: int = 1, engine: str = "hf",
+    checkpoint: str | None = None, **run_kwargs: Any,
 ) -> list[InferenceResult]:
-    """One-call form of :class:`LatentInference` (``run_kwargs`` go to :meth:`LatentInference.run`)."""
-    engine = LatentInference(model, processor, threshold=threshold, use_latents=use_latents,
-                             default_num_segments=default_num_segments)
-    return engine.run(samples, **run_kwargs)
+    """One-call form of :class:`LatentInference` (``run_kwargs`` go to :meth:`LatentInference.run`).
+
+    ``engine="vllm"`` runs step 2 in vLLM (:class:`~latentvl.inference.vllm_engine.VLLMInference`, which
+    loads ``checkpoint``, the directory ``model`` came from)."""
+    kw = dict(threshold=threshold, use_latents=use_latents, default_num_segments=default_num_segments)
+    if engine == "vllm":
+        if checkpoint is None:
+            raise ValueError("engine='vllm' needs checkpoint= (the directory the model was loaded from)")
+        from .vllm_engine import VLLMInference
+
+        runner: LatentInference = VLLMInference(model, processor, checkpoint, **kw)
+    elif engine == "hf":
+        runner = LatentInference(model, processor, **kw)
+    else:
+        raise ValueError(f"engine={engine!r} must be 'hf' or 'vllm'")
+    return runner.run(samples, **run_kwargs)

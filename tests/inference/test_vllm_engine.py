@@ -1,0 +1,159 @@
+"""Step 2 in vLLM (``--engine vllm``): greedy answers equal latentvl's ``generate()`` on a stage-C model whose
+stop head leaves slots unused, with any latent mask (the causal checks'), and on the command line."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import require_extra
+from PIL import Image
+
+require_extra("vllm", "vllm")  # skips this module, with the reason, without the extra
+
+from latentvl import set_latent_fields  # noqa: E402
+from latentvl.cli import main as cli_main  # noqa: E402
+from latentvl.evaluation.causal import mask_latents, truncate_latents  # noqa: E402
+from latentvl.inference.generate import GenerationSettings, LatentInference, Patches  # noqa: E402
+from latentvl.inference.vllm_engine import VLLMInference, build_requests  # noqa: E402
+from latentvl.model.loading import load_latent_model, save_latent_checkpoint  # noqa: E402
+
+SIZES = [(84, 84), (112, 56), (140, 112), (56, 140), (98, 98), (126, 70), (70, 126), (84, 112)]
+QUESTIONS = ["Which way?", "What colour is the largest shape?", "Count.", "Go", "Is it red? Say yes.", "?",
+             "Left or right?", "How many?"]
+MAX_NEW = 10
+TINY_SEED = 5
+TINY_LATENT = {"latent_budget_alpha": 0.8}  # budgets of 3-4 for these image sizes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    """A stage-C checkpoint whose greedy answers depend on the input and whose stop head halts some segments
+    before their budget; loaded back as the model step 1 runs on."""
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    with torch.no_grad():
+        for name, w in model.model.language_model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.mul_(5.0)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.lm_head.weight[model.config.text_config.eos_token_id] *= 2.0
+        head = model.latent_stop_head
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+        head.bias.zero_()
+    set_latent_fields(model.config, latent_mode_stage="C", latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
+    path = tmp_path_factory.mktemp("ckpt") / "stage_c"
+    save_latent_checkpoint(model, processor, path)
+    loaded, processor = load_latent_model(path)
+    return path, loaded.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rs = np.random.RandomState(0)
+    paths = []
+    for i, (w, h) in enumerate(SIZES):
+        p = d / f"img{i}.png"
+        Image.fromarray(rs.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return [{"id": f"s{i}", "question": q, "images": [paths[i]],
+             "cot_images": [paths[(i + k + 1) % len(paths)] for k in range(1 + i % 3)], "answer": "yes"}
+            for i, q in enumerate(QUESTIONS)]
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint):
+    path, model, processor = checkpoint
+    hf = LatentInference(model, processor)
+    vl = VLLMInference(model, processor, path, max_model_len=1024)
+    return hf, vl
+
+
+def test_greedy_answers_equal_hf(engines, samples):
+    hf, vl = engines
+    want = hf.run(samples, batch_size=len(samples), max_new_tokens=MAX_NEW)
+    got = vl.run(samples, batch_size=3, max_new_tokens=MAX_NEW)
+    assert all(r.ok for r in want + got), [r.error for r in want + got]
+    assert any(u < b for r in want for u, b in zip(r.used_lens, r.budgets))  # some slots go unused
+    assert any(r.finished for r in want) and not all(r.finished for r in want)
+    for w, g in zip(want, got):
+        assert (g.id, g.token_ids, g.answer, g.finished) == (w.id, w.token_ids, w.answer, w.finished)
+        assert (g.budgets, g.used_lens) == (w.budgets, w.used_lens)
+
+
+def test_any_latent_mask_and_vectors_equal_hf(engines, samples):
+    """The causal checks' patches: every slot gated out (a segment keeps only <|latent_start|>), only the
+    first segment kept, and other vectors in the slots."""
+    hf, vl = engines
+    gen = GenerationSettings(max_new_tokens=MAX_NEW)
+    [(outcome, _)] = list(hf.iter_batches(samples[:6], gen, batch_size=6))
+    batch, p1 = outcome.batch, outcome.latent
+    patches = Patches.from_pass(p1)
+    noisy = Patches(patches.ce_patch_pos, patches.ce_patch_vec.flip(0), patches.latent_kv_mask)
+    for variant in (mask_latents(patches, batch["input_ids"], hf.latent_token_id),
+                    truncate_latents(patches, batch["input_ids"], batch["latent_segments"], 1), noisy):
+        want = hf.decode(hf.generate(batch, outcome.embeds, variant, gen))
+        got = vl.decode(vl.generate(batch, outcome.embeds, variant, gen))
+        assert got == want
+
+
+def test_prompt_drops_unused_slots(engines, samples):
+    hf, vl = engines
+    gen = GenerationSettings(max_new_tokens=2)
+    [(outcome, _)] = list(hf.iter_batches(samples[:6], gen, batch_size=6))
+    requests = build_requests(outcome.batch, outcome.embeds, Patches.from_pass(outcome.latent), vl.image_token_id,
+                              vl.latent_token_id, vl.spatial_merge_size)
+    for b, (req, res) in enumerate(zip(requests, outcome.results)):
+        n_real = int(outcome.batch["attention_mask"][b].sum())
+        n_image = int((outcome.batch["input_ids"][b] == vl.image_token_id).sum())
+        # the image run and each segment (with its <|latent_start|>) become one placeholder each
+        assert len(req["prompt_token_ids"]) == n_real - n_image + 1 - sum(res.budgets)
+        assert req["multi_modal_data"]["image"]["latent_skip"].tolist() == \
+            [-1] + [b_ - u for b_, u in zip(res.budgets, res.used_lens)]
+
+
+def test_soft_suppression_is_refused(checkpoint):
+    path, model, processor = checkpoint
+    soft = copy.deepcopy(model)
+    set_latent_fields(soft.config, latent_null_scale=0.3)
+    with pytest.raises(ValueError, match="latent_null_scale=0.3"):
+        VLLMInference(soft, processor, path)
+
+
+def test_cli_infer_engine_vllm(checkpoint, samples, tmp_path):
+    path = checkpoint[0]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({**s, "images": [str(p) for p in s["images"]],
+                                        "cot_images": [str(p) for p in s["cot_images"]]}) + "\n"
+                            for s in samples[:4]))
+    rows = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        assert cli_main(["infer", "--model", str(path), "--data", str(data), "--out", str(out), "--engine", engine,
+                         "--max-new-tokens", str(MAX_NEW), "--batch-size", "4"]) == 0
+        rows[engine] = [json.loads(line) for line in out.read_text().splitlines()]
+    key = ("id", "answer", "token_ids", "used_lens", "budgets", "finished")
+    assert [[r[k] for k in key] for r in rows["vllm"]] == [[r[k] for k in key] for r in rows["hf"]]
+
+
+def test_cli_eval_engine_vllm(checkpoint, samples, tmp_path):
+    """``latentvl eval --engine vllm``: the same predictions and causal checks as ``--engine hf``."""
+    path = checkpoint[0]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({**s, "images": [str(p) for p in s["images"]],
+                                        "cot_images": [str(p) for p in s["cot_images"]]}) + "\n"
+                            for s in samples[:4]))
+    reports = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"eval-{engine}"
+        assert cli_main(["eval", "--model", str(path), "--data", str(data), "--out", str(out), "--engine", engine,
+                         "--batch-size", "4"]) == 0
+        reports[engine] = json.loads((out / "report.json").read_text())
+        reports[engine]["rows"] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    key = ("id", "prediction", "token_ids", "used_lens", "correct")
+    hf, vl = reports["hf"], reports["vllm"]
+    assert [[r[k] for k in key] for r in vl["rows"]] == [[r[k] for k in key] for r in hf["rows"]]
+    for check in hf["causal"]:
+        if isinstance(hf["causal"][check], dict) and "answer_change_rate" in hf["causal"][check]:
+            assert vl["causal"][check]["answer_change_rate"] == hf["causal"][check]["answer_change_rate"], check
