@@ -24,6 +24,7 @@ QUESTIONS = ["Which way?", "What colour is the largest shape?", "Count.", "Go", 
              "Left or right?", "How many?"]
 MAX_NEW = 10
 TINY_SEED = 5
+TINY_BACKBONES = ("qwen2_5_vl",)  # the vLLM engine runs Qwen2.5-VL; a Qwen3-VL model is refused (test below)
 TINY_LATENT = {"latent_budget_alpha": 0.8}  # budgets of 3-4 for these image sizes
 
 
@@ -157,3 +158,11 @@ def test_cli_eval_engine_vllm(checkpoint, samples, tmp_path):
     for check in hf["causal"]:
         if isinstance(hf["causal"][check], dict) and "answer_change_rate" in hf["causal"][check]:
             assert vl["causal"][check]["answer_change_rate"] == hf["causal"][check]["answer_change_rate"], check
+
+
+def test_a_deepstack_backbone_is_refused_before_vllm_starts():
+    from latentvl import build_tiny_model
+
+    model, processor = build_tiny_model(backbone="qwen3_vl", hidden_size=64, num_layers=2)
+    with pytest.raises(ValueError, match="--engine vllm runs Qwen2.5-VL models; this one is 'qwen3_vl'"):
+        VLLMInference(model, processor, "unused")

@@ -153,6 +153,11 @@ class VLLMInference(LatentInference):
 
     def __init__(self, model: Any, processor: Any, checkpoint: str | Path, *, dtype: str | torch.dtype | None = None,
                  max_model_len: int | None = None, llm_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        if getattr(model, "has_deepstack", False):
+            raise ValueError(
+                f"--engine vllm runs Qwen2.5-VL models; this one is {model.backbone!r}, whose question images also "
+                f"add DeepStack features inside the text model, which latentvl's vLLM model does not place yet. "
+                f"Use --engine hf for this model.")
         null_scale = float(getattr(model.config, "latent_null_scale", 0.0))
         if null_scale > 0 and kwargs.get("use_latents", True):
             raise ValueError(
@@ -191,8 +196,9 @@ class VLLMInference(LatentInference):
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], embeds: torch.Tensor, patches: Patches,
-                 gen: GenerationSettings) -> torch.Tensor:
-        """Step 2 in vLLM: the new tokens ``[B, T]`` (padded with the pad token after a row's end of turn)."""
+                 gen: GenerationSettings, visual: Any = None) -> torch.Tensor:
+        """Step 2 in vLLM: the new tokens ``[B, T]`` (padded with the pad token after a row's end of turn).
+        ``visual`` is None for the families this engine runs (no DeepStack)."""
         if gen.compile is not False:
             raise ValueError("compile applies to --engine hf; vLLM compiles on its own")
         requests = build_requests(batch, embeds, patches, self.image_token_id, self.latent_token_id,
