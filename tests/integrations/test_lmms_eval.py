@@ -137,6 +137,8 @@ def test_bad_model_arguments_raise_before_loading(tmp_path):
         LatentVLChat(pretrained=str(tmp_path), budgets="4", cot_image_sizes="84x84")
     with pytest.raises(ValueError, match="batch_size"):
         LatentVLChat(pretrained=str(tmp_path), batch_size=0)
+    with pytest.raises(ValueError, match="engine='trt'; choose hf or vllm"):
+        LatentVLChat(pretrained=str(tmp_path), engine="trt")
     for bad in ("high", 1.5):
         with pytest.raises(ValueError, match="threshold"):
             LatentVLChat(pretrained=str(tmp_path), threshold=bad)

@@ -148,11 +148,15 @@ class VLLMInference(LatentInference):
         dtype: vLLM's weights dtype (default: ``model``'s).
         max_model_len: vLLM's longest sequence (default: ``max_length``, the model's limit).
         llm_kwargs: more keywords for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``, ``enforce_eager``).
+        llm: a running ``vllm.LLM`` of the same checkpoint to share (another engine's ``.llm``: e.g. engines
+            that differ only in their system prompt); then ``dtype``, ``max_model_len`` and ``llm_kwargs`` are
+            not used.
         Other keywords: as for :class:`LatentInference`.
     """
 
     def __init__(self, model: Any, processor: Any, checkpoint: str | Path, *, dtype: str | torch.dtype | None = None,
-                 max_model_len: int | None = None, llm_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+                 max_model_len: int | None = None, llm_kwargs: dict[str, Any] | None = None, llm: Any = None,
+                 **kwargs: Any):
         if getattr(model, "has_deepstack", False):
             raise ValueError(
                 f"--engine vllm runs Qwen2.5-VL models; this one is {model.backbone!r}, whose question images also "
@@ -182,7 +186,7 @@ class VLLMInference(LatentInference):
             limit_mm_per_prompt={"image": {"count": 64, "width": 56, "height": 56}},
         )
         options.update(llm_kwargs or {})
-        self.llm = vllm.LLM(**options)
+        self.llm = llm if llm is not None else vllm.LLM(**options)
         self._sampling_params = vllm.SamplingParams
 
     def sampling_params(self, gen: GenerationSettings) -> Any:

@@ -149,6 +149,10 @@ class _LatentVLBase(lmms):
             a chat request replaces it for that request.
         max_length: longest prompt + answer, in tokens (default: the model's limit).
         max_new_tokens: answer length when the task's ``generation_kwargs`` give none (default 32).
+        engine: ``hf`` (default) or ``vllm``: the generation step of ``generate_until`` in vLLM
+            (:class:`~latentvl.inference.vllm_engine.VLLMInference`, one vLLM engine shared by every system
+            prompt; needs the ``vllm`` extra). The latent pass and ``loglikelihood`` (exact scores from one
+            forward) run in latentvl with either.
     """
 
     def __init__(
@@ -168,13 +172,14 @@ class _LatentVLBase(lmms):
         max_length: int | None = None,
         max_new_tokens: int = 32,
         max_batch_size: Any = None,
+        engine: str = "hf",
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             raise TypeError(f"latentvl: unknown model arguments {sorted(unknown)}; known: pretrained, device, "
                             "dtype, attn, batch_size, threshold, budgets, cot_image_sizes, num_segments, doc_plan, "
-                            "use_latents, system_prompt, max_length, max_new_tokens")
+                            "use_latents, system_prompt, max_length, max_new_tokens, engine")
         if not pretrained:
             raise ValueError("latentvl: the model argument pretrained=DIR (a latentvl checkpoint) is required")
         if str(dtype) not in DTYPES:
@@ -183,6 +188,10 @@ class _LatentVLBase(lmms):
             raise ValueError(f"latentvl: attn={attn!r}; choose from {list(_ATTN)}")
         if threshold is not None:
             threshold = check_threshold(threshold, "latentvl: threshold")
+        if engine not in ("hf", "vllm"):
+            raise ValueError(f"latentvl: engine={engine!r}; choose hf or vllm")
+        self.engine_kind = engine
+        self.pretrained = str(pretrained)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.budgets = parse_budgets(budgets)
@@ -233,8 +242,16 @@ class _LatentVLBase(lmms):
 
     def _engine(self, system_prompt: str | None) -> LatentInference:
         if system_prompt not in self._engines:
-            self._engines[system_prompt] = LatentInference(self.model, self.processor, system_prompt=system_prompt,
-                                                           **self._engine_args)
+            if self.engine_kind == "vllm":
+                from ..inference.vllm_engine import VLLMInference
+
+                running = next(iter(self._engines.values()), None)
+                self._engines[system_prompt] = VLLMInference(
+                    self.model, self.processor, self.pretrained, system_prompt=system_prompt,
+                    llm=None if running is None else running.llm, **self._engine_args)
+            else:
+                self._engines[system_prompt] = LatentInference(self.model, self.processor,
+                                                               system_prompt=system_prompt, **self._engine_args)
         return self._engines[system_prompt]
 
     # ------------------------------------------------------------------ requests -> samples
