@@ -96,6 +96,32 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
             assert im.format == "PNG" and im.size[0] > 500
 
 
+@pytest.mark.slow
+def test_demo_quick_runs_on_qwen3_vl(tmp_path):
+    """--backbone qwen3_vl: every arm trains the tiny Qwen3-VL, on a5 images drawn in its 32-px merged tokens."""
+    out = tmp_path / "demo_q3"
+    assert main(["demo", "--quick", "--backbone", "qwen3_vl", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == set(ARMS)
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["knobs"]["token_px"] == 32
+    for arm_dir in ("stage_a", "stage_c", "pause"):
+        config = json.loads(next((out / arm_dir).glob("phase*/final/config.json")).read_text())
+        assert config["model_type"] == "qwen3_vl"
+    a = report["results"]["stage_a"]
+    assert a["used_ratio"] == 1.0 and a["budget"] == report["results"]["pause"]["budget"] > 0
+
+
+def test_backbone_sets_the_a5_token_side_unless_the_file_does(tmp_path):
+    assert load_demo_settings(None)["demo"]["data"]["a5"]["token_px"] == 28
+    q3 = load_demo_settings(None, backbone="qwen3_vl")
+    assert q3["train"]["backbone"] == "qwen3_vl" and q3["demo"]["data"]["a5"]["token_px"] == 32
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  backbone: qwen3_vl\ndemo:\n  data:\n    a5:\n      token_px: 40\n")
+    own = load_demo_settings(cfg)
+    assert own["train"]["backbone"] == "qwen3_vl" and own["demo"]["data"]["a5"]["token_px"] == 40
+
+
 def test_quick_and_full_exclude_each_other_and_full_lengthens():
     full = load_demo_settings(None, full=True)
     assert full["demo"]["steps_a"] == default_settings()["full"]["steps_a"] > default_settings()["demo"]["steps_a"]
