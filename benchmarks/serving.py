@@ -6,6 +6,10 @@ vLLM's answers equal latentvl's ``generate()``) at batch 1, 8 and 64. Step 1 (th
 latentvl for both. Reported per batch size: generated tokens per second of step 2 (``generation_s``) and of
 the whole two-step run (wall time).
 
+Two answer lengths: ``fixed`` (every answer exactly ``--max-new-tokens`` tokens, the end of turn held back
+with ``min_new_tokens``: how serving throughput is usually measured, and the headline ratio) and
+``natural`` (answers end at their end of turn, as ``latentvl eval`` decodes).
+
 Usage (in the environment with the vllm extra, e.g. /work/venv-vllm)::
 
     python benchmarks/serving.py                      # 64 records, 32 new tokens, batch 1, 8, 64
@@ -56,9 +60,9 @@ def records(n: int, folder: Path) -> list[dict]:
     return out
 
 
-def measure(engine: LatentInference, recs: list[dict], batch: int, max_new: int) -> dict:
+def measure(engine: LatentInference, recs: list[dict], batch: int, max_new: int, fixed: bool) -> dict:
     t0 = time.perf_counter()
-    results = engine.run(recs, batch_size=batch, max_new_tokens=max_new)
+    results = engine.run(recs, batch_size=batch, max_new_tokens=max_new, min_new_tokens=max_new if fixed else 0)
     wall = time.perf_counter() - t0
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     tokens = sum(len(r.token_ids) + int(r.finished) for r in results)
@@ -74,6 +78,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--only", choices=("hf", "vllm"), default=None,
                     help="time one engine alone (no vLLM engine process beside an hf run)")
+    ap.add_argument("--lengths", default="fixed,natural",
+                    help="answer lengths to measure: fixed (exactly --max-new-tokens), natural (to the end of turn)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,22 +97,30 @@ def main() -> None:
             engines["vllm"] = VLLMInference(model, processor, ckpt, max_model_len=1024)
         for engine in engines.values():  # warm-up
             engine.run(recs[:2], batch_size=2, max_new_tokens=2)
-        print(f"{args.records} records, up to {args.max_new_tokens} new tokens, greedy, "
+        print(f"{args.records} records, {args.max_new_tokens} new tokens at most, greedy, "
               f"torch threads {torch.get_num_threads()}")
-        print(f"{'batch':>5} {'engine':>6} {'tokens':>7} {'step-2 tok/s':>13} {'end-to-end tok/s':>17}")
-        last = {}
-        for batch in (int(b) for b in args.batches.split(",")):
-            row = {name: measure(engine, recs, batch, args.max_new_tokens) for name, engine in engines.items()}
-            for name, m in row.items():
-                print(f"{batch:>5} {name:>6} {m['tokens']:>7} {m['gen_tok_s']:>13.1f} {m['wall_tok_s']:>17.1f}")
-            if len(row) < 2:
-                continue
-            same = row["hf"]["answers"] == row["vllm"]["answers"]
-            print(f"      same answers: {same}; step-2 tokens/s vllm/hf: "
-                  f"{row['vllm']['gen_tok_s'] / row['hf']['gen_tok_s']:.2f}x")
-            last = row
-        if len(last) == 2:
-            print(f"tokens/s vllm/hf: {last['vllm']['gen_tok_s'] / last['hf']['gen_tok_s']:.2f}x "
+        headline = {}
+        for length in args.lengths.split(","):
+            fixed = length == "fixed"
+            print(f"\n{length} answer lengths")
+            print(f"{'batch':>5} {'engine':>6} {'tokens':>7} {'step-2 tok/s':>13} {'end-to-end tok/s':>17}")
+            last = {}
+            for batch in (int(b) for b in args.batches.split(",")):
+                row = {name: measure(engine, recs, batch, args.max_new_tokens, fixed)
+                       for name, engine in engines.items()}
+                for name, m in row.items():
+                    print(f"{batch:>5} {name:>6} {m['tokens']:>7} {m['gen_tok_s']:>13.1f} {m['wall_tok_s']:>17.1f}")
+                if len(row) < 2:
+                    continue
+                same = row["hf"]["answers"] == row["vllm"]["answers"]
+                print(f"      same answers: {same}; step-2 tokens/s vllm/hf: "
+                      f"{row['vllm']['gen_tok_s'] / row['hf']['gen_tok_s']:.2f}x")
+                last = row
+            if len(last) == 2:
+                headline[length] = last
+        for length, last in headline.items():
+            print(f"{'tokens/s vllm/hf' if length == 'fixed' else 'natural lengths: tokens/s vllm/hf'}: "
+                  f"{last['vllm']['gen_tok_s'] / last['hf']['gen_tok_s']:.2f}x "
                   f"(end to end {last['vllm']['wall_tok_s'] / last['hf']['wall_tok_s']:.2f}x)")
 
 

@@ -13,7 +13,7 @@ from latentvl import LatentCollator, set_latent_fields
 from latentvl.budget import compute_latent_budget, num_visual_tokens
 from latentvl.cli import main as cli_main
 from latentvl.data.collator import grid_from_size
-from latentvl.inference.generate import LatentInference, normalize_answer, split_latents
+from latentvl.inference.generate import GenerationSettings, LatentInference, normalize_answer, split_latents
 from latentvl.model.loading import load_latent_model, save_latent_checkpoint
 
 SIZES = [(84, 84), (112, 56), (140, 112), (56, 140), (98, 98), (126, 70)]
@@ -224,6 +224,21 @@ def test_sampling_is_seeded(tiny, samples):
     greedy = [r.token_ids for r in engine.run(samples, batch_size=3, max_new_tokens=6)]
     assert first == again
     assert first != greedy
+
+
+def test_min_new_tokens_holds_the_end_of_turn_back(tiny, samples):
+    """With min_new_tokens = max_new_tokens every answer has exactly that many tokens; until then it is the
+    greedy answer (an answer that ended early continues past where it would have stopped)."""
+    model, processor = tiny
+    engine = LatentInference(model, processor)
+    free = engine.run(samples, batch_size=3, max_new_tokens=MAX_NEW)
+    fixed = engine.run(samples, batch_size=3, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
+    assert any(r.finished for r in free)
+    for a, b in zip(free, fixed, strict=True):
+        assert len(b.token_ids) == MAX_NEW and not b.finished
+        assert b.token_ids[:len(a.token_ids)] == a.token_ids
+    with pytest.raises(ValueError, match="min_new_tokens=5 must be in"):
+        GenerationSettings(max_new_tokens=4, min_new_tokens=5)
 
 
 # ----------------------------------------------------------------------------------------- budgets (D9)

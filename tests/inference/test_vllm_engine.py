@@ -83,6 +83,15 @@ def test_greedy_answers_equal_hf(engines, samples):
         assert (g.budgets, g.used_lens) == (w.budgets, w.used_lens)
 
 
+def test_fixed_length_answers_equal_hf(engines, samples):
+    """min_new_tokens (the serving benchmark's fixed lengths) holds the end of turn back in both engines alike."""
+    hf, vl = engines
+    want = hf.run(samples, batch_size=len(samples), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
+    got = vl.run(samples, batch_size=len(samples), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert all(len(w.token_ids) == MAX_NEW and not w.finished for w in want)
+
+
 def test_any_latent_mask_and_vectors_equal_hf(engines, samples):
     """The causal checks' patches: every slot gated out (a segment keeps only <|latent_start|>), only the
     first segment kept, and other vectors in the slots."""

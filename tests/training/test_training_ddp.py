@@ -24,12 +24,15 @@ STEPS, SWITCH = 5, 2
 COMPARED = ("loss", "ce", "align", "stop", "grad_norm")
 
 
+TINY_BACKBONES = ("qwen2_5_vl", "qwen3_vl")  # DDP and FSDP2 (its units: each family's blocks) on both
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, backbone):
     root = tmp_path_factory.mktemp("ddp")
     # images of 84..168 px: budgets 3..6, so the ranks' latent regions have different lengths
     make_dataset("shapes", 30, 11, root / "data", min_size=84, max_size=168, max_cot=3)
-    model, processor = build_tiny_model(0, hidden_size=64, num_layers=2)
+    model, processor = build_tiny_model(0, hidden_size=64, num_layers=2, backbone=backbone)
     with torch.no_grad():  # a stop head that fires early on some slots and late on others
         model.latent_stop_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
         model.latent_stop_head.bias.fill_(0.0)

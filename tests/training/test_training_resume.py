@@ -27,6 +27,10 @@ def data_dir(tmp_path_factory):
     return out
 
 
+# exact resume and LoRA run on both backbone families (the tests that take the `backbone` fixture)
+TINY_BACKBONES = ("qwen2_5_vl", "qwen3_vl")
+
+
 def _cfg(data_dir, out, **kw):
     base = dict(
         train_data=str(data_dir / "train.jsonl"),
@@ -64,9 +68,10 @@ def _by_step(rows):
     return {r["step"]: r for r in rows}
 
 
-def test_resume_gives_the_same_losses(data_dir, tmp_path):
+def test_resume_gives_the_same_losses(data_dir, tmp_path, backbone):
     # stage A for 3 steps, then stage C with a stop head that fires, so halting and annealing are covered
     kw = dict(
+        backbone=backbone,
         stage="AC",
         switch_step=3,
         max_steps=7,
@@ -230,10 +235,11 @@ def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001"]
 
 
-def test_lora_frozen_vision_and_checkpointing_resume_exactly(data_dir, tmp_path):
+def test_lora_frozen_vision_and_checkpointing_resume_exactly(data_dir, tmp_path, backbone):
     from latentvl import build_tiny_model
 
     kw = dict(
+        backbone=backbone,
         stage="AC",
         switch_step=2,
         max_steps=4,
@@ -257,7 +263,7 @@ def test_lora_frozen_vision_and_checkpointing_resume_exactly(data_dir, tmp_path)
         for key in ("loss", "ce", "align", "stop", "grad_norm"):
             assert row[key] == pytest.approx(ref[row["step"]][key], rel=1e-6, abs=1e-6), (row["step"], key)
     # the exported model is the merged one: vision tower untouched, language model changed, head trained
-    start, _ = build_tiny_model(1, hidden_size=64, num_layers=2)
+    start, _ = build_tiny_model(1, hidden_size=64, num_layers=2, backbone=backbone)
     final, _ = load_latent_model(tmp_path / "full" / "final")
     s0, s1 = start.state_dict(), final.state_dict()
     assert all(torch.equal(s0[k], s1[k]) for k in s0 if k.startswith("model.visual."))

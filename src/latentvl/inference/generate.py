@@ -65,6 +65,8 @@ class GenerationSettings:
     True means "inductor") decodes on transformers' static cache with the one-token step compiled
     (CUDA graphs on a GPU, mode "reduce-overhead"); the prefill runs eagerly. Tokens equal the default
     (dynamic cache, eager) decoding's. One graph per batch size and prompt-plus-new-tokens length.
+    ``min_new_tokens`` (0): the end of turn cannot come before this many new tokens (a fixed answer length
+    when it equals ``max_new_tokens``, as throughput benchmarks decode).
     """
 
     max_new_tokens: int = 32
@@ -74,6 +76,7 @@ class GenerationSettings:
     top_k: int = 0
     seed: int | None = None
     compile: bool | str = False
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.compile, bool) or self.compile in COMPILE_BACKENDS):
@@ -81,6 +84,8 @@ class GenerationSettings:
                              f"{COMPILE_BACKENDS}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens]")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0 when sampling")
         if not 0 < self.top_p <= 1:
@@ -97,6 +102,8 @@ class GenerationSettings:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
         if self.compile is not False:
             kw.update(cache_implementation="static", compile_config=static_compile_config(self.compile, device))
+        if self.min_new_tokens:
+            kw.update(min_new_tokens=self.min_new_tokens)
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
                                 pad_token_id=pad_token_id, eos_token_id=eos_token_ids, **kw)
 
@@ -448,15 +455,17 @@ class LatentInference:
         seed: int | None = None,
         return_latents: bool = False,
         compile: bool | str = False,
+        min_new_tokens: int = 0,
     ) -> list[InferenceResult]:
         """Answer every sample; results come back in input order, one per sample (errors included).
 
         A sample is a :class:`~latentvl.data.records.Record` or a dict with ``question``, ``images``
         (paths or PIL images) and optionally ``id``, ``latent_budgets``, ``cot_image_sizes``,
         ``cot_images``. ``return_latents`` keeps each sample's active latent vectors on the CPU. ``compile``
-        decodes on a static cache, compiled (:class:`GenerationSettings`).
+        decodes on a static cache, compiled; ``min_new_tokens`` holds the end of turn back
+        (:class:`GenerationSettings`).
         """
-        gen = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed, compile)
+        gen = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, top_k, seed, compile, min_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)
         results: list[InferenceResult] = []

@@ -190,8 +190,8 @@ class VLLMInference(LatentInference):
         self._sampling_params = vllm.SamplingParams
 
     def sampling_params(self, gen: GenerationSettings) -> Any:
-        kw: dict[str, Any] = dict(max_tokens=gen.max_new_tokens, stop_token_ids=list(self.stop_ids),
-                                  skip_special_tokens=False, detokenize=False)
+        kw: dict[str, Any] = dict(max_tokens=gen.max_new_tokens, min_tokens=gen.min_new_tokens,
+                                  stop_token_ids=list(self.stop_ids), skip_special_tokens=False, detokenize=False)
         if gen.do_sample:
             kw.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or -1, seed=gen.seed)
         else:
