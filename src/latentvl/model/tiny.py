@@ -9,6 +9,8 @@ locally with the ``tokenizers`` library: any printable ASCII text encodes, plus 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -57,6 +59,35 @@ def build_tiny_image_processor(min_pixels: int = 28 * 28 * 4, max_pixels: int = 
     return Qwen2VLImageProcessorPil(
         size={"shortest_edge": round(min_pixels * scale), "longest_edge": round(max_pixels * scale)},
         patch_size=patch_size)
+
+
+def tiny_text_config(ids: dict[str, int], vocab_size: int, hidden_size: int, num_layers: int,
+                     **rope: Any) -> dict[str, Any]:
+    """The text sub-config every tiny family shares: 4 heads over 2 K/V heads, MLP 2x, M-RoPE sections in the
+    proportion of the real models' (like [16, 24, 24] for head dim 128), ``rope`` added to its
+    ``rope_parameters``; ``ids``: the Qwen special tokens' ids."""
+    num_heads = 4
+    half = hidden_size // num_heads // 2
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    return {
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": 2,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, **rope},
+        "pad_token_id": ids["<|endoftext|>"], "bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"],
+    }
+
+
+def tiny_vision_config(out_hidden_size: int, patch_size: int) -> dict[str, Any]:
+    """The vision sub-config every tiny family shares: 4 blocks of width 64, 2x2 merge into ``out_hidden_size``."""
+    return {"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": out_hidden_size,
+            "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+
+
+def tiny_special_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The multimodal token ids of a tiny family's top-level config."""
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
 
 
 def tiny_config(tokenizer, hidden_size: int = 128, num_layers: int = 4, backbone: str = DEFAULT_BACKBONE):

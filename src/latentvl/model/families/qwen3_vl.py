@@ -16,6 +16,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from ..modeling import LatentModelMixin, register_checkpoint_mapping
+from ..tiny import tiny_special_ids, tiny_text_config, tiny_vision_config
 from ..visual import VisualStack
 
 NAME = "qwen3_vl"
@@ -47,48 +48,15 @@ register_checkpoint_mapping(LatentQwen3VLForConditionalGeneration.__name__, "Qwe
 
 
 def tiny_config(ids: dict[str, int], vocab_size: int, hidden_size: int = 128, num_layers: int = 4) -> Qwen3VLConfig:
-    """Qwen3-VL at tiny size: GQA with q/k norm, interleaved M-RoPE, a vision tower with learned position
-    embeddings and DeepStack mergers at blocks 0 and 2 (added after text layers 0 and 1), 2x2 merge,
-    patch 16. ``ids``: the Qwen special tokens' ids."""
-    num_heads = 4
-    head_dim = hidden_size // num_heads
-    half = head_dim // 2
-    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    """Qwen3-VL at tiny size (:func:`latentvl.model.tiny.tiny_text_config`): GQA with q/k norm, interleaved
+    M-RoPE, a vision tower with learned position embeddings and DeepStack mergers at blocks 0 and 2 (added
+    after text layers 0 and 1), 2x2 merge, patch 16."""
+    text = tiny_text_config(ids, vocab_size, hidden_size, num_layers, mrope_interleaved=True)
     return Qwen3VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": 2,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
-                                "mrope_interleaved": True},
-            "pad_token_id": ids["<|endoftext|>"],
-            "bos_token_id": ids["<|im_start|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        },
-        vision_config={
-            "depth": 4,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 4,
-            "out_hidden_size": hidden_size,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 256,
-            "deepstack_visual_indexes": [0, 2],
-            "in_channels": 3,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        text_config={**text, "head_dim": hidden_size // text["num_attention_heads"]},
+        vision_config={**tiny_vision_config(hidden_size, PATCH_SIZE), "num_position_embeddings": 256,
+                       "deepstack_visual_indexes": [0, 2]},
+        tie_word_embeddings=True, **tiny_special_ids(ids),
     )
 
 
