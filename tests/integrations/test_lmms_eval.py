@@ -194,6 +194,23 @@ def test_generate_until_equals_latent_inference_in_both_request_forms(lm, ckpt, 
                    for i, r in enumerate(ref)]
 
 
+def test_a_qwen3_vl_checkpoint_answers_as_latent_inference(data, tmp_path):
+    model, processor = talking_tiny_model(backbone="qwen3_vl")
+    set_latent_fields(model.config, latent_budget_alpha=0.8, latent_mode_stage="C",
+                      latent_stop_loss_weight=1.0, latent_cost_weight=1e-3)
+    save_latent_checkpoint(model, processor, tmp_path / "q3")
+    lm3 = LatentVLChat(pretrained=str(tmp_path / "q3"), batch_size=3, threshold=THRESHOLD)
+    assert lm3.model.backbone == "qwen3_vl"
+    docs = _docs(data)
+    lm3.task_dict = {TASK: {SPLIT: docs}}
+    greedy = {"max_new_tokens": 4, "temperature": 0, "do_sample": False}
+    got = lm3.generate_until([_chat_request(i, dict(greedy)) for i in range(len(docs))])
+    samples = [{"id": d["id"], "question": d["question"], "images": [open_rgb(p) for p in d["images"]],
+                "cot_image_sizes": d["cot_image_sizes"]} for d in docs]
+    ref = LatentInference(lm3.model, lm3.processor, threshold=THRESHOLD).run(samples, batch_size=3, max_new_tokens=4)
+    assert got == [r.answer for r in ref] and all(r.ok for r in ref)
+
+
 def test_generate_until_failed_sample_is_empty_and_named(lm, data):
     docs = _docs(data)[:2]
     lm.task_dict = {TASK: {SPLIT: docs}}
