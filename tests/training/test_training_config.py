@@ -278,3 +278,20 @@ def test_stop_head_learning_rate_scale(scale):
             opt.step()
             sched.step()
             assert head_groups[0]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
+
+
+def test_backbone_is_checked_and_must_match_a_model_directory(tmp_path):
+    from latentvl import build_tiny_model, save_latent_checkpoint
+    from latentvl.training.setup import build_model
+
+    with pytest.raises(TrainConfigError, match="backbone"):
+        TrainConfig(train_data="x.jsonl", backbone="llava").validate()
+    tiny3 = TrainConfig(train_data="x.jsonl", backbone="qwen3_vl", tiny_hidden_size=64, tiny_num_layers=2).validate()
+    assert build_model(tiny3, "A")[0].backbone == "qwen3_vl"
+    model, processor = build_tiny_model(0, hidden_size=64, num_layers=2)
+    save_latent_checkpoint(model, processor, tmp_path / "q25")
+    own = TrainConfig(train_data="x.jsonl", model=str(tmp_path / "q25")).validate()
+    assert build_model(own, "A")[0].backbone == "qwen2_5_vl"  # null takes the directory's own
+    wrong = TrainConfig(train_data="x.jsonl", model=str(tmp_path / "q25"), backbone="qwen3_vl").validate()
+    with pytest.raises(TrainConfigError, match="'qwen3_vl' was asked for, but .* holds a 'qwen2_5_vl' model"):
+        build_model(wrong, "A")
