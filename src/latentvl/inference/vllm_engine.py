@@ -31,6 +31,7 @@ import torch
 
 from ..errors import LatentInputError
 from .generate import GenerationSettings, LatentInference, Patches
+from .vllm_registry import LATENT_SKIP, register_vllm_model
 
 __all__ = ["VLLM_EXTRA_HINT", "VLLMInference", "build_requests", "import_vllm"]
 
@@ -130,8 +131,6 @@ def build_requests(batch: dict[str, Any], embeds: torch.Tensor, patches: Patches
                 c += 1
         request: dict[str, Any] = {"prompt_token_ids": tokens}
         if vectors:
-            from ..integrations.vllm_plugin import LATENT_SKIP
-
             request["multi_modal_data"] = {"image": {
                 "image_embeds": torch.cat(vectors), "image_grid_thw": torch.tensor(item_grids),
                 LATENT_SKIP: torch.tensor(skips)}}
@@ -170,9 +169,7 @@ class VLLMInference(LatentInference):
                 f"with latent_null_scale == 0. Use --engine hf for this model.")
         super().__init__(model, processor, **kwargs)
         vllm = import_vllm()
-        from ..integrations.vllm_plugin import register
-
-        register()  # this process; vLLM's workers register through the vllm.general_plugins entry point
+        register_vllm_model()  # this process; vLLM's workers register through the vllm.general_plugins entry point
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if dtype is None:
             dtype = next(model.parameters()).dtype

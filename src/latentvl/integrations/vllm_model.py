@@ -21,7 +21,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import DictEmbeddingItems
 
-from .vllm_plugin import LATENT_SKIP, PASS1_WEIGHTS
+from ..inference.vllm_registry import LATENT_SKIP, PASS1_WEIGHTS
 
 __all__ = ["LatentQwen2_5_VLForVLLM"]
 

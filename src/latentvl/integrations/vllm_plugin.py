@@ -26,16 +26,11 @@ What the model adds to vLLM's Qwen2.5-VL (subclasses of its model, processing in
 
 from __future__ import annotations
 
-__all__ = ["LATENT_ARCHITECTURE", "LATENT_SKIP", "register"]
+from ..inference.vllm_registry import register_vllm_model
 
-LATENT_ARCHITECTURE = "LatentQwen2_5_VLForConditionalGeneration"
-LATENT_SKIP = "latent_skip"
-PASS1_WEIGHTS = ("latent_stop_head.", "latent_pause_embedding.", "latent_feedback_gain.")
+__all__ = ["register"]
 
 
 def register() -> None:
     """Register latentvl's architecture with vLLM (the ``vllm.general_plugins`` entry point)."""
-    from vllm import ModelRegistry
-
-    if LATENT_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(LATENT_ARCHITECTURE, "latentvl.integrations.vllm_model:LatentQwen2_5_VLForVLLM")
+    register_vllm_model()
