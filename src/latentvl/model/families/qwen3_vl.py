@@ -35,7 +35,9 @@ class LatentQwen3VLForConditionalGeneration(LatentModelMixin, Qwen3VLForConditio
     def visual_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         out = self.model.get_image_features(pixel_values, image_grid_thw)
-        return list(out.pooler_output), list(out.deepstack_features)
+        # one [sum N_i, H] tensor per DeepStack layer; newer transformers (5.24) split each layer per image
+        deepstack = [torch.cat(f, dim=0) if isinstance(f, (tuple, list)) else f for f in out.deepstack_features]
+        return list(out.pooler_output), deepstack
 
     def text_visual_kwargs(self, visual: VisualStack | None) -> dict[str, Any]:
         if visual is None or not bool(visual.mask.any()):
