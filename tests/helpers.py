@@ -53,6 +53,17 @@ def fire_at(model, schedule: dict[int, list[int]]):
     return model.latent_stop_head.register_forward_hook(hook)
 
 
+def write_random_images(folder, sizes) -> list:
+    """One random RGB PNG per ``(w, h)`` in ``sizes`` under ``folder`` (seeded: the same pixels every run)."""
+    rs = np.random.RandomState(0)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        p = folder / f"img{i}.png"
+        Image.fromarray(rs.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
 # ------------------------------------------------------------------ batches for the model tests
 def rand_image(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)

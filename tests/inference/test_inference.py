@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_random_images
 from PIL import Image
 
 from latentvl import LatentCollator, set_latent_fields
@@ -71,14 +72,7 @@ def tiny_c(tiny, backbone):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rs = np.random.RandomState(0)
-    paths = []
-    for i, (w, h) in enumerate(SIZES):
-        p = d / f"img{i}.png"
-        Image.fromarray(rs.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+    return write_random_images(tmp_path_factory.mktemp("imgs"), SIZES)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ stop head leaves slots unused, with any latent mask (the causal checks'), and on
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
-from helpers import require_extra
-from PIL import Image
+from helpers import require_extra, write_random_images
 
 require_extra("vllm", "vllm")  # skips this module, with the reason, without the extra
 
@@ -51,13 +49,7 @@ def checkpoint(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rs = np.random.RandomState(0)
-    paths = []
-    for i, (w, h) in enumerate(SIZES):
-        p = d / f"img{i}.png"
-        Image.fromarray(rs.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
+    paths = write_random_images(tmp_path_factory.mktemp("imgs"), SIZES)
     return [{"id": f"s{i}", "question": q, "images": [paths[i]],
              "cot_images": [paths[(i + k + 1) % len(paths)] for k in range(1 + i % 3)], "answer": "yes"}
             for i, q in enumerate(QUESTIONS)]

@@ -89,6 +89,14 @@ def _ll_request(doc, doc_id, continuation):
                                       TASK, SPLIT), 0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
 
 
+def _reference_answers(lm, docs, max_new_tokens):
+    """latentvl's own inference on the documents (their images, their planned CoT sizes) with ``lm``'s model."""
+    samples = [{"id": d["id"], "question": d["question"], "images": [open_rgb(p) for p in d["images"]],
+                "cot_image_sizes": d["cot_image_sizes"]} for d in docs]
+    return LatentInference(lm.model, lm.processor, threshold=THRESHOLD).run(samples, batch_size=3,
+                                                                            max_new_tokens=max_new_tokens)
+
+
 # ------------------------------------------------------------------------------ registration and arguments
 def test_entry_point_registers_both_classes():
     import lmms_eval.models as registry
@@ -172,10 +180,7 @@ def test_generate_until_equals_latent_inference_in_both_request_forms(lm, ckpt, 
     lm.task_dict = {TASK: {SPLIT: docs}}
     greedy = {"max_new_tokens": 4, "temperature": 0, "do_sample": False}
     chat = lm.generate_until([_chat_request(i, dict(greedy)) for i in range(len(docs))])
-
-    samples = [{"id": d["id"], "question": d["question"], "images": [open_rgb(p) for p in d["images"]],
-                "cot_image_sizes": d["cot_image_sizes"]} for d in docs]
-    ref = LatentInference(lm.model, lm.processor, threshold=THRESHOLD).run(samples, batch_size=3, max_new_tokens=4)
+    ref = _reference_answers(lm, docs, 4)
     assert [r.error for r in ref] == [None] * len(docs)
     assert chat == [r.answer for r in ref]
     assert len(set(chat)) > 1  # answers depend on the input
@@ -184,7 +189,7 @@ def test_generate_until_equals_latent_inference_in_both_request_forms(lm, ckpt, 
     simple = LatentVLSimple(pretrained=str(ckpt), batch_size=2, threshold=THRESHOLD)
     simple.task_dict = lm.task_dict
     # two decoding settings interleaved: grouped, run, and put back in request order; `until` cuts answers
-    ref3 = LatentInference(lm.model, lm.processor, threshold=THRESHOLD).run(samples, batch_size=3, max_new_tokens=3)
+    ref3 = _reference_answers(lm, docs, 3)
     cut = [r.answer[-1:] for r in ref3]
     assert any(cut)
     reqs = [_simple_request(d, i, dict(greedy) if i % 2 else {"max_new_tokens": 3, "until": [cut[i]]})
@@ -205,9 +210,7 @@ def test_a_qwen3_vl_checkpoint_answers_as_latent_inference(data, tmp_path):
     lm3.task_dict = {TASK: {SPLIT: docs}}
     greedy = {"max_new_tokens": 4, "temperature": 0, "do_sample": False}
     got = lm3.generate_until([_chat_request(i, dict(greedy)) for i in range(len(docs))])
-    samples = [{"id": d["id"], "question": d["question"], "images": [open_rgb(p) for p in d["images"]],
-                "cot_image_sizes": d["cot_image_sizes"]} for d in docs]
-    ref = LatentInference(lm3.model, lm3.processor, threshold=THRESHOLD).run(samples, batch_size=3, max_new_tokens=4)
+    ref = _reference_answers(lm3, docs, 4)
     assert got == [r.answer for r in ref] and all(r.ok for r in ref)
 
 

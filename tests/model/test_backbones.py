@@ -152,3 +152,27 @@ def test_remembered_deepstack_is_used_only_for_the_embeddings_it_came_with(tiny,
             call()
     else:
         call()
+
+
+@torch.no_grad()
+def test_embeddings_continue_a_filled_cache_like_tokens(tiny, backbone):
+    """A call with ready embeddings on a cache that is not empty (a continued prompt) is the parent's forward
+    of those embeddings: the same logits as continuing with the tokens themselves."""
+    from transformers.cache_utils import DynamicCache
+
+    from latentvl.model.compat import CACHE_KWARG
+
+    model, processor = tiny
+    a = collate_samples(model, processor, [make_sample(i, 1) for i in range(2)])
+    head = {"input_ids": a["input_ids"][:, :-2], "attention_mask": a["attention_mask"][:, :-2],
+            "pixel_values": a["pixel_values"], "image_grid_thw": a["image_grid_thw"],
+            "mm_token_type_ids": a["mm_token_type_ids"][:, :-2]}
+    nxt = a["input_ids"][:, -2:-1]
+    out = []
+    for as_embeds in (False, True):
+        cache = DynamicCache(config=model.config.text_config)
+        model(**head, use_cache=True, **{CACHE_KWARG: cache})
+        step = {"inputs_embeds": model.get_input_embeddings()(nxt)} if as_embeds else {"input_ids": nxt}
+        out.append(model(**step, attention_mask=a["attention_mask"][:, :-1], use_cache=True,
+                         **{CACHE_KWARG: cache}).logits)
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-6)

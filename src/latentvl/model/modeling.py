@@ -397,7 +397,8 @@ class LatentModelMixin:
             position_ids = self.compute_position_ids(input_ids, attention_mask, mm_token_type_ids,
                                                      image_grid_thw)
         out = super().forward(
-            input_ids=input_ids,
+            input_ids=input_ids if inputs_embeds is None else None,
+            inputs_embeds=inputs_embeds,  # ready embeddings on a cache that is not empty (a continued prompt)
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
