@@ -31,6 +31,8 @@ from latentvl import build_tiny_model, set_latent_fields
 from latentvl.inference.generate import LatentInference
 from latentvl.model.loading import load_latent_model, save_latent_checkpoint
 
+IDLE_S = 2.0
+
 
 def stage_c_checkpoint(path: Path) -> Path:
     model, processor = build_tiny_model(seed=5)
@@ -61,6 +63,9 @@ def records(n: int, folder: Path) -> list[dict]:
 
 
 def measure(engine: LatentInference, recs: list[dict], batch: int, max_new: int, fixed: bool) -> dict:
+    # vLLM's worker process busy-waits for 1 s after its last step; start each measurement after it has gone
+    # idle, so that neither engine shares the CPU with the other's spinning
+    time.sleep(IDLE_S)
     t0 = time.perf_counter()
     results = engine.run(recs, batch_size=batch, max_new_tokens=max_new, min_new_tokens=max_new if fixed else 0)
     wall = time.perf_counter() - t0

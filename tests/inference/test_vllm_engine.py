@@ -100,6 +100,32 @@ def test_any_latent_mask_and_vectors_equal_hf(engines, samples):
         assert got == want
 
 
+def test_bad_samples_are_named_and_the_batch_still_answers(engines, samples, tmp_path):
+    """A prompt longer than vLLM takes and an unreadable image fail alone, each naming its sample; the rest of
+    the batch gets hf's answers."""
+    hf, vl = engines
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = [{**samples[0], "id": "too_long", "question": "x" * (vl.max_length + 10)},
+           {**samples[1], "id": "bad_image", "images": [broken]}]
+    mixed = [samples[0], bad[0], samples[1], bad[1], samples[2]]
+    got = vl.run(mixed, batch_size=len(mixed), max_new_tokens=MAX_NEW)
+    want = hf.run([samples[0], samples[1], samples[2]], batch_size=3, max_new_tokens=MAX_NEW)
+    assert [r.id for r in got] == [m["id"] for m in mixed]
+    assert got[1].error_kind == "too_long" and "'too_long'" in got[1].error and "1024" in got[1].error
+    assert not got[3].ok and "'bad_image'" in got[3].error
+    assert [g.token_ids for g in (got[0], got[2], got[4])] == [w.token_ids for w in want]
+
+
+def test_sampled_answers_repeat_with_a_seed(engines, samples):
+    hf, vl = engines
+    kw = dict(batch_size=4, max_new_tokens=MAX_NEW, do_sample=True, temperature=1.5, seed=3)
+    first, again = vl.run(samples, **kw), vl.run(samples, **kw)
+    greedy = vl.run(samples, batch_size=4, max_new_tokens=MAX_NEW)
+    assert all(r.ok for r in first) and [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert [r.token_ids for r in first] != [r.token_ids for r in greedy]
+
+
 def test_prompt_drops_unused_slots(engines, samples):
     hf, vl = engines
     gen = GenerationSettings(max_new_tokens=2)

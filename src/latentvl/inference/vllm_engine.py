@@ -179,11 +179,13 @@ class VLLMInference(LatentInference):
         self.spatial_merge_size = int(model.config.vision_config.spatial_merge_size)
         options: dict[str, Any] = dict(
             model=str(checkpoint), dtype=dtype, max_model_len=int(max_model_len or self.max_length),
-            enable_mm_embeds=True, generation_config="vllm", seed=0,
+            enable_mm_embeds=True, generation_config="vllm", seed=0, async_scheduling=True,
             limit_mm_per_prompt={"image": {"count": 64, "width": 56, "height": 56}},
         )
         options.update(llm_kwargs or {})
         self.llm = llm if llm is not None else vllm.LLM(**options)
+        # a prompt longer than vLLM takes is then refused by prepare(), as that sample's error alone
+        self.max_length = min(self.max_length, int(self.llm.model_config.max_model_len))
         self._sampling_params = vllm.SamplingParams
 
     def sampling_params(self, gen: GenerationSettings) -> Any:
