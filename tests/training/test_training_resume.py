@@ -301,3 +301,32 @@ def test_teacher_forcing_decay_needs_a_probability(data_dir, tmp_path):
         _cfg(data_dir, tmp_path, teacher_forcing_decay_steps=4)
     with pytest.raises(TrainConfigError, match="teacher_forcing_decay_steps"):
         _cfg(data_dir, tmp_path, teacher_forcing_decay_steps=-1, latent={**LATENT, "latent_teacher_forcing": 0.5})
+
+
+def test_vision_cache_resumes_exactly_and_follows_the_uncached_run(data_dir, tmp_path, backbone):
+    """vision_cache_mb: a resumed run (its cache empty) repeats the uninterrupted one; both follow the run without
+    the cache to float rounding (each image encoded alone rather than in its batch)."""
+    kw = dict(backbone=backbone, stage="AC", switch_step=2, max_steps=5, save_every=2, freeze_vision=True,
+              threshold_start=0.6, latent={**LATENT, "latent_stop_threshold": 0.3})
+    plain = train(_cfg(data_dir, tmp_path / "plain", **kw))
+    full = train(_cfg(data_dir, tmp_path / "full", vision_cache_mb=16, **kw))
+    with pytest.raises(Crash):
+        train(_cfg(data_dir, tmp_path / "cut", vision_cache_mb=16, **kw), callbacks=[CrashAfter(3)])
+    resumed = train(_cfg(data_dir, tmp_path / "cut", vision_cache_mb=16, resume="latest", **kw))
+    ref, base = _by_step(full.history), _by_step(plain.history)
+    assert [r["step"] for r in resumed.history] == [3, 4, 5]
+    for row in resumed.history:
+        for key in ("loss", "ce", "align", "stop", "grad_norm"):
+            assert row[key] == pytest.approx(ref[row["step"]][key], rel=1e-6, abs=1e-6), (row["step"], key)
+    for step, row in ref.items():
+        assert row["loss"] == pytest.approx(base[step]["loss"], rel=1e-4, abs=1e-4), step
+        assert row["used"] == base[step]["used"], step
+
+
+def test_vision_cache_needs_a_frozen_tower(data_dir, tmp_path):
+    from latentvl.errors import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="vision_cache_mb=8: .*freeze_vision"):
+        _cfg(data_dir, tmp_path, vision_cache_mb=8)
+    with pytest.raises(TrainConfigError, match="vision_cache_mb=8: .*freeze_vision_merger"):
+        _cfg(data_dir, tmp_path, vision_cache_mb=8, freeze_vision=True, freeze_vision_merger=False)

@@ -3,7 +3,7 @@ Qwen-VL model (``LatentQwen2_5_VLForConditionalGeneration`` in :mod:`latentvl.mo
 ``LatentQwen3VLForConditionalGeneration`` in :mod:`latentvl.model.families.qwen3_vl`).
 
 What is family-specific is behind three methods a family class may override (the backbone boundary,
-docs/model.md): :meth:`LatentModelMixin.visual_features` (question images to merged features and, for a
+docs/model.md): `LatentModelMixin.image_features` (question images to merged features and, for a
 family with DeepStack, the features added to the first decoder layers), :meth:`LatentModelMixin.text_visual_kwargs`
 (how those extras reach the text model) and the parent class itself (its ``get_rope_index``, its decoder
 layers' attention, which calls the registered gated attention). Positions come from the parent's
@@ -43,6 +43,7 @@ from .attention import STOCK_ATTENTION, gated_attention, stock_attention  # impo
 from .compat import CACHE_KWARG, output_cache, resolve_cache
 from .objective import LatentLossOutput, latent_loss
 from .pass1 import LatentPassOutput, pass_output, run_steps, shifted_frame
+from .vision_cache import VisionFeatureCache
 from .visual import VisualStack
 
 
@@ -110,6 +111,8 @@ class LatentModelMixin:
     backbone: str = ""
     #: Whether question images also add DeepStack features inside the text model (a family sets it).
     has_deepstack: bool = False
+    #: Per-image features of a frozen vision tower (:mod:`latentvl.model.vision_cache`); None = off.
+    vision_cache: VisionFeatureCache | None = None
 
     def __init__(self, config):
         LatentSettings.from_config(config).apply_to(config)
@@ -217,7 +220,16 @@ class LatentModelMixin:
     def visual_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The backbone's image features: one ``[N_i, H]`` merged-token tensor per image, and the DeepStack
-        features (one ``[sum N_i, H]`` tensor per layer) of a family that has them, else None."""
+        features (one ``[sum N_i, H]`` tensor per layer) of a family that has them, else None. With
+        ``vision_cache`` set (a frozen tower, :mod:`latentvl.model.vision_cache`) they come from the cache."""
+        if self.vision_cache is not None:
+            return self.vision_cache.features(self.image_features, pixel_values, image_grid_thw)
+        return self.image_features(pixel_values, image_grid_thw)
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The family's vision tower on these images, as :meth:`visual_features` returns them (the hook a
+        family with DeepStack overrides)."""
         return list(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output), None
 
     def text_visual_kwargs(self, visual: VisualStack | None) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def _cot_features(model, batch: dict[str, Any]) -> list[torch.Tensor]:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             model.model.get_image_features(*model._dummy_image(batch["input_ids"].device))
         return []
-    return list(model.model.get_image_features(pix, grid).pooler_output)
+    return model.visual_features(pix, grid)[0]
 
 def _tail_dropout(model, batch: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` bool ``latent_kv_mask`` for stage-A pass 2 with ``latent_tail_dropout = q``: each segment,

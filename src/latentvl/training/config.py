@@ -130,6 +130,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # pass 2 only; the model turns it off inside pass 1
     freeze_vision: bool = False  # freeze the vision tower (ViT blocks and patch embedding)
     freeze_vision_merger: bool = True  # with freeze_vision: freeze the patch merger as well
+    vision_cache_mb: int = 0  # with freeze_vision: keep each image's vision features (MiB; 0 = off; docs/training.md)
     lora: bool = False
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -212,6 +213,9 @@ class TrainConfig:
             raise self._bad("calibrate_stop_threshold", "needs a run that ends in stage C (C or AC) and eval_data")
         if self.calibration_tolerance < 0:
             raise self._bad("calibration_tolerance", "must be >= 0")
+        if self.vision_cache_mb and not (self.freeze_vision and self.freeze_vision_merger):
+            raise self._bad("vision_cache_mb", "caches a frozen tower's features: needs freeze_vision and "
+                                               "freeze_vision_merger")
         if self.stage != "A" and not self.use_latents:
             raise self._bad("use_latents", "stage C needs latents (the no-latent baseline is a stage-A run)")
 
@@ -237,6 +241,7 @@ class TrainConfig:
             "num_workers",
             "threshold_anneal_steps",
             "teacher_forcing_decay_steps",
+            "vision_cache_mb",
         ):
             if getattr(self, name) < 0:
                 raise self._bad(name, "must be >= 0")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import LatentSettings
@@ -20,6 +21,7 @@ from ..model.backbone import DEFAULT_BACKBONE
 from ..model.compat import enable_activation_checkpointing
 from ..model.loading import load_latent_model
 from ..model.tiny import build_tiny_model
+from ..model.vision_cache import VisionFeatureCache
 from . import checkpoint as ckpt
 from .config import TOKEN_FIELDS, TrainConfig
 
@@ -118,6 +120,11 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         visual.requires_grad_(False)
         if not cfg.freeze_vision_merger:
             visual.merger.requires_grad_(True)
+    if cfg.vision_cache_mb:
+        if cfg.distributed == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
+            raise TrainConfigError("vision_cache_mb: a cached image skips the vision tower, whose FSDP2 shards "
+                                   "every process must gather together; set vision_cache_mb: 0 with fsdp")
+        model.vision_cache = VisionFeatureCache(model.model.visual, cfg.vision_cache_mb * 2**20)
     if cfg.gradient_checkpointing:
         # Pass 2 only: the model switches it off inside pass 1, which needs its KV cache.
         enable_activation_checkpointing(model)

@@ -32,8 +32,8 @@ class LatentQwen3VLForConditionalGeneration(LatentModelMixin, Qwen3VLForConditio
     backbone = NAME
     has_deepstack = True
 
-    def visual_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         out = self.model.get_image_features(pixel_values, image_grid_thw)
         # one [sum N_i, H] tensor per DeepStack layer; newer transformers (5.24) split each layer per image
         deepstack = [torch.cat(f, dim=0) if isinstance(f, (tuple, list)) else f for f in out.deepstack_features]
