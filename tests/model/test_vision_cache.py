@@ -99,3 +99,24 @@ def test_a_tower_that_trains_is_refused(tiny):
         frozen = copy.deepcopy(model.model.visual).requires_grad_(False)
         VisionFeatureCache(frozen, 2**20).features(model.image_features, batch["pixel_values"][:-4],
                                                    batch["image_grid_thw"])
+
+
+def test_keys_by_content_in_any_dtype():
+    """bf16 pixel rows hash too; equal pixels share one entry, and a changed pixel is another image."""
+    tower = torch.nn.Linear(4, 4).requires_grad_(False)
+    calls = []
+
+    def encode(rows, grid):
+        calls.append(rows.clone())
+        return [rows.float().sum(dim=1, keepdim=True)], None
+
+    cache = VisionFeatureCache(tower, 2**20)
+    grid = torch.tensor([[1, 2, 2], [1, 2, 2]])
+    pix = torch.arange(32, dtype=torch.float32).reshape(8, 4).bfloat16()
+    same = torch.cat([pix[:4], pix[:4]])
+    feats, _ = cache.features(encode, same, grid)
+    assert len(calls) == 1 and torch.equal(feats[0], feats[1])
+    changed = same.clone()
+    changed[5, 0] += 1
+    cache.features(encode, changed, grid)
+    assert len(calls) == 2 and (cache.hits, cache.misses) == (2, 2)

@@ -71,8 +71,8 @@ class VisionFeatureCache:
             n = grid[0] * grid[1] * grid[2]
             rows = pixel_values[start:start + n]
             start += n
-            key = (tuple(grid), str(rows.dtype), hashlib.blake2b(
-                rows.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest())
+            raw = rows.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()  # any dtype, bf16 too
+            key = (tuple(grid), str(rows.dtype), hashlib.blake2b(raw, digest_size=16).digest())
             entry = self._entries.get(key)
             if entry is None:
                 self.misses += 1
