@@ -53,6 +53,10 @@ class LatentSettings:
     C; pass 1 and the alignment loss are unchanged. The answer then learns to read whatever latents a
     halted segment leaves, which stage C's answer-driven stop target relies on.
 
+    ``latent_full_budget_ce_weight`` (0.0): in stage C the loss adds this times the answer CE of a second
+    pass 1 + pass 2 at full budget (every slot active), so that fine-tuning the stop head does not
+    unlearn what stage A's full budget computes; 0 is the design note's loss (docs/model.md, D18).
+
     ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile``, and so does
     pass 2's forward in :meth:`latent_loss` (True: the inductor backend; a string names the backend, one of
     :data:`COMPILE_BACKENDS`); False runs them eagerly.
@@ -90,6 +94,7 @@ class LatentSettings:
     latent_feedback_norm: bool = False
     latent_teacher_forcing: float = 0.0
     latent_tail_dropout: float = 0.0
+    latent_full_budget_ce_weight: float = 0.0
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -99,9 +104,11 @@ class LatentSettings:
 
         if self.latent_mode_stage not in STAGES:
             raise bad("latent_mode_stage", f"must be one of {STAGES}")
-        for name in ("latent_stop_loss_weight", "latent_cost_weight", "latent_align_weight"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0")
+        for name in ("latent_stop_loss_weight", "latent_cost_weight", "latent_align_weight",
+                     "latent_full_budget_ce_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise bad(name, "must be a number >= 0")
         if not self.latent_budget_alpha > 0:
             raise bad("latent_budget_alpha", "must be > 0")
         if not self.latent_budget_gamma > 0:

@@ -92,6 +92,7 @@ def test_every_latent_field_can_be_set():
         "latent_feedback_norm": True,
         "latent_teacher_forcing": 0.0,  # > 0 needs latent_feedback (set below)
         "latent_tail_dropout": 0.25,
+        "latent_full_budget_ce_weight": 0.5,
     }
     assert set(values) == set(settable)
     cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..data.collator import to_device
 from ..data.records import Record, RecordDataset
+from ..model.objective import LOSS_PARTS
 from .metrics import USED_RATIO, used_ratio
 
 
@@ -57,7 +58,7 @@ def evaluate_records(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    keys = ("loss", "ce", "align", "stop", "cost")
+    keys = LOSS_PARTS
     sums = dict.fromkeys(("n", "correct", "used", "budget", *keys), 0.0)
     samples: list[dict[str, Any]] = []
     try:

@@ -52,12 +52,17 @@ def compiled_pass2(backend: str = "inductor"):
     return torch.compile(_pass2_forward, backend=backend, dynamic=None)
 
 
+LOSS_PARTS = ("loss", "ce", "ce_full", "align", "stop", "cost")  # what training and evaluation log
+
+
 @dataclass
 class LatentLossOutput:
-    """The training unit's result: the total loss, each part (for logging) and latent statistics."""
+    """The training unit's result: the total loss, each part (:data:`LOSS_PARTS`, for logging) and latent
+    statistics. ``ce_full`` is the full-budget answer CE of ``latent_full_budget_ce_weight`` (0 when off)."""
 
     loss: torch.FloatTensor | None = None
     ce: torch.FloatTensor | None = None
+    ce_full: torch.FloatTensor | None = None
     align: torch.FloatTensor | None = None
     stop: torch.FloatTensor | None = None
     cost: torch.FloatTensor | None = None
@@ -71,7 +76,9 @@ class LatentLossOutput:
 def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
     """Both passes on a collated batch and the combined loss (design §6):
     ``L = ce + w_align * align + w_stop * stop + w_cost * cost``; ``w_stop`` and ``w_cost`` count
-    only in stage C (:meth:`latentvl.config.LatentSettings.loss_weights`).
+    only in stage C (:meth:`latentvl.config.LatentSettings.loss_weights`). In stage C with
+    ``latent_full_budget_ce_weight = w_full > 0`` the loss adds ``w_full * ce_full``: the answer CE after
+    a second pass 1 + pass 2 with every slot active (D18); its pass 1 also serves the answer stop targets.
 
     ``batch`` holds the collator's keys. Visual features of the question images are computed
     once and shared by both passes; CoT images are encoded without gradient (alignment targets).
@@ -101,6 +108,17 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     ce = out.loss
     zero = ce.new_zeros(())
 
+    ce_full, full = zero, None
+    w_full = float(s.latent_full_budget_ce_weight) if stage_c else 0.0
+    if w_full > 0:  # D18: the full budget keeps answering while the stop head learns
+        full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
+                                 batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True,
+                                 visual=visual)
+        embeds_full = embeds.index_put((full.ce_patch_pos[:, 0], full.ce_patch_pos[:, 1]),
+                                       full.ce_patch_vec.to(embeds.dtype))
+        ce_full = pass2(model, embeds_full, attention_mask, position_ids, batch["labels"],
+                        model._gating_kwargs(None), visual).loss
+
     align = zero
     if s.latent_align_weight > 0:  # on every process (the CoT features are a vision call)
         targets = _alignment_targets(model, batch, p1, cot_feats)
@@ -114,7 +132,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         stop = cost = 0.0 * sum(p.sum() for p in model.latent_stop_head.parameters()).float()
     elif stage_c:
         if s.latent_stop_target_mode == "answer":
-            targets, target_calls = _answer_stop_targets(model, batch, embeds, position_ids, visual)
+            targets, target_calls = _answer_stop_targets(model, batch, embeds, position_ids, visual, full)
         labels, weights = _stop_label_tensors(model, batch, p1, targets)
         stop = stop_loss(p1.stop_logits, labels, weights)
         if s.latent_cost_mode == "count":
@@ -122,8 +140,9 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         else:
             cost = _expected_cost(model, batch, p1)
     w_stop, w_cost = s.loss_weights()  # (0, 0) in stage A
-    loss = ce + s.latent_align_weight * align + w_stop * stop + w_cost * cost
-    return LatentLossOutput(loss=loss, ce=ce.detach(), align=align.detach(), stop=stop.detach(),
+    loss = ce + w_full * ce_full + s.latent_align_weight * align + w_stop * stop + w_cost * cost
+    return LatentLossOutput(loss=loss, ce=ce.detach(), ce_full=ce_full.detach(), align=align.detach(),
+                            stop=stop.detach(),
                             cost=cost.detach(), logits=out.logits, latent=p1, stop_targets=targets,
                             target_model_calls=target_calls)
 
@@ -238,7 +257,8 @@ def _answer_ce_per_sample(model, embeds: torch.Tensor, attention_mask: torch.Ten
 
 @torch.no_grad()
 def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, position_ids: torch.Tensor,
-                         visual: VisualStack | None = None) -> tuple[list[list[int]], int]:
+                         visual: VisualStack | None = None, full: LatentPassOutput | None = None,
+                         ) -> tuple[list[list[int]], int]:
     """Content-aware stop targets (``latent_stop_target_mode="answer"``) and the model calls spent.
 
     1. Pass 1 at full budget, without gradient (every slot active): the latents a segment has if
@@ -253,16 +273,20 @@ def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, pos
        ``latent_stop_target_tolerance`` of the reference CE (:func:`answer_stop_target`).
 
     The number of calls is ``(1 + pass-1 steps) + 1 + max segments``: it depends on the batch's
-    layout only (maxima over processes), never on where samples halt.
+    layout only (maxima over processes), never on where samples halt. ``full``, when given, is step 1's
+    pass already made (the full-budget CE's, D18): its calls are not counted again.
     """
     s = model.latent_settings
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     segments = batch["latent_segments"]
     B, S = input_ids.shape
     device = input_ids.device
-    full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, segments,
-                            batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True, visual=visual)
-    calls = full.num_model_calls
+    calls = 0
+    if full is None:
+        full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, segments,
+                                 batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True,
+                                 visual=visual)
+        calls = full.num_model_calls
     patched = embeds.index_put((full.ce_patch_pos[:, 0], full.ce_patch_pos[:, 1]),
                                full.ce_patch_vec.to(embeds.dtype))
     keep = torch.ones(B, S, dtype=torch.bool, device=device)

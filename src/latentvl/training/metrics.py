@@ -15,9 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..model.objective import LOSS_PARTS
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
-SCALARS = ("loss", "ce", "align", "stop", "cost", "used_ratio", "threshold", "lr", "grad_norm", "step_time")
+SCALARS = (*LOSS_PARTS, "used_ratio", "threshold", "lr", "grad_norm", "step_time")
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -101,7 +103,7 @@ class MetricsWriter:
                     self.tb.add_scalar(f"train/{key}", value, step)
         if self.bar is not None:
             post = {"stage": record.get("stage")}
-            for key in ("loss", "ce", "align", "stop", "cost"):
+            for key in LOSS_PARTS:
                 post[key] = _fmt(record.get(key))
             if record.get("budget"):
                 post["used/budget"] = _fmt(record.get("used_ratio"))

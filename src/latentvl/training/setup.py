@@ -20,6 +20,7 @@ from ..errors import TrainConfigError
 from ..model.backbone import DEFAULT_BACKBONE
 from ..model.compat import enable_activation_checkpointing
 from ..model.loading import load_latent_model
+from ..model.objective import LOSS_PARTS
 from ..model.tiny import build_tiny_model
 from ..model.vision_cache import VisionFeatureCache
 from . import checkpoint as ckpt
@@ -43,11 +44,7 @@ class LatentLossModule(nn.Module):
         out = self.model.latent_loss(batch, threshold=threshold)
         used_lens = out.latent.latent_used_lens if out.latent is not None else []
         return {
-            "loss": out.loss,
-            "ce": out.ce,
-            "align": out.align,
-            "stop": out.stop,
-            "cost": out.cost,
+            **{k: getattr(out, k) for k in LOSS_PARTS},
             "used": float(sum(sum(u) for u in used_lens)),
             "budget": float(sum(batch["latent_budget_total"])),
         }

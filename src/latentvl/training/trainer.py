@@ -41,6 +41,7 @@ from ..errors import TrainConfigError, TrainDataError
 from ..evaluation.calibration import calibrate_threshold, write_model_threshold
 from ..evaluation.teacher_forced import evaluate_records
 from ..fileio import replace_dir_with_copy, write_atomic
+from ..model.objective import LOSS_PARTS
 from . import checkpoint as ckpt
 from .checks import CheckReport, CheckResult, PreflightError, run_checks
 from .config import TrainConfig
@@ -469,7 +470,7 @@ def _accumulate(run: _Run, step_no: int, threshold: float | None) -> tuple[dict[
     update touches the weights."""
     cfg = run.cfg
     run.where.phase = f"step {step_no}: forward and backward (DDP gradient all-reduce, FSDP gathers)"
-    sums = dict.fromkeys(("loss", "ce", "align", "stop", "cost", "used", "budget", "n"), 0.0)
+    sums = dict.fromkeys((*LOSS_PARTS, "used", "budget", "n"), 0.0)
     bad_ids: list[str] = []
     step_ids: list[str] = []
     step_skipped: list[dict[str, Any]] = []
@@ -486,7 +487,7 @@ def _accumulate(run: _Run, step_no: int, threshold: float | None) -> tuple[dict[
             if not torch.isfinite(loss.detach()).all():
                 bad_ids.extend(batch["ids"])
             run.accelerator.backward(loss / cfg.grad_accum)
-        for k in ("loss", "ce", "align", "stop", "cost"):
+        for k in LOSS_PARTS:
             sums[k] += float(out[k].detach())
         sums["used"] += out["used"]
         sums["budget"] += out["budget"]
@@ -539,7 +540,7 @@ def _log_step(run: _Run, step_no: int, stage: str, threshold: float | None, sums
     record = {
         "step": step_no,
         "stage": stage,
-        **{k: total[k] / n for k in ("loss", "ce", "align", "stop", "cost")},
+        **{k: total[k] / n for k in LOSS_PARTS},
         "used": int(total["used"]),
         "budget": int(total["budget"]),
         "used_ratio": total["used"] / total["budget"] if total["budget"] else None,
