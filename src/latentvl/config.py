@@ -53,7 +53,7 @@ class LatentSettings:
     C; pass 1 and the alignment loss are unchanged. The answer then learns to read whatever latents a
     halted segment leaves, which stage C's answer-driven stop target relies on.
 
-    ``latent_full_budget_ce_weight`` (0.0): in stage C the loss adds this times the answer CE of a second
+    ``latent_full_budget_ce_weight`` (0.0): in stage-C training the loss adds this times the answer CE of a second
     pass 1 + pass 2 at full budget (every slot active), so that fine-tuning the stop head does not
     unlearn what stage A's full budget computes; 0 is the design note's loss (docs/model.md, D18).
 

@@ -10,6 +10,7 @@ from helpers import MIXED, collate_samples, fire_at, make_sample, set_stage
 
 from latentvl import LatentCollator, LatentSettings, build_tiny_model, set_latent_fields
 from latentvl.budget import compute_latent_budget
+from latentvl.errors import LatentConfigError
 
 TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 6}  # the `tiny` fixture
 
@@ -208,3 +209,94 @@ def test_bf16_weights_give_the_float32_gradients_to_bf16_precision(one_thread):
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     assert (a - b).norm() / a.norm() < 0.05
 
+
+
+# ---------------------------------------------------------------- latent_full_budget_ce_weight (D18)
+@pytest.mark.parametrize("value", [-0.5, True, "1", None])
+def test_full_budget_ce_weight_is_a_number_at_least_zero(value):
+    assert LatentSettings().latent_full_budget_ce_weight == 0.0
+    with pytest.raises(LatentConfigError, match="latent_full_budget_ce_weight"):
+        LatentSettings(latent_full_budget_ce_weight=value).validate()
+
+
+HALT_EARLY = {0: [0], 2: [1]}  # stop-head calls where rows fire: sample 0 after its first slot, 1 after its third
+
+
+def _stage_c(model, batch, weight: float, training: bool = True, **extra):
+    """``latent_loss`` in stage C with ``latent_full_budget_ce_weight=weight`` and early stops (HALT_EARLY),
+    the model in training mode (or not); its stage and mode are restored."""
+    set_stage(model, "C", latent_full_budget_ce_weight=weight, **extra)
+    handle = fire_at(model, HALT_EARLY)
+    was_training = model.training
+    model.train(training)
+    try:
+        return model.latent_loss(batch)
+    finally:
+        model.train(was_training)
+        handle.remove()
+        set_stage(model, "A", latent_full_budget_ce_weight=0.0, latent_stop_target_mode="ratio")
+
+
+def test_full_budget_ce_is_stage_a_ce_and_adds_to_the_stage_c_loss(tiny):
+    """In stage-C training ``ce_full`` is the CE with every slot active (stage A's CE on the same batch), the
+    halted CE is unchanged, and the total grows by exactly ``w * ce_full``; stage A and evaluation ignore
+    the weight."""
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in [(1, 3), (2, 2), (3, 1)]])
+    was_training = model.training
+    model.train()  # stage A in training: no teacher forcing or tail dropout in the fixture, so deterministic
+    try:
+        with torch.no_grad():
+            set_stage(model, "A", latent_full_budget_ce_weight=2.0)
+            a = model.latent_loss(batch)
+            set_stage(model, "A", latent_full_budget_ce_weight=0.0)
+            a0 = model.latent_loss(batch)
+            off, on = _stage_c(model, batch, 0.0), _stage_c(model, batch, 1.5)
+            evaluated = _stage_c(model, batch, 1.5, training=False)
+    finally:
+        model.train(was_training)
+    assert a.ce_full == 0 and a.loss == a0.loss
+    assert evaluated.ce_full == 0 and evaluated.loss == off.loss  # a training signal only
+    assert off.ce_full == 0
+    assert on.latent.latent_used_lens == off.latent.latent_used_lens
+    assert any(u < b for us, bs in zip(on.latent.latent_used_lens, batch["latent_budgets"]) for u, b in zip(us, bs))
+    assert on.ce_full.item() == pytest.approx(a.ce.item(), abs=1e-5)
+    assert abs(on.ce.item() - on.ce_full.item()) > 1e-4  # the stops changed the halted answer
+    assert on.ce == off.ce and on.stop == off.stop
+    assert on.loss.item() == pytest.approx((off.loss + 1.5 * on.ce_full).item(), abs=1e-5)
+
+
+def test_full_budget_ce_gradient_is_linear_in_its_weight_and_spares_the_stop_head(tiny):
+    """grad(L_w) = grad(L_0) + w * grad(ce_full): nonzero on the model, zero on the stop head (a full
+    budget never consults it)."""
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in [(1, 3), (2, 2)]])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _n, p in named]
+    grads = {}
+    for w in (0.0, 1.0, 3.0):
+        out = _stage_c(model, batch, w)
+        grads[w] = [g if g is not None else torch.zeros_like(p)
+                    for g, p in zip(torch.autograd.grad(out.loss, params, allow_unused=True), params)]
+    moved = 0.0
+    for (name, _p), g0, g1, g3 in zip(named, grads[0.0], grads[1.0], grads[3.0]):
+        d1, d3 = g1 - g0, g3 - g0
+        torch.testing.assert_close(d3, 3 * d1, atol=1e-5, rtol=1e-3, msg=name)
+        if "latent_stop_head" in name:
+            assert d1.abs().max() < 1e-7, name
+        else:
+            moved += float(d1.abs().sum())
+    assert moved > 0
+
+
+def test_answer_stop_targets_reuse_the_full_budget_pass(tiny):
+    """With the weight on, the answer stop targets come from the full-budget CE's own pass 1: the same
+    targets, that pass's model calls not spent twice."""
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in [(1, 3), (2, 2), (3, 1)]])
+    with torch.no_grad():
+        off = _stage_c(model, batch, 0.0, latent_stop_target_mode="answer")
+        on = _stage_c(model, batch, 1.0, latent_stop_target_mode="answer")
+    assert on.stop_targets == off.stop_targets and on.stop_targets is not None
+    assert on.stop.item() == pytest.approx(off.stop.item(), abs=1e-6)
+    assert off.target_model_calls - on.target_model_calls == on.latent.num_model_calls > 0

@@ -76,7 +76,7 @@ class LatentLossOutput:
 def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) -> LatentLossOutput:
     """Both passes on a collated batch and the combined loss (design §6):
     ``L = ce + w_align * align + w_stop * stop + w_cost * cost``; ``w_stop`` and ``w_cost`` count
-    only in stage C (:meth:`latentvl.config.LatentSettings.loss_weights`). In stage C with
+    only in stage C (:meth:`latentvl.config.LatentSettings.loss_weights`). In stage-C training with
     ``latent_full_budget_ce_weight = w_full > 0`` the loss adds ``w_full * ce_full``: the answer CE after
     a second pass 1 + pass 2 with every slot active (D18); its pass 1 also serves the answer stop targets.
 
@@ -109,7 +109,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     zero = ce.new_zeros(())
 
     ce_full, full = zero, None
-    w_full = float(s.latent_full_budget_ce_weight) if stage_c else 0.0
+    w_full = float(s.latent_full_budget_ce_weight) if stage_c and model.training else 0.0
     if w_full > 0:  # D18: the full budget keeps answering while the stop head learns
         full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
                                  batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True,

@@ -104,7 +104,8 @@ class MetricsWriter:
         if self.bar is not None:
             post = {"stage": record.get("stage")}
             for key in LOSS_PARTS:
-                post[key] = _fmt(record.get(key))
+                if key != "ce_full" or record.get(key):  # shown where stage C trains it
+                    post[key] = _fmt(record.get(key))
             if record.get("budget"):
                 post["used/budget"] = _fmt(record.get("used_ratio"))
             if record.get("threshold") is not None:
