@@ -210,7 +210,6 @@ def test_bf16_weights_give_the_float32_gradients_to_bf16_precision(one_thread):
     assert (a - b).norm() / a.norm() < 0.05
 
 
-
 # ---------------------------------------------------------------- latent_full_budget_ce_weight (D18)
 @pytest.mark.parametrize("value", [-0.5, True, "1", None])
 def test_full_budget_ce_weight_is_a_number_at_least_zero(value):

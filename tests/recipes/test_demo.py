@@ -11,6 +11,7 @@ from latentvl.cli import main
 from latentvl.evaluation.calibration import DEFAULT_GRID
 from latentvl.recipes.demo.recipe import default_settings, load_demo_settings
 from latentvl.recipes.demo.report import ARMS, alignment_table, difficulty_table, results_table
+from latentvl.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +83,11 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert report["stage_c_threshold"] == cal["threshold"] and cal["within_tolerance"] in (True, False)
     final = json.loads((out / "stage_c" / "phase0" / "final" / "config.json").read_text())
     assert final["latent_stop_threshold"] == cal["threshold"]
+    # stage C alone trains without alignment (a5's stage_c_latent, design D19); stage A aligns
+    stage_a_final = json.loads((out / "stage_a" / "phase0" / "final" / "config.json").read_text())
+    assert final["latent_align_weight"] == 0.0 and stage_a_final["latent_align_weight"] == 1.0
+    assert all(r["align"] == 0.0 for r in read_metrics(out / "stage_c" / "phase0", kind="train"))
+    assert any(r["align"] > 0.0 for r in read_metrics(out / "stage_a" / "phase0", kind="train"))
     assert md.index("## Stage C's stop threshold") < md.index("## Do the answers depend on the latents?")
     assert f"threshold {cal['threshold']:g})" in results_table(report)
     # and its halting against difficulty on the test split, at that threshold and at full budget
