@@ -81,6 +81,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     cal = report["calibration"]
     assert cal["n"] == report["splits"]["val"] > 0 and [r["threshold"] for r in cal["rows"]] == list(DEFAULT_GRID)
     assert report["stage_c_threshold"] == cal["threshold"] and cal["within_tolerance"] in (True, False)
+    assert cal["tolerance"] == default_settings()["per_task"]["a5"]["calibration_tolerance"]  # a5's own
     final = json.loads((out / "stage_c" / "phase0" / "final" / "config.json").read_text())
     assert final["latent_stop_threshold"] == cal["threshold"]
     # stage C alone trains without alignment (a5's stage_c_latent, design D19); stage A aligns
@@ -88,6 +89,17 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert final["latent_align_weight"] == 0.0 and stage_a_final["latent_align_weight"] == 1.0
     assert all(r["align"] == 0.0 for r in read_metrics(out / "stage_c" / "phase0", kind="train"))
     assert any(r["align"] > 0.0 for r in read_metrics(out / "stage_a" / "phase0", kind="train"))
+    # ... and keeps the answer CE at full budget (D18), which stage A never computes
+    assert final["latent_full_budget_ce_weight"] == 1.0 and stage_a_final["latent_full_budget_ce_weight"] == 0.0
+    assert all(r["ce_full"] > 0.0 for r in read_metrics(out / "stage_c" / "phase0", kind="train"))
+    assert all(r["ce_full"] == 0.0 for r in read_metrics(out / "stage_a" / "phase0", kind="train"))
+    # the shared rate reaches stage A and every control; stage C alone has its own rates (stage_c_train)
+    shipped = default_settings()
+    run_cfg = {arm: yaml.safe_load((out / arm / "phase0" / "config.yaml").read_text()) for arm in ARMS}
+    for arm in ARMS:
+        want = shipped["per_task"]["a5"]["stage_c_train"] if arm == "stage_c" else shipped["train"]
+        assert run_cfg[arm]["lr"] == want["lr"], arm
+        assert run_cfg[arm]["stop_head_lr_scale"] == want.get("stop_head_lr_scale", 1.0), arm
     assert md.index("## Stage C's stop threshold") < md.index("## Do the answers depend on the latents?")
     assert f"threshold {cal['threshold']:g})" in results_table(report)
     # and its halting against difficulty on the test split, at that threshold and at full budget
