@@ -63,10 +63,11 @@ CONFIGS = {"3b": qwen25_vl_3b_config, "8b": qwen3_vl_8b_config}
 
 def build(model_name: str, device: str, dtype: torch.dtype, layers: int | None = None,
           backbone: str = "qwen2_5_vl"):
-    """The tiny model of ``backbone``, or a published architecture (``layers`` overrides its text layers: a
-    quick check), in eval mode on ``device`` in ``dtype``."""
+    """The tiny model of ``backbone``, or a published architecture, in eval mode on ``device`` in ``dtype``.
+    ``layers`` overrides the text layers (the tiny model's 4; 2 is the demo's; fewer of a published
+    architecture's is a quick check)."""
     if model_name == "tiny":
-        model, _ = build_tiny_model(seed=0, backbone=backbone)
+        model, _ = build_tiny_model(seed=0, backbone=backbone, **({"num_layers": layers} if layers else {}))
     else:
         config = CONFIGS[model_name]()
         if layers is not None:

@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--stage", choices=["A", "C"], default="C")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=None, help="3b/8b only: fewer text layers (a quick check)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="text layers (tiny: 4, the demo's model 2; 3b/8b: fewer is a quick check)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

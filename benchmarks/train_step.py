@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--answer", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=None, help="3b/8b only: fewer text layers (a quick check)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="text layers (tiny: 4, the demo's model 2; 3b/8b: fewer is a quick check)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend for the compiled variants")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference rows (two more compiles)")
