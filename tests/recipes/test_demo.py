@@ -81,25 +81,25 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     cal = report["calibration"]
     assert cal["n"] == report["splits"]["val"] > 0 and [r["threshold"] for r in cal["rows"]] == list(DEFAULT_GRID)
     assert report["stage_c_threshold"] == cal["threshold"] and cal["within_tolerance"] in (True, False)
-    assert cal["tolerance"] == default_settings()["per_task"]["a5"]["calibration_tolerance"]  # a5's own
+    shipped = default_settings()
+    assert cal["tolerance"] == shipped["per_task"]["a5"]["calibration_tolerance"]  # a5's own
     final = json.loads((out / "stage_c" / "phase0" / "final" / "config.json").read_text())
     assert final["latent_stop_threshold"] == cal["threshold"]
     # stage C alone trains without alignment (a5's stage_c_latent, design D19); stage A aligns
     stage_a_final = json.loads((out / "stage_a" / "phase0" / "final" / "config.json").read_text())
+    steps_a = read_metrics(out / "stage_a" / "phase0", kind="train")
+    steps_c = read_metrics(out / "stage_c" / "phase0", kind="train")
     assert final["latent_align_weight"] == 0.0 and stage_a_final["latent_align_weight"] == 1.0
-    assert all(r["align"] == 0.0 for r in read_metrics(out / "stage_c" / "phase0", kind="train"))
-    assert any(r["align"] > 0.0 for r in read_metrics(out / "stage_a" / "phase0", kind="train"))
+    assert all(r["align"] == 0.0 for r in steps_c) and any(r["align"] > 0.0 for r in steps_a)
     # ... and keeps the answer CE at full budget (D18), which stage A never computes
     assert final["latent_full_budget_ce_weight"] == 1.0 and stage_a_final["latent_full_budget_ce_weight"] == 0.0
-    assert all(r["ce_full"] > 0.0 for r in read_metrics(out / "stage_c" / "phase0", kind="train"))
-    assert all(r["ce_full"] == 0.0 for r in read_metrics(out / "stage_a" / "phase0", kind="train"))
+    assert all(r["ce_full"] > 0.0 for r in steps_c) and all(r["ce_full"] == 0.0 for r in steps_a)
     # the shared rate reaches stage A and every control; stage C alone has its own rates (stage_c_train)
-    shipped = default_settings()
-    run_cfg = {arm: yaml.safe_load((out / arm / "phase0" / "config.yaml").read_text()) for arm in ARMS}
     for arm in ARMS:
+        run_cfg = yaml.safe_load((out / arm / "phase0" / "config.yaml").read_text())
         want = shipped["per_task"]["a5"]["stage_c_train"] if arm == "stage_c" else shipped["train"]
-        assert run_cfg[arm]["lr"] == want["lr"], arm
-        assert run_cfg[arm]["stop_head_lr_scale"] == want.get("stop_head_lr_scale", 1.0), arm
+        assert run_cfg["lr"] == want["lr"], arm
+        assert run_cfg["stop_head_lr_scale"] == want.get("stop_head_lr_scale", 1.0), arm
     assert md.index("## Stage C's stop threshold") < md.index("## Do the answers depend on the latents?")
     assert f"threshold {cal['threshold']:g})" in results_table(report)
     # and its halting against difficulty on the test split, at that threshold and at full budget
