@@ -21,7 +21,7 @@ from latentvl.data.palettes import RELAY_COLOURS
 from latentvl.data.records import RecordDataset, load_metadata, load_records
 from latentvl.data.tasks import a5, common, maze, relay, writer
 from latentvl.data.tasks.maze import MAZE_ANSWERS, PATH_BLUE
-from latentvl.data.tasks.registry import generate_sample, implied_answer
+from latentvl.data.tasks.registry import TASKS, check_knobs, generate_sample, implied_answer
 from latentvl.data.tasks.shapes import SHAPE_COLOURS, SHAPES_ANSWERS
 from latentvl.data.tasks.writer import make_dataset
 
@@ -561,6 +561,56 @@ def test_a5_knobs_are_checked(tmp_path: Path, knobs: dict) -> None:
 def test_a5_cli_flags(tmp_path: Path) -> None:
     out = tmp_path / "d"
     # the former flag names --hops-min/--hops-max still work
-    assert make_data.run(_args(task="a5", n=10, seed=1, out=out, hops_min=2, hops_max=3)) == 0
+    assert make_data.run(_args(task="a5", n=10, seed=1, out=out, hops_min=3, hops_max=4)) == 0
     records = _all_records(out)
-    assert {r["difficulty"] for r in records} == {2, 3} and all(len(r["question"]) == len("Ops: abc") for r in records)
+    assert {r["difficulty"] for r in records} == {3, 4} and all(len(r["question"]) == len("Ops: abcd") for r in records)
+
+
+def _a5_questions(root: Path, split: str) -> set[tuple[str, str]]:
+    return {(r["question"], r["latent_states"][0][0]) for r in _rows(root, f"{split}.jsonl")}
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.integers(3, 6))
+def test_a5_splits_share_no_question(tmp_path_factory, seed: int, max_hops: int) -> None:
+    """A question (ops and start colour) is in one split only, whatever the seed; sizes and answers stay balanced."""
+    out = tmp_path_factory.mktemp("a5split")
+    meta = make_dataset("a5", 300, seed, out, min_hops=1, max_hops=max_hops)
+    questions = {s: _a5_questions(out, s) for s in SPLITS}
+    assert not questions["train"] & questions["val"]
+    assert not questions["train"] & questions["test"]
+    assert not questions["val"] & questions["test"]
+    for split, size in (("train", 240), ("val", 30), ("test", 30)):
+        rows = _rows(out, f"{split}.jsonl")
+        assert len(rows) == size and Counter(r["answer"] for r in rows) == {c: size // 5 for c in "RGBYC"}
+        assert sum(meta["splits"][split]["difficulty_counts"].values()) == size
+    assert meta["split_rule"].startswith("each question is owned by one split")
+
+
+def test_a5_split_too_few_questions_is_a_clear_error(tmp_path: Path) -> None:
+    """One op gives 15 questions, 3 per answer: some answer has no val or test question of its own."""
+    with pytest.raises(ValueError, match=r"a5: no (val|test) question with answer '[RGBYC]'.*max_hops=1"):
+        make_dataset("a5", 100, 0, tmp_path / "d", min_hops=1, max_hops=1)
+
+
+def test_tasks_without_a_question_key_draw_once_per_record(tmp_path: Path) -> None:
+    """relay has no question_key: each record is the first draw of its own generator, splits drawn apart."""
+    out = tmp_path / "relay"
+    meta = make_dataset("relay", 30, 4, out)
+    knobs = check_knobs("relay", {})
+    for r in _all_records(out):
+        index = int(r["id"].split("-")[1])
+        first = TASKS["relay"].make(random.Random(f"relay:4:sample:{index}"), r["answer"], knobs)
+        assert first.question == r["question"]
+    assert meta["split_rule"] == "records drawn independently for each split"
+
+
+@pytest.mark.parametrize("seed", [55, 56])
+def test_a5_held_out_splits_keep_the_difficulty_shares(tmp_path: Path, seed: int) -> None:
+    """A held-out split owns few short questions (15 at k = 1), yet its records keep about the generator's even
+    share per k instead of piling onto the short questions it owns (seed 55 once drew 88 of 240 at k = 1)."""
+    meta = make_dataset("a5", 2400, seed, tmp_path / "d", min_hops=1, max_hops=5)
+    for split in ("val", "test"):
+        counts = meta["splits"][split]["difficulty_counts"]
+        assert counts.get("1", 0) <= 0.3 * 240 and counts.get("2", 0) <= 0.3 * 240, (split, counts)  # even: 48
+        assert max(counts.values()) <= 0.4 * 240, (split, counts)

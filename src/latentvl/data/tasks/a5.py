@@ -9,9 +9,10 @@ ops padded with ``-`` (the identity) to ``max_hops``, one character each: ``"Ops
 image is a strip of ``max_hops + 1`` cells of one merged token each, ``s0, s1, ..., sk`` (``s_j`` the
 state after j ops) and then ``sk`` held to the end, so with a budget of one latent per cell (alpha 1,
 gamma 1) latent j aligns to state j and reads op j at a constant distance in the sequence. The answer
-is the letter of ``sk``. Records carry ``difficulty`` (k), ``ops`` and ``latent_states``, one list per
-CoT image with one state per cell (``[[s0, ..., sk, ..., sk]]``), so the instruments of ``latentvl eval``
-work per latent (:func:`a5_implied_answer`).
+is the letter of ``sk``. A question (ops and start colour) belongs to one split only: no val or test
+question is a train question (:func:`question_key`). Records carry ``difficulty`` (k), ``ops`` and
+``latent_states``, one list per CoT image with one state per cell (``[[s0, ..., sk, ..., sk]]``), so the
+instruments of ``latentvl eval`` work per latent (:func:`a5_implied_answer`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..palettes import RELAY_COLOURS
 from .common import WHITE, Sample
 
 __all__ = ["A5_IDENTITY", "A5_OPS", "A5_STATES", "KNOBS", "QUESTION", "RULE", "a5_apply", "a5_implied_answer",
-           "check_knobs", "sample"]
+           "check_knobs", "question_key", "sample"]
 
 KNOBS = ("min_hops", "max_hops", "token_px")  # meta.json order
 QUESTION = "Ops: <k ops, then - up to max_hops>"
@@ -74,6 +75,12 @@ def sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
     return Sample(text, chain[-1], [question], [strip], annotation, fields)
 
 
+def question_key(sample: Sample) -> str:
+    """What a model is asked: the ops text and the start colour of the question image (``"Ops: acb-|R"``).
+    :func:`latentvl.data.tasks.writer.make_dataset` keeps each key in one split."""
+    return f"{sample.question}|{sample.annotation['chain'][0]}"
+
+
 def a5_implied_answer(record: dict[str, Any], segment: int, state: Any) -> str | None:
     """The answer an a5 record implies when the state at latent ``segment`` of its strip is ``state``:
     ``state`` after the record's ops ``segment + 1 .. k`` (none for the held cells after k); None when the
@@ -85,7 +92,6 @@ def a5_implied_answer(record: dict[str, Any], segment: int, state: Any) -> str |
     if not 0 <= segment < (len(states[0]) if nested else len(ops) + 1):
         return None
     return a5_apply(ops[segment:], state)
-
 
 
 def check_knobs(k: dict[str, Any]) -> None:

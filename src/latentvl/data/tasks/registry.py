@@ -48,7 +48,9 @@ DEFAULT_KNOBS: dict[str, Any] = {
 @dataclass(frozen=True)
 class Task:
     """One task of ``latentvl make-data``: its answers, question and answer rule (for ``meta.json``), its
-    generator, the knobs it reads, their check and, optionally, question-image-only baselines."""
+    generator, the knobs it reads, their check and, optionally, question-image-only baselines and the
+    identity of a sample's question (``question_key``): a task that has one gets splits disjoint by question
+    (:func:`latentvl.data.tasks.writer.make_dataset`)."""
 
     answers: tuple[str, ...]
     question: str
@@ -57,10 +59,12 @@ class Task:
     knobs: tuple[str, ...]
     check: Callable[[dict[str, Any]], None]
     baselines: Callable[[list[dict[str, Any]]], dict[str, float]] | None = None
+    question_key: Callable[[Sample], str] | None = None
 
 
 TASKS: dict[str, Task] = {
-    "a5": Task(a5.A5_STATES, a5.QUESTION, a5.RULE, a5.sample, a5.KNOBS, a5.check_knobs),
+    "a5": Task(a5.A5_STATES, a5.QUESTION, a5.RULE, a5.sample, a5.KNOBS, a5.check_knobs,
+               question_key=a5.question_key),
     "maze": Task(maze.MAZE_ANSWERS, maze.MAZE_QUESTION, maze.RULE, maze.sample, maze.KNOBS, maze.check_knobs,
                  maze.baselines),
     "shapes": Task(shapes.SHAPES_ANSWERS, shapes.SHAPES_QUESTION, shapes.RULE, shapes.sample, shapes.KNOBS,

@@ -10,11 +10,14 @@ killed run never leaves a half-written file behind; ``meta.json`` is written las
 overwriting), so a folder without it holds an incomplete dataset.
 
 :func:`make_dataset` writes the tasks of :data:`latentvl.data.tasks.registry.TASKS` (answers balanced per
-split); :func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops and answers balanced).
+split; a task with a ``question_key``, such as a5, keeps each question in one split, so no val or test
+question is a train question); :func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops
+and answers balanced).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,12 +28,14 @@ from typing import Any
 
 from ...fileio import write_atomic
 from . import relay_bands
-from .common import jsonl_bytes, png_bytes
+from .common import Sample, jsonl_bytes, png_bytes
 from .registry import TASKS, check_knobs, task_answers
 
 __all__ = ["make_dataset", "make_relay_bands"]
 
 _IMAGE_NAME = re.compile(r"^[a-z]+-\d+-(q|cot)\d+\.png$")
+_MAX_DRAWS = 10_000  # draws per record for a question of its split (a task with a question_key)
+_SAME_DIFFICULTY_DRAWS = 1_000  # ... of which, at the first draw's difficulty
 
 
 def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
@@ -40,6 +45,17 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str,
     if n_train < 1:
         raise ValueError(f"n={n} leaves no training records with these val/test fractions")
     return {"train": n_train, "val": n_val, "test": n_test}
+
+
+def _split_of_question(task: str, seed: int, key: str, sizes: dict[str, int]) -> str:
+    """The split that owns question ``key``: a seeded hash, uniform over [0, 1), cut in the splits' shares."""
+    digest = hashlib.sha256(f"{task}:{seed}:split:{key}".encode()).digest()
+    u, edge, total = int.from_bytes(digest[:8], "big") / 2**64, 0.0, sum(sizes.values())
+    for split, size in sizes.items():
+        edge += size / total
+        if u < edge:
+            return split
+    return next(s for s in reversed(sizes) if sizes[s])
 
 
 def _balanced_targets(answers: tuple[str, ...], size: int, rng: random.Random) -> list[str]:
@@ -109,17 +125,17 @@ def _write_samples(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int
                    ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], set[str]]:
     """Draw every split's samples (answers balanced per split, one seeded generator per record), write their
     images, and return the records by split, the annotations and the image names written."""
-    spec = TASKS[task]
     answers = task_answers(task, k)
     written: set[str] = set()
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in sizes}
     annotations: list[dict[str, Any]] = []
     index = 0
+    barren: set[tuple[str, str, Any]] = set()  # (split, answer, difficulty) without a question of the split
     for split, size in sizes.items():
         targets = _balanced_targets(answers, size, random.Random(f"{task}:{seed}:targets:{split}"))
         for target in targets:
             rec_id = f"{task}-{index:05d}"
-            sample = spec.make(random.Random(f"{task}:{seed}:sample:{index}"), target, k)
+            sample = _draw_sample(task, seed, index, split, target, k, sizes, barren)
             names = [f"{rec_id}-q{j}.png" for j in range(len(sample.images))]
             cot_names = [f"{rec_id}-cot{j}.png" for j in range(len(sample.cot_images))]
             for name, img in zip(names + cot_names, sample.images + sample.cot_images, strict=True):
@@ -140,6 +156,43 @@ def _write_samples(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int
     return rows, annotations, written
 
 
+def _draw_sample(task: str, seed: int, index: int, split: str, target: str, k: dict[str, Any],
+                 sizes: dict[str, int], barren: set[tuple[str, str, Any]]) -> Sample:
+    """Record ``index``'s sample (answer ``target``) from its own seeded generator.
+
+    A task with a ``question_key`` draws until the question belongs to ``split`` (:func:`_split_of_question`),
+    so no question is in two splits. It keeps the first draw's ``difficulty`` while it can, so each split's
+    difficulties keep the generator's shares rather than those of the questions the split happens to own;
+    a (split, answer, difficulty) with no question found in :data:`_SAME_DIFFICULTY_DRAWS` draws is noted in
+    ``barren`` and later takes the first question of the split at any difficulty. ValueError naming the task,
+    split and answer when the knobs leave none.
+    """
+    spec = TASKS[task]
+    rng = random.Random(f"{task}:{seed}:sample:{index}")
+    sample = spec.make(rng, target, k)
+    if spec.question_key is None:
+        return sample
+    cell = (split, target, sample.record_fields.get("difficulty"))
+    fallback = None
+    for draw in range(_MAX_DRAWS):
+        if _split_of_question(task, seed, spec.question_key(sample), sizes) == split:
+            if cell in barren:
+                return sample
+            if sample.record_fields.get("difficulty") == cell[2]:
+                return sample
+            fallback = fallback or sample
+        if draw + 1 == _SAME_DIFFICULTY_DRAWS and cell not in barren:
+            barren.add(cell)
+            if fallback is not None:
+                return fallback
+        sample = spec.make(rng, target, k)
+    knobs = ", ".join(f"{name}={k[name]}" for name in spec.knobs)
+    raise ValueError(
+        f"{task}: no {split} question with answer {target!r} in {_MAX_DRAWS} draws; questions are kept to one split "
+        f"each, and the knobs ({knobs}) leave too few distinct questions (raise max_hops)"
+    )
+
+
 def _dataset_meta(task: str, n: int, seed: int, k: dict[str, Any], rows: dict[str, list[dict[str, Any]]],
                   annotations: list[dict[str, Any]]) -> dict[str, Any]:
     """``meta.json``: the task, answer set and counts, chance per split, CoT and difficulty counts, knobs."""
@@ -156,6 +209,7 @@ def _dataset_meta(task: str, n: int, seed: int, k: dict[str, Any], rows: dict[st
             "size": len(split_rows),
             "answer_counts": {a: counts.get(a, 0) for a in answers},
             "chance_accuracy": _chance(counts, len(split_rows)),
+            **_difficulty_counts({split: split_rows}),
         }
     meta = {
         "task": task,
@@ -172,6 +226,10 @@ def _dataset_meta(task: str, n: int, seed: int, k: dict[str, Any], rows: dict[st
             "is a multiple of |answer_set|"
         ),
         "splits": splits_meta,
+        "split_rule": (
+            "each question is owned by one split (a seeded hash of the question): no val or test question is a "
+            "train question" if spec.question_key is not None else "records drawn independently for each split"
+        ),
         "cot_images_per_record": {str(m): cot_counts[m] for m in sorted(cot_counts)},
         **_difficulty_counts(rows),
         "image_side_px": {"min": min(sides), "max": max(sides)},
