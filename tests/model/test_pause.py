@@ -109,3 +109,49 @@ def test_lora_trains_the_pause_embedding(fresh_tiny):
     trained = lora_trained_copies(model, _batch(model, processor), "latent_pause_embedding")
     assert trained, "the pause embedding has no trainable copy under LoRA"
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)
+
+
+def test_pause_pass_without_model_calls_equals_the_step_loop(fresh_tiny, monkeypatch):
+    """At fixed budgets pass 1 of pause tokens makes no model call; its slot inputs, gating, loss and every
+    gradient equal those of the step loop, which runs when the skip is turned off."""
+    from latentvl.model import pass1
+
+    model, processor = fresh_tiny
+    set_latent_fields(model.config, latent_feedback=False, latent_align_weight=0.0, latent_mode_stage="A")
+    model.train()
+    batch = _batch(model, processor)
+
+    def run():
+        model.zero_grad()
+        out = model.latent_loss(batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    fast, fast_grads = run()
+    assert fast.latent.num_model_calls == 0
+    monkeypatch.setattr(pass1, "reads_hidden_states", lambda settings, stage_c: True)
+    loop, loop_grads = run()
+    assert loop.latent.num_model_calls > 0
+    assert torch.equal(fast.latent.ce_patch_pos, loop.latent.ce_patch_pos)
+    assert torch.equal(fast.latent.ce_patch_vec, loop.latent.ce_patch_vec)
+    assert torch.equal(fast.latent.latent_kv_mask, loop.latent.latent_kv_mask)
+    assert fast.latent.latent_used_lens == loop.latent.latent_used_lens
+    assert torch.allclose(fast.loss, loop.loss, rtol=1e-6, atol=1e-7)
+    assert fast_grads.keys() == loop_grads.keys() and "latent_pause_embedding.weight" in fast_grads
+    for name, g in fast_grads.items():
+        assert torch.allclose(g, loop_grads[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_pause_pass_applies_the_step_override_without_model_calls(fresh_tiny):
+    """Interventions (``latent_step_override``) still replace the slot inputs when pass 1 makes no call."""
+    model, processor = fresh_tiny
+    set_latent_fields(model.config, latent_feedback=False)
+    batch = _batch(model, processor)
+    model.latent_step_override = lambda x, rows, cols: torch.full_like(x, 0.5)
+    try:
+        with torch.no_grad():
+            out = _pass1(model, batch)
+    finally:
+        model.latent_step_override = None
+    assert out.num_model_calls == 0 and torch.equal(out.ce_patch_vec, torch.full_like(out.ce_patch_vec, 0.5))

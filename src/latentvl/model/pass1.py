@@ -228,7 +228,7 @@ class Halting:
     """
 
     def __init__(self, frame: ShiftedFrame, stop_head: nn.Module | None, threshold: float, null_scale: float,
-                 key_bias: torch.Tensor, store: LatentKVStore) -> None:
+                 key_bias: torch.Tensor, store: LatentKVStore | None) -> None:
         self.frame, self.stop_head, self.threshold = frame, stop_head, threshold
         self.key_bias, self.store = key_bias, store
         self.soft = null_scale > 0
@@ -278,7 +278,8 @@ class StepTrace:
 
 
 def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: float, stage_c: bool) -> StepTrace:
-    """The prefix call, then one model call per column ``P .. W-1``.
+    """The prefix call, then one model call per column ``P .. W-1`` (none for pause tokens at fixed budgets:
+    :func:`reads_hidden_states`).
 
     Step input: an active slot takes the previous step's last hidden state (detached with
     ``latent_detach_step_inputs``, through ``latent_feedback_gain`` with ``latent_feedback_norm``; the pause
@@ -288,6 +289,8 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
     ``generate()``, where only active slots are patched). ``model.latent_step_override`` (interventions) may
     replace it. Layer-level gradient checkpointing is off inside the loop.
     """
+    if not reads_hidden_states(settings, stage_c):
+        return _pause_steps(model, frame)
     lm = model.model.language_model
     text = model.config.text_config
     P = frame.prefix_len
@@ -341,6 +344,36 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
         own_stacked = stacked if frame.forced is None else torch.stack(owns, dim=1)
     return StepTrace(inputs=stacked, own=own_stacked, active=act & frame.real, halting=halting,
                      calls=1 + frame.steps)
+
+
+def reads_hidden_states(settings: LatentSettings, stage_c: bool) -> bool:
+    """Whether pass 1 needs the model: a slot's input is a fed-back hidden state, or a stop head reads one.
+    Pause tokens at fixed budgets (``latent_feedback=False``, no stop head) need neither."""
+    return settings.latent_feedback or stage_c
+
+
+def _pause_steps(model, frame: ShiftedFrame) -> StepTrace:
+    """Pass 1 of pause tokens at fixed budgets, without a model call: every latent slot (all active) takes the
+    pause vector and any other column its own embedding, through ``latent_step_override`` as in the step loop,
+    whose inputs these equal (its hidden states would feed nothing)."""
+    pause = model.latent_pause_embedding(torch.zeros(1, dtype=torch.long, device=frame.embeds.device))[0]
+    key_bias = torch.zeros(frame.attend.shape, dtype=frame.embeds.dtype, device=frame.embeds.device)
+    halting = Halting(frame, None, 1.0, 0.0, key_bias, None)
+    inputs, actives = [], []
+    for j in range(frame.steps):
+        c = frame.prefix_len + j
+        active = halting.active(j)
+        x = torch.where(active[:, None], pause.to(frame.embeds.dtype), frame.embeds[:, c])
+        if model.latent_step_override is not None:
+            x = model.latent_step_override(x, frame.rows, c - frame.shifts)
+        inputs.append(x)
+        actives.append(active)
+    if frame.steps == 0:
+        stacked = frame.embeds.new_zeros(frame.num_rows, 0, frame.embeds.shape[-1])
+        act = torch.zeros(frame.num_rows, 0, dtype=torch.bool, device=frame.embeds.device)
+    else:
+        stacked, act = torch.stack(inputs, dim=1), torch.stack(actives, dim=1)
+    return StepTrace(inputs=stacked, own=stacked, active=act & frame.real, halting=halting, calls=0)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
