@@ -333,3 +333,21 @@ def test_vision_cache_needs_a_frozen_tower(data_dir, tmp_path):
         _cfg(data_dir, tmp_path, vision_cache_mb=8)
     with pytest.raises(TrainConfigError, match="vision_cache_mb=8: .*freeze_vision_merger"):
         _cfg(data_dir, tmp_path, vision_cache_mb=8, freeze_vision=True, freeze_vision_merger=False)
+
+
+def test_image_cache_run_equals_the_uncached_run_and_may_change_on_resume(data_dir, tmp_path):
+    """image_cache_mb: the same batches, so the same losses bit for bit; a run cut without the cache resumes
+    with it (it is not part of the trajectory)."""
+    from latentvl.errors import TrainConfigError
+
+    kw = dict(stage="A", max_steps=4, save_every=2)
+    plain = train(_cfg(data_dir, tmp_path / "plain", **kw))
+    cached = train(_cfg(data_dir, tmp_path / "cached", image_cache_mb=4, **kw))
+    assert [r["loss"] for r in cached.history] == [r["loss"] for r in plain.history]
+    with pytest.raises(Crash):
+        train(_cfg(data_dir, tmp_path / "cut", **kw), callbacks=[CrashAfter(3)])
+    resumed = train(_cfg(data_dir, tmp_path / "cut", image_cache_mb=4, resume="latest", **kw))
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in plain.history][2:]
+    with pytest.raises(TrainConfigError, match="image_cache_mb"):
+        _cfg(data_dir, tmp_path, image_cache_mb=-1)

@@ -39,6 +39,7 @@ from ..images import read_image
 from ..processor import LatentProcessor
 from ..segments import verify_segments
 from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
+from .image_cache import ProcessedImageCache
 
 IGNORE_INDEX = -100
 
@@ -173,7 +174,9 @@ class LatentCollator:
     without a question image). ``use_latents=False`` builds the no-latent baseline layout.
 
     ``padding_side`` defaults to "right" for training and "left" for generation. ``max_length``
-    rejects (never truncates) a longer sequence.
+    rejects (never truncates) a longer sequence. ``image_cache``: a
+    :class:`~latentvl.data.image_cache.ProcessedImageCache` that keeps each distinct image's patch rows (the
+    same tensors, processed once).
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class LatentCollator:
         for_generation: bool = False,
         use_latents: bool = True,
         default_num_segments: int = 1,
+        image_cache: ProcessedImageCache | None = None,
     ) -> None:
         if padding_side is None:
             padding_side = "left" if for_generation else "right"
@@ -212,6 +216,7 @@ class LatentCollator:
         self.for_generation = for_generation
         self.use_latents = use_latents
         self.default_num_segments = default_num_segments
+        self.image_cache = image_cache
 
         tid = processor.token_id
         self.im_start_id = tid("<|im_start|>")
@@ -357,8 +362,14 @@ class LatentCollator:
         """``(pixel_values, image_grid_thw [n, 3])`` from the image processor, or ``(None, None)``."""
         if not images:
             return None, None
+        if self.image_cache is not None:
+            return self.image_cache.process(images, self._process_one)
         out = self.image_processor(images=images, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"].long()
+
+    def _process_one(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.image_processor(images=[image], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"].long()[0]
 
     # ------------------------------------------------------------------ one sample
     def encode_sample(

@@ -131,6 +131,7 @@ class TrainConfig:
     freeze_vision: bool = False  # freeze the vision tower (ViT blocks and patch embedding)
     freeze_vision_merger: bool = True  # with freeze_vision: freeze the patch merger as well
     vision_cache_mb: int = 0  # with freeze_vision: keep each image's vision features (MiB; 0 = off; docs/training.md)
+    image_cache_mb: int = 0  # keep each distinct image's processed patch rows (MiB; 0 = off; docs/training.md)
     lora: bool = False
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -242,6 +243,7 @@ class TrainConfig:
             "threshold_anneal_steps",
             "teacher_forcing_decay_steps",
             "vision_cache_mb",
+            "image_cache_mb",
         ):
             if getattr(self, name) < 0:
                 raise self._bad(name, "must be >= 0")

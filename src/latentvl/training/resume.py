@@ -175,6 +175,7 @@ RESUME_FREE = frozenset(
         "progress_bar",
         "num_workers",
         "num_threads",
+        "image_cache_mb",
         "run_checks",
         "check_tolerance",
         "dist_timeout_s",

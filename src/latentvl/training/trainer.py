@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator, to_device
+from ..data.image_cache import ProcessedImageCache
 from ..errors import TrainConfigError, TrainDataError
 from ..evaluation.calibration import calibrate_threshold, write_model_threshold
 from ..evaluation.teacher_forced import evaluate_records
@@ -308,6 +309,7 @@ def _setup_data(run: _Run) -> str | None:
         max_length=cfg.max_length,
         system_prompt=cfg.system_prompt,
         use_latents=cfg.use_latents,
+        image_cache=ProcessedImageCache(cfg.image_cache_mb * 2**20) if cfg.image_cache_mb else None,
     )
     if cfg.eval_data:
         eval_records = load_split(cfg.eval_data, cfg.skip_invalid, run.skips, "eval")
