@@ -97,3 +97,69 @@ def test_key_tells_pixels_sizes_and_modes_apart():
     grey = Image.new("L", (2, 6)), Image.new("L", (6, 2))
     assert ProcessedImageCache.key(grey[0]) != ProcessedImageCache.key(grey[1])  # same bytes, other size
     assert ProcessedImageCache.key(Image.new("RGB", (2, 2))) != ProcessedImageCache.key(Image.new("L", (2, 6)))
+
+
+def test_decoded_cache_decodes_each_file_once_and_hands_out_copies(tmp_path):
+    from latentvl.data.image_cache import DecodedImageCache
+    from latentvl.images import open_rgb
+
+    path = tmp_path / "a.png"
+    _image(56, 28, 0).save(path)
+    calls = []
+
+    def decode(p):
+        calls.append(p)
+        return open_rgb(p)
+
+    cache = DecodedImageCache(2**20)
+    first = cache.open(path, decode)
+    first.paste((0, 0, 0), (0, 0, 56, 28))  # a caller drawing on its copy ...
+    second = cache.open(path, decode)
+    assert len(calls) == 1 and cache.hits == 1
+    assert second.tobytes() == open_rgb(path).tobytes()  # ... leaves the cached pixels alone
+    _image(56, 28, 1).save(path)  # the file changes: decoded again
+    import os
+    os.utime(path, ns=(1, 1))
+    assert cache.open(path, decode).tobytes() == open_rgb(path).tobytes() and len(calls) == 2
+
+
+def test_decoded_cache_is_bounded(tmp_path):
+    from latentvl.data.image_cache import DecodedImageCache
+    from latentvl.images import open_rgb
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        _image(10, 10, i).save(paths[-1])  # 300 bytes decoded
+    cache = DecodedImageCache(700)
+    for p in paths:
+        cache.open(p, open_rgb)
+    assert len(cache) == 2 and cache.bytes == 600  # the first file went
+    cache.open(paths[0], open_rgb)
+    assert cache.misses == 4
+
+
+def test_record_dataset_with_a_decoded_cache_gives_the_same_items(tmp_path):
+    from latentvl.data.image_cache import DecodedImageCache
+    from latentvl.data.records import RecordDataset, load_records
+    from latentvl.data.tasks.writer import make_dataset
+
+    make_dataset("a5", 40, 0, tmp_path / "d", min_hops=2, max_hops=4)
+    records, _ = load_records(tmp_path / "d" / "train.jsonl")
+    plain, cached = RecordDataset(records), RecordDataset(records, DecodedImageCache(2**22))
+    for _ in range(2):
+        for i in range(len(records)):
+            a, b = plain[i], cached[i]
+            assert [im.tobytes() for im in a["images"] + a["cot_images"]] == \
+                [im.tobytes() for im in b["images"] + b["cot_images"]]
+    assert cached.decoded_cache.hits == cached.decoded_cache.misses > 0
+
+
+def test_text_memo_keeps_refusing_reserved_tokens(processor, latent_settings):
+    from latentvl.errors import CollatorInputError
+
+    collator = LatentCollator(processor, latent_settings)
+    bad = _record(0, _image(56, 56, 0), [_image(56, 56, 1)]) | {"question": "look <|image_pad|> here"}
+    for _ in range(2):
+        with pytest.raises(CollatorInputError, match="reserved tokens"):
+            collator([bad])

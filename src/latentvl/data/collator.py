@@ -42,6 +42,7 @@ from ..tokens import LATENT_END, LATENT_PAD, LATENT_START
 from .image_cache import ProcessedImageCache
 
 IGNORE_INDEX = -100
+_TEXT_MEMO = 1 << 16  # texts whose checked token ids a collator keeps (then it starts over)
 
 Grid = tuple[int, int, int]
 Segment = tuple[int, int, int]
@@ -217,6 +218,7 @@ class LatentCollator:
         self.use_latents = use_latents
         self.default_num_segments = default_num_segments
         self.image_cache = image_cache
+        self._text_memo: dict[str, tuple[int, ...]] = {}
 
         tid = processor.token_id
         self.im_start_id = tid("<|im_start|>")
@@ -274,13 +276,21 @@ class LatentCollator:
     def _text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _checked_text(self, text: str, sample_id: str, name: str) -> list[int]:
-        ids = self._text(text)
+    def _checked_text(self, text: str, sample_id: str, name: str) -> tuple[int, ...]:
+        """``text``'s token ids, refused when they hold a reserved token; a text that passed is remembered
+        (questions and answers repeat every epoch), up to :data:`_TEXT_MEMO` texts."""
+        known = self._text_memo.get(text)
+        if known is not None:
+            return known
+        ids = tuple(self._text(text))
         bad = sorted({t for t in ids if t in self._reserved})
         if bad:
             tokens = self.tokenizer.convert_ids_to_tokens(bad)
             raise CollatorInputError(
                 f"sample {sample_id!r}: field {name!r} contains reserved tokens {tokens}")
+        if len(self._text_memo) >= _TEXT_MEMO:
+            self._text_memo.clear()
+        self._text_memo[text] = ids
         return ids
 
     # ------------------------------------------------------------------ budgets
@@ -381,7 +391,7 @@ class LatentCollator:
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         mm: list[int] = [0] * len(ids)
 
-        def put(pieces: list[int], label: bool = False, image: bool = False) -> None:
+        def put(pieces: Sequence[int], label: bool = False, image: bool = False) -> None:
             ids.extend(pieces)
             labels.extend(pieces if label else [IGNORE_INDEX] * len(pieces))
             mm.extend([1 if image else 0] * len(pieces))

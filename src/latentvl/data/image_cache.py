@@ -1,4 +1,5 @@
-"""A memo of the image processor's output, one entry per distinct image.
+"""Memos of the images a run reads again: their decoded pixels per file, and the image processor's output per
+distinct image.
 
 A training run shows every image once per epoch, and a synthetic task repeats the same pictures across
 records (a5 has five question swatches). The image processor (resize, normalise, cut into patches) is then
@@ -8,18 +9,23 @@ The processor handles each image on its own, so the rows of a batch are the conc
 rows, cached or not (a test checks the equality). Bounded (``max_bytes``, least recently used first out).
 The collator holds it (:class:`latentvl.data.collator.LatentCollator`, ``image_cache``); the trainer attaches
 one with ``TrainConfig.image_cache_mb``.
+
+:class:`DecodedImageCache` keeps each image file's decoded pixels, keyed by its path, modification time and
+size, so a file read again (the next epoch) is not decoded again; it hands out copies. The training data
+(:class:`latentvl.training.data.BatchTimeDataset`) holds one with ``TrainConfig.image_cache_mb``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from PIL import Image
 
-__all__ = ["ProcessedImageCache"]
+__all__ = ["DecodedImageCache", "ProcessedImageCache"]
 
 Processed = tuple[torch.Tensor, torch.Tensor]  # (pixel rows [N, D], grid_thw [3] long)
 
@@ -79,3 +85,44 @@ class ProcessedImageCache:
         while self.bytes > self.max_bytes:
             _, (_, _, dropped) = self._entries.popitem(last=False)
             self.bytes -= dropped
+
+
+class DecodedImageCache:
+    """Decoded images per file.
+
+    Args:
+        max_bytes: the most bytes of pixels kept; the least recently used files are dropped first.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes={max_bytes} must be >= 1")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, int, int], tuple[Image.Image, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def open(self, path: str | os.PathLike[str], decode: Callable[[str | os.PathLike[str]], Image.Image]
+             ) -> Image.Image:
+        """A copy of ``decode(path)``, decoded once while the file keeps its modification time and size."""
+        st = os.stat(path)
+        k = (os.fspath(path), st.st_mtime_ns, st.st_size)
+        entry = self._entries.get(k)
+        if entry is not None:
+            self._entries.move_to_end(k)
+            self.hits += 1
+            return entry[0].copy()
+        self.misses += 1
+        image = decode(path)
+        size = len(image.getbands()) * image.size[0] * image.size[1]
+        if size <= self.max_bytes:
+            self._entries[k] = (image.copy(), size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+        return image

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ..errors import RecordError
 from ..images import image_file_problem, open_rgb
+from .image_cache import DecodedImageCache
 
 __all__ = [
     "META_FILENAME",
@@ -208,18 +209,20 @@ class RecordDataset(Dataset):
 
     ``dataset[i]`` is ``{"id", "question", "images", "cot_images", "answer"}`` with the images as RGB
     ``PIL.Image`` objects (plus ``"latent_budgets"`` when the record has it). An image that cannot be
-    read raises :class:`RecordError` naming the record source, id and file.
+    read raises :class:`RecordError` naming the record source, id and file. ``decoded_cache``: a
+    :class:`~latentvl.data.image_cache.DecodedImageCache` that decodes each file once.
     """
 
-    def __init__(self, records: list[Record]):
+    def __init__(self, records: list[Record], decoded_cache: DecodedImageCache | None = None):
         self.records = list(records)
+        self.decoded_cache = decoded_cache
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _open(self, record: Record, key: str, index: int, path: Path) -> Image.Image:
         try:
-            return open_rgb(path)
+            return open_rgb(path) if self.decoded_cache is None else self.decoded_cache.open(path, open_rgb)
         except Exception as err:
             raise RecordError(
                 f"{_where(record.source, record.id)}: {key}[{index}] '{path}' cannot be read "

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.image_cache import DecodedImageCache
 from ..data.records import Record, RecordDataset, load_records
 from ..errors import CollatorInputError, RecordError, TrainDataError
 
@@ -158,8 +159,9 @@ class BatchTimeDataset(Dataset):
     ``max_length``).
     """
 
-    def __init__(self, records: list[Record], skip_invalid: bool = False):
-        self.items = RecordDataset(records)
+    def __init__(self, records: list[Record], skip_invalid: bool = False,
+                 decoded_cache: DecodedImageCache | None = None):
+        self.items = RecordDataset(records, decoded_cache)
         self.skip_invalid = skip_invalid
 
     def __len__(self) -> int:
@@ -243,11 +245,12 @@ def check_latent_data(records: list[Record], path: str | Path, stage: str, use_l
 
 
 def micro_batches(
-    records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0, skip_invalid: bool = False
+    records: list[Record], collator, sampler: StreamBatchSampler, num_workers: int = 0, skip_invalid: bool = False,
+    decoded_cache: DecodedImageCache | None = None,
 ):
     """An endless iterator of collated micro-batches in the sampler's order (see :class:`BatchTimeDataset`:
-    each batch has ``"skipped"``)."""
-    dataset = BatchTimeDataset(records, skip_invalid)
+    each batch has ``"skipped"``; ``decoded_cache`` decodes each image file once)."""
+    dataset = BatchTimeDataset(records, skip_invalid, decoded_cache)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,

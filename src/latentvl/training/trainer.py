@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import LatentSettings
 from ..data.collator import LatentCollator, to_device
-from ..data.image_cache import ProcessedImageCache
+from ..data.image_cache import DecodedImageCache, ProcessedImageCache
 from ..errors import TrainConfigError, TrainDataError
 from ..evaluation.calibration import calibrate_threshold, write_model_threshold
 from ..evaluation.teacher_forced import evaluate_records
@@ -318,7 +318,8 @@ def _setup_data(run: _Run) -> str | None:
         len(train_records), cfg.batch_size, cfg.grad_accum, run.world, run.rank, cfg.seed,
         start=run.state.samples_seen,
     )
-    run.batches = micro_batches(train_records, run.collator, run.sampler, cfg.num_workers, cfg.skip_invalid)
+    decoded = DecodedImageCache(cfg.image_cache_mb * 2**20) if cfg.image_cache_mb else None
+    run.batches = micro_batches(train_records, run.collator, run.sampler, cfg.num_workers, cfg.skip_invalid, decoded)
     run.train_items = BatchTimeDataset(train_records, cfg.skip_invalid)  # random access, for the checks' batch
     return warning
 
