@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -30,12 +31,9 @@ __all__ = ["DecodedImageCache", "ProcessedImageCache"]
 Processed = tuple[torch.Tensor, torch.Tensor]  # (pixel rows [N, D], grid_thw [3] long)
 
 
-class ProcessedImageCache:
-    """Per-image output of an image processor.
-
-    Args:
-        max_bytes: the most bytes of pixel rows kept; the least recently used images are dropped first.
-    """
+class _BytesLRU:
+    """A dict bounded by the bytes of its values: the least recently used entries go first; a value larger
+    than the bound is not kept. Counts ``hits`` and ``misses``."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 1:
@@ -44,10 +42,36 @@ class ProcessedImageCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _get(self, key: Hashable) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def _keep(self, key: Hashable, value: Any, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        self._entries[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+
+class ProcessedImageCache(_BytesLRU):
+    """Per-image output of an image processor.
+
+    Args:
+        max_bytes: the most bytes of pixel rows kept; the least recently used images are dropped first.
+    """
 
     @staticmethod
     def key(image: Image.Image) -> bytes:
@@ -63,66 +87,30 @@ class ProcessedImageCache:
         rows, grids = [], []
         for image in images:
             k = self.key(image)
-            entry = self._entries.get(k)
-            if entry is not None:
-                self._entries.move_to_end(k)
-                self.hits += 1
-                pixels, grid, _ = entry
-            else:
-                self.misses += 1
-                pixels, grid = process_one(image)
-                self._keep(k, pixels, grid)
-            rows.append(pixels)
-            grids.append(grid)
+            entry = self._get(k)
+            if entry is None:
+                entry = process_one(image)
+                self._keep(k, entry, entry[0].numel() * entry[0].element_size())
+            rows.append(entry[0])
+            grids.append(entry[1])
         return torch.cat(rows), torch.stack(grids)
 
-    def _keep(self, k: bytes, pixels: torch.Tensor, grid: torch.Tensor) -> None:
-        size = pixels.numel() * pixels.element_size()
-        if size > self.max_bytes:
-            return
-        self._entries[k] = (pixels, grid, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, _, dropped) = self._entries.popitem(last=False)
-            self.bytes -= dropped
 
-
-class DecodedImageCache:
+class DecodedImageCache(_BytesLRU):
     """Decoded images per file.
 
     Args:
         max_bytes: the most bytes of pixels kept; the least recently used files are dropped first.
     """
 
-    def __init__(self, max_bytes: int):
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes={max_bytes} must be >= 1")
-        self.max_bytes = int(max_bytes)
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[tuple[str, int, int], tuple[Image.Image, int]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def open(self, path: str | os.PathLike[str], decode: Callable[[str | os.PathLike[str]], Image.Image]
              ) -> Image.Image:
         """A copy of ``decode(path)``, decoded once while the file keeps its modification time and size."""
         st = os.stat(path)
         k = (os.fspath(path), st.st_mtime_ns, st.st_size)
-        entry = self._entries.get(k)
-        if entry is not None:
-            self._entries.move_to_end(k)
-            self.hits += 1
-            return entry[0].copy()
-        self.misses += 1
+        cached = self._get(k)
+        if cached is not None:
+            return cached.copy()
         image = decode(path)
-        size = len(image.getbands()) * image.size[0] * image.size[1]
-        if size <= self.max_bytes:
-            self._entries[k] = (image.copy(), size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self.bytes -= dropped
+        self._keep(k, image.copy(), len(image.getbands()) * image.size[0] * image.size[1])
         return image

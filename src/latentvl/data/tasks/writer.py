@@ -176,9 +176,7 @@ def _draw_sample(task: str, seed: int, index: int, split: str, target: str, k: d
     fallback = None
     for draw in range(_MAX_DRAWS):
         if _split_of_question(task, seed, spec.question_key(sample), sizes) == split:
-            if cell in barren:
-                return sample
-            if sample.record_fields.get("difficulty") == cell[2]:
+            if cell in barren or sample.record_fields.get("difficulty") == cell[2]:
                 return sample
             fallback = fallback or sample
         if draw + 1 == _SAME_DIFFICULTY_DRAWS and cell not in barren:
