@@ -82,7 +82,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert cal["n"] == report["splits"]["val"] > 0 and [r["threshold"] for r in cal["rows"]] == list(DEFAULT_GRID)
     assert report["stage_c_threshold"] == cal["threshold"] and cal["within_tolerance"] in (True, False)
     shipped = default_settings()
-    assert cal["tolerance"] == shipped["per_task"]["a5"]["calibration_tolerance"]  # a5's own
+    assert cal["tolerance"] == shipped["demo"]["calibration_tolerance"]
     final = json.loads((out / "stage_c" / "phase0" / "final" / "config.json").read_text())
     assert final["latent_stop_threshold"] == cal["threshold"]
     # stage C alone trains without alignment (a5's stage_c_latent, design D19); stage A aligns
