@@ -1,6 +1,8 @@
-"""Tests for ``latentvl.data.image_cache.ProcessedImageCache`` and the collator's ``image_cache``."""
+"""Tests for ``latentvl.data.image_cache`` (both caches, their bound) and the collator's ``image_cache``."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 
 from latentvl.config import LatentSettings
 from latentvl.data.collator import LatentCollator
-from latentvl.data.image_cache import ProcessedImageCache
+from latentvl.data.image_cache import DecodedImageCache, ProcessedImageCache, _BytesLRU
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +101,25 @@ def test_key_tells_pixels_sizes_and_modes_apart():
     assert ProcessedImageCache.key(Image.new("RGB", (2, 2))) != ProcessedImageCache.key(Image.new("L", (2, 6)))
 
 
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40)), max_size=60), st.integers(1, 100))
+def test_bytes_lru_keeps_its_count_and_bound(keeps, bound):
+    """Whatever is kept (the same key again included): ``bytes`` is the sum of the entries' sizes, within the
+    bound; each entry holds its key's latest value, in the order the keys were last kept; the latest keep is
+    the newest entry when it fits the bound and absent when it does not."""
+    lru = _BytesLRU(bound)
+    last: dict[int, int] = {}
+    for step, (key, size) in enumerate(keeps):
+        lru._keep(key, f"{key}:{size}:{step}", size)
+        last[key] = step
+        sizes = [entry[1] for entry in lru._entries.values()]
+        assert lru.bytes == sum(sizes) <= bound
+        assert (list(lru._entries)[-1:] == [key]) if size <= bound else key not in lru._entries
+        assert [last[k] for k in lru._entries] == sorted(last[k] for k in lru._entries)
+        for k, (value, _) in lru._entries.items():
+            assert value.endswith(f":{last[k]}")
+
+
 def test_decoded_cache_decodes_each_file_once_and_hands_out_copies(tmp_path):
-    from latentvl.data.image_cache import DecodedImageCache
     from latentvl.images import open_rgb
 
     path = tmp_path / "a.png"
@@ -118,13 +137,11 @@ def test_decoded_cache_decodes_each_file_once_and_hands_out_copies(tmp_path):
     assert len(calls) == 1 and cache.hits == 1
     assert second.tobytes() == open_rgb(path).tobytes()  # ... leaves the cached pixels alone
     _image(56, 28, 1).save(path)  # the file changes: decoded again
-    import os
     os.utime(path, ns=(1, 1))
     assert cache.open(path, decode).tobytes() == open_rgb(path).tobytes() and len(calls) == 2
 
 
 def test_decoded_cache_is_bounded(tmp_path):
-    from latentvl.data.image_cache import DecodedImageCache
     from latentvl.images import open_rgb
 
     paths = []
@@ -140,7 +157,6 @@ def test_decoded_cache_is_bounded(tmp_path):
 
 
 def test_record_dataset_with_a_decoded_cache_gives_the_same_items(tmp_path):
-    from latentvl.data.image_cache import DecodedImageCache
     from latentvl.data.records import RecordDataset, load_records
     from latentvl.data.tasks.writer import make_dataset
 

@@ -57,6 +57,9 @@ class _BytesLRU:
         return entry[0]
 
     def _keep(self, key: Hashable, value: Any, size: int) -> None:
+        old = self._entries.pop(key, None)  # a key kept again replaces its entry
+        if old is not None:
+            self.bytes -= old[1]
         if size > self.max_bytes:
             return
         self._entries[key] = (value, size)
