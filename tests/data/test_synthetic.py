@@ -1,8 +1,9 @@
-"""Tests for the synthetic relay, maze and shapes tasks and the ``make-data`` command."""
+"""Tests for the synthetic a5, relay, maze and shapes tasks and the ``make-data`` command."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -571,7 +572,7 @@ def _a5_questions(root: Path, split: str) -> set[tuple[str, str]]:
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.integers(0, 10_000), st.integers(3, 6))
+@given(st.integers(0, 10_000), st.integers(3, 7))
 def test_a5_splits_share_no_question(tmp_path_factory, seed: int, max_hops: int) -> None:
     """A question (ops and start colour) is in one split only, whatever the seed; sizes and answers stay balanced."""
     out = tmp_path_factory.mktemp("a5split")
@@ -587,10 +588,55 @@ def test_a5_splits_share_no_question(tmp_path_factory, seed: int, max_hops: int)
     assert meta["split_rule"].startswith("each question is owned by one split")
 
 
-def test_a5_split_too_few_questions_is_a_clear_error(tmp_path: Path) -> None:
-    """One op gives 15 questions, 3 per answer: some answer has no val or test question of its own."""
+def test_a5_one_op_gives_each_split_one_question_per_answer(tmp_path: Path) -> None:
+    """One op gives 15 questions, 3 per answer: each split owns one of each answer's three, none shared."""
+    make_dataset("a5", 100, 0, tmp_path / "d", min_hops=1, max_hops=1)
+    questions = {s: _a5_questions(tmp_path / "d", s) for s in SPLITS}
+    for split in SPLITS:
+        owned = Counter(a5.a5_apply(q[len("Ops: "):], start) for q, start in questions[split])
+        assert owned == {c: 1 for c in "RGBYC"}, (split, owned)
+
+
+def test_split_too_few_questions_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without strata, questions go to splits by hash alone: of 3 per answer, some answer has no val or test
+    question of its own, and the error names the split, the answer and the knobs."""
+    monkeypatch.setitem(TASKS, "a5", dataclasses.replace(TASKS["a5"], question_strata=None))
     with pytest.raises(ValueError, match=r"a5: no (val|test) question with answer '[RGBYC]'.*max_hops=1"):
         make_dataset("a5", 100, 0, tmp_path / "d", min_hops=1, max_hops=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 3000), st.lists(st.integers(0, 2000), min_size=1, max_size=4))
+def test_shares_cut_questions_in_the_splits_shares(m: int, sizes_list: list[int]) -> None:
+    """Every question goes to one split; a split without records gets none; each split with records gets one
+    while there are enough, and within one of its exact share when every share is at least one."""
+    sizes = {f"s{i}": size for i, size in enumerate(sizes_list)}
+    if not sum(sizes.values()):
+        return
+    shares = writer._shares(m, sizes)
+    live = [s for s in sizes if sizes[s]]
+    assert set(shares) == set(sizes) and sum(shares.values()) == m
+    assert all(shares[s] == 0 for s in sizes if not sizes[s])
+    if m >= len(live):
+        assert all(shares[s] >= 1 for s in live)
+    exact = {s: m * sizes[s] / sum(sizes.values()) for s in live}
+    if all(e >= 1 for e in exact.values()):
+        assert all(abs(shares[s] - exact[s]) < 1 for s in live)
+
+
+def test_a5_question_strata_list_every_question_a_sample_can_ask() -> None:
+    """Each (k, answer) lists its 3^k questions, once each, in the form of question_key; longer words (3^k over
+    STRATIFIED_QUESTIONS) are left to the hash."""
+    knobs = check_knobs("a5", {"min_hops": 2, "max_hops": 7})
+    strata = a5.question_strata(knobs)
+    assert set(strata) == {(k, c) for k in range(2, 7) for c in "RGBYC"}
+    assert all(len(keys) == 3**k == len(set(keys)) for (k, _), keys in strata.items())
+    rng = random.Random(0)
+    for _ in range(200):
+        sample = a5.sample(rng, rng.choice("RGBYC"), knobs)
+        k = sample.record_fields["difficulty"]
+        if k <= 6:
+            assert a5.question_key(sample) in strata[(k, sample.answer)]
 
 
 def test_tasks_without_a_question_key_draw_once_per_record(tmp_path: Path) -> None:
@@ -605,12 +651,15 @@ def test_tasks_without_a_question_key_draw_once_per_record(tmp_path: Path) -> No
     assert meta["split_rule"] == "records drawn independently for each split"
 
 
-@pytest.mark.parametrize("seed", [55, 56])
-def test_a5_held_out_splits_keep_the_difficulty_shares(tmp_path: Path, seed: int) -> None:
-    """A held-out split owns few short questions (15 at k = 1), yet its records keep about the generator's even
-    share per k instead of piling onto the short questions it owns (seed 55 once drew 88 of 240 at k = 1)."""
+@pytest.mark.parametrize("seed", [55, 56, 66])
+def test_a5_held_out_splits_carry_every_k_and_answer(tmp_path: Path, seed: int) -> None:
+    """A held-out split owns its share of the questions of each k and answer (one of three at k = 1), so its
+    records keep about the generator's even share per k and every answer at every k (seed 55 once drew 88 of
+    240 at k = 1; seeds 56 and 66 once had no k = 1 record in a held-out split)."""
     meta = make_dataset("a5", 2400, seed, tmp_path / "d", min_hops=1, max_hops=5)
     for split in ("val", "test"):
         counts = meta["splits"][split]["difficulty_counts"]
-        assert counts.get("1", 0) <= 0.3 * 240 and counts.get("2", 0) <= 0.3 * 240, (split, counts)  # even: 48
-        assert max(counts.values()) <= 0.4 * 240, (split, counts)
+        assert set(counts) == {"1", "2", "3", "4", "5"}, (split, counts)
+        assert all(0.5 * 48 <= c <= 1.5 * 48 for c in counts.values()), (split, counts)  # even: 48
+        cells = Counter((r["difficulty"], r["answer"]) for r in _rows(tmp_path / "d", f"{split}.jsonl"))
+        assert len(cells) == 25, (split, cells)

@@ -10,13 +10,15 @@ image is a strip of ``max_hops + 1`` cells of one merged token each, ``s0, s1, .
 state after j ops) and then ``sk`` held to the end, so with a budget of one latent per cell (alpha 1,
 gamma 1) latent j aligns to state j and reads op j at a constant distance in the sequence. The answer
 is the letter of ``sk``. A question (ops and start colour) belongs to one split only: no val or test
-question is a train question (:func:`question_key`). Records carry ``difficulty`` (k), ``ops`` and
+question is a train question (:func:`question_key`), and every split owns questions of each k and answer
+while there are few (:func:`question_strata`). Records carry ``difficulty`` (k), ``ops`` and
 ``latent_states``, one list per CoT image with one state per cell (``[[s0, ..., sk, ..., sk]]``), so the
 instruments of ``latentvl eval`` work per latent (:func:`a5_implied_answer`).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -26,7 +28,7 @@ from ..palettes import RELAY_COLOURS
 from .common import WHITE, Sample
 
 __all__ = ["A5_IDENTITY", "A5_OPS", "A5_STATES", "KNOBS", "QUESTION", "RULE", "a5_apply", "a5_implied_answer",
-           "check_knobs", "question_key", "sample"]
+           "check_knobs", "question_key", "question_strata", "sample"]
 
 KNOBS = ("min_hops", "max_hops", "token_px")  # meta.json order
 QUESTION = "Ops: <k ops, then - up to max_hops>"
@@ -43,6 +45,7 @@ A5_OPS: dict[str, tuple[int, ...]] = {
 # Sides in merged visual tokens of `token_px` pixels (28: Qwen2.5-VL's 2x2 patches of 14 px, 32: Qwen3-VL's of 16)
 A5_SWATCH_TOKENS = 2  # question image: 2 x 2 visual tokens, the tiny processor's minimum
 A5_IDENTITY = "-"
+STRATIFIED_QUESTIONS = 729  # questions per (k, answer) up to which question_strata lists them (3^k; k <= 6)
 
 
 def a5_apply(ops: list[str] | str, state: str) -> str:
@@ -69,16 +72,38 @@ def sample(rng: random.Random, target: str, knobs: dict[str, Any]) -> Sample:
     draw = ImageDraw.Draw(strip)
     for j, state in enumerate(held):
         draw.rectangle((cell * j, 0, cell * (j + 1) - 1, cell - 1), RELAY_COLOURS[state])
-    text = "Ops: " + "".join(ops) + A5_IDENTITY * (cells - 1 - k)
+    text = _question_text(ops, knobs["max_hops"])
     annotation = {"side": cell * cells, "hops": k, "ops": ops, "chain": chain}
     fields = {"difficulty": k, "latent_states": [held], "ops": ops}
     return Sample(text, chain[-1], [question], [strip], annotation, fields)
 
 
+def _question_text(ops: list[str] | tuple[str, ...], max_hops: int) -> str:
+    return "Ops: " + "".join(ops) + A5_IDENTITY * (max_hops - len(ops))
+
+
+def _key(question: str, start: str) -> str:
+    return f"{question}|{start}"
+
+
 def question_key(sample: Sample) -> str:
     """What a model is asked: the ops text and the start colour of the question image (``"Ops: acb-|R"``).
     :func:`latentvl.data.tasks.writer.make_dataset` keeps each key in one split."""
-    return f"{sample.question}|{sample.annotation['chain'][0]}"
+    return _key(sample.question, sample.annotation["chain"][0])
+
+
+def question_strata(knobs: dict[str, Any]) -> dict[tuple[int, str], list[str]]:
+    """Every question key (:func:`question_key`) by ``(k, answer)``, for each k whose 3^k questions per answer
+    are at most :data:`STRATIFIED_QUESTIONS`; longer words have questions enough for a hash to share them."""
+    strata: dict[tuple[int, str], list[str]] = {}
+    for k in range(knobs["min_hops"], knobs["max_hops"] + 1):
+        if len(A5_OPS) ** k > STRATIFIED_QUESTIONS:
+            break
+        for ops in itertools.product(sorted(A5_OPS), repeat=k):
+            text = _question_text(ops, knobs["max_hops"])
+            for start in A5_STATES:
+                strata.setdefault((k, a5_apply(ops, start)), []).append(_key(text, start))
+    return strata
 
 
 def a5_implied_answer(record: dict[str, Any], segment: int, state: Any) -> str | None:

@@ -50,7 +50,8 @@ class Task:
     """One task of ``latentvl make-data``: its answers, question and answer rule (for ``meta.json``), its
     generator, the knobs it reads, their check and, optionally, question-image-only baselines and the
     identity of a sample's question (``question_key``): a task that has one gets splits disjoint by question
-    (:func:`latentvl.data.tasks.writer.make_dataset`)."""
+    (:func:`latentvl.data.tasks.writer.make_dataset`); ``question_strata`` lists its questions by (difficulty,
+    answer) where they are few, so that every split gets its share of each."""
 
     answers: tuple[str, ...]
     question: str
@@ -60,11 +61,12 @@ class Task:
     check: Callable[[dict[str, Any]], None]
     baselines: Callable[[list[dict[str, Any]]], dict[str, float]] | None = None
     question_key: Callable[[Sample], str] | None = None
+    question_strata: Callable[[dict[str, Any]], dict[tuple[Any, str], list[str]]] | None = None
 
 
 TASKS: dict[str, Task] = {
     "a5": Task(a5.A5_STATES, a5.QUESTION, a5.RULE, a5.sample, a5.KNOBS, a5.check_knobs,
-               question_key=a5.question_key),
+               question_key=a5.question_key, question_strata=a5.question_strata),
     "maze": Task(maze.MAZE_ANSWERS, maze.MAZE_QUESTION, maze.RULE, maze.sample, maze.KNOBS, maze.check_knobs,
                  maze.baselines),
     "shapes": Task(shapes.SHAPES_ANSWERS, shapes.SHAPES_QUESTION, shapes.RULE, shapes.sample, shapes.KNOBS,

@@ -11,8 +11,8 @@ overwriting), so a folder without it holds an incomplete dataset.
 
 :func:`make_dataset` writes the tasks of :data:`latentvl.data.tasks.registry.TASKS` (answers balanced per
 split; a task with a ``question_key``, such as a5, keeps each question in one split, so no val or test
-question is a train question); :func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops
-and answers balanced).
+question is a train question, and each split owns its share of every difficulty and answer);
+:func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops and answers balanced).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,52 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str,
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
-def _split_of_question(task: str, seed: int, key: str, sizes: dict[str, int]) -> str:
-    """The split that owns question ``key``: a seeded hash, uniform over [0, 1), cut in the splits' shares."""
+def _question_hash(task: str, seed: int, key: str) -> float:
+    """A seeded hash of question ``key``, uniform over [0, 1)."""
     digest = hashlib.sha256(f"{task}:{seed}:split:{key}".encode()).digest()
-    u, edge, total = int.from_bytes(digest[:8], "big") / 2**64, 0.0, sum(sizes.values())
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _split_of_question(task: str, seed: int, key: str, sizes: dict[str, int]) -> str:
+    """The split that owns question ``key`` when its task does not list it by stratum: the seeded hash cut in
+    the splits' shares."""
+    u, edge, total = _question_hash(task, seed, key), 0.0, sum(sizes.values())
     for split, size in sizes.items():
         edge += size / total
         if u < edge:
             return split
     return next(s for s in reversed(sizes) if sizes[s])
+
+
+def _shares(m: int, sizes: dict[str, int]) -> dict[str, int]:
+    """``m`` questions cut in the splits' shares of the records (largest remainder), at least one for each split
+    with records while ``m`` allows (then the largest splits first); a split without records gets none."""
+    live = sorted((s for s in sizes if sizes[s]), key=lambda s: -sizes[s])
+    if m < len(live):
+        return {s: int(s in live[:m]) for s in sizes}
+    total = sum(sizes.values())
+    exact = {s: m * sizes[s] / total for s in live}
+    share = {s: max(1, int(exact[s])) for s in live}
+    while sum(share.values()) > m:  # the minimum of one took more than m: the largest shares give way
+        share[max(live, key=lambda s: share[s])] -= 1
+    for s in sorted(live, key=lambda s: share[s] - exact[s])[: m - sum(share.values())]:
+        share[s] += 1
+    return {s: share.get(s, 0) for s in sizes}
+
+
+def _question_owners(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int]) -> dict[str, str]:
+    """The split that owns each question its task lists by stratum (``Task.question_strata``): each stratum's
+    questions, ordered by the seeded hash, cut in the splits' shares (:func:`_shares`), so every split owns
+    questions of every (difficulty, answer) however few there are. Empty for a task that lists none."""
+    strata = TASKS[task].question_strata
+    owners: dict[str, str] = {}
+    for keys in (strata(k) if strata is not None else {}).values():
+        ranked = sorted(keys, key=lambda key: _question_hash(task, seed, key))
+        start = 0
+        for split, count in _shares(len(ranked), sizes).items():
+            owners.update(dict.fromkeys(ranked[start:start + count], split))
+            start += count
+    return owners
 
 
 def _balanced_targets(answers: tuple[str, ...], size: int, rng: random.Random) -> list[str]:
@@ -131,11 +169,15 @@ def _write_samples(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int
     annotations: list[dict[str, Any]] = []
     index = 0
     barren: set[tuple[str, str, Any]] = set()  # (split, answer, difficulty) without a question of the split
+    owners = _question_owners(task, seed, k, sizes)
+
+    def owner(key: str) -> str:
+        return owners.get(key) or _split_of_question(task, seed, key, sizes)
     for split, size in sizes.items():
         targets = _balanced_targets(answers, size, random.Random(f"{task}:{seed}:targets:{split}"))
         for target in targets:
             rec_id = f"{task}-{index:05d}"
-            sample = _draw_sample(task, seed, index, split, target, k, sizes, barren)
+            sample = _draw_sample(task, seed, index, split, target, k, owner, barren)
             names = [f"{rec_id}-q{j}.png" for j in range(len(sample.images))]
             cot_names = [f"{rec_id}-cot{j}.png" for j in range(len(sample.cot_images))]
             for name, img in zip(names + cot_names, sample.images + sample.cot_images, strict=True):
@@ -157,15 +199,15 @@ def _write_samples(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int
 
 
 def _draw_sample(task: str, seed: int, index: int, split: str, target: str, k: dict[str, Any],
-                 sizes: dict[str, int], barren: set[tuple[str, str, Any]]) -> Sample:
+                 owner: Callable[[str], str], barren: set[tuple[str, str, Any]]) -> Sample:
     """Record ``index``'s sample (answer ``target``) from its own seeded generator.
 
-    A task with a ``question_key`` draws until the question belongs to ``split`` (:func:`_split_of_question`),
-    so no question is in two splits. It keeps the first draw's ``difficulty`` while it can, so each split's
-    difficulties keep the generator's shares rather than those of the questions the split happens to own;
-    a (split, answer, difficulty) with no question found in :data:`_SAME_DIFFICULTY_DRAWS` draws is noted in
-    ``barren`` and later takes the first question of the split at any difficulty. ValueError naming the task,
-    split and answer when the knobs leave none.
+    A task with a ``question_key`` draws until the question belongs to ``split`` (``owner``: see
+    :func:`_question_owners`), so no question is in two splits. It keeps the first draw's ``difficulty``
+    while it can, so each split's difficulties keep the generator's shares rather than those of the questions
+    the split happens to own; a (split, answer, difficulty) with no question found in
+    :data:`_SAME_DIFFICULTY_DRAWS` draws is noted in ``barren`` and later takes the first question of the split
+    at any difficulty. ValueError naming the task, split and answer when the knobs leave none.
     """
     spec = TASKS[task]
     rng = random.Random(f"{task}:{seed}:sample:{index}")
@@ -175,7 +217,7 @@ def _draw_sample(task: str, seed: int, index: int, split: str, target: str, k: d
     cell = (split, target, sample.record_fields.get("difficulty"))
     fallback = None
     for draw in range(_MAX_DRAWS):
-        if _split_of_question(task, seed, spec.question_key(sample), sizes) == split:
+        if owner(spec.question_key(sample)) == split:
             if cell in barren or sample.record_fields.get("difficulty") == cell[2]:
                 return sample
             fallback = fallback or sample
@@ -226,7 +268,8 @@ def _dataset_meta(task: str, n: int, seed: int, k: dict[str, Any], rows: dict[st
         "splits": splits_meta,
         "split_rule": (
             "each question is owned by one split (a seeded hash of the question): no val or test question is a "
-            "train question" if spec.question_key is not None else "records drawn independently for each split"
+            "train question; where the questions of one difficulty and answer are few, each split owns its share "
+            "of them, at least one" if spec.question_key is not None else "records drawn independently for each split"
         ),
         "cot_images_per_record": {str(m): cot_counts[m] for m in sorted(cot_counts)},
         **_difficulty_counts(rows),
