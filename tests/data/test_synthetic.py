@@ -588,40 +588,63 @@ def test_a5_splits_share_no_question(tmp_path_factory, seed: int, max_hops: int)
     assert meta["split_rule"].startswith("each question is owned by one split")
 
 
-def test_a5_one_op_gives_each_split_one_question_per_answer(tmp_path: Path) -> None:
-    """One op gives 15 questions, 3 per answer: each split owns one of each answer's three, none shared."""
-    make_dataset("a5", 100, 0, tmp_path / "d", min_hops=1, max_hops=1)
-    questions = {s: _a5_questions(tmp_path / "d", s) for s in SPLITS}
-    for split in SPLITS:
-        owned = Counter(a5.a5_apply(q[len("Ops: "):], start) for q, start in questions[split])
-        assert owned == {c: 1 for c in "RGBYC"}, (split, owned)
+def test_a5_one_op_keeps_two_questions_per_answer_for_training() -> None:
+    """One op gives 15 questions, 3 per answer: the train split owns two of each answer's three, and the third
+    goes to val or to test in turns, none shared."""
+    knobs = check_knobs("a5", {"min_hops": 1, "max_hops": 1})
+    owners = writer._question_owners("a5", 0, knobs, {"train": 80, "val": 10, "test": 10})
+    owned = {s: Counter(a5.a5_apply(key[len("Ops: ")], key[-1]) for key, o in owners.items() if o == s)
+             for s in SPLITS}
+    assert len(owners) == 15 and owned["train"] == {c: 2 for c in "RGBYC"}
+    assert owned["val"] + owned["test"] == {c: 1 for c in "RGBYC"}
+    assert {sum(owned["val"].values()), sum(owned["test"].values())} == {2, 3}
 
 
 def test_split_too_few_questions_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without strata, questions go to splits by hash alone: of 3 per answer, some answer has no val or test
-    question of its own, and the error names the split, the answer and the knobs."""
-    monkeypatch.setitem(TASKS, "a5", dataclasses.replace(TASKS["a5"], question_strata=None))
+    """A held-out split that owns no question with some answer at all (one op: val and test share each
+    answer's third question) is an error naming the split, the answer and the knobs; so it is without strata,
+    where the hash alone shares the questions out."""
     with pytest.raises(ValueError, match=r"a5: no (val|test) question with answer '[RGBYC]'.*max_hops=1"):
         make_dataset("a5", 100, 0, tmp_path / "d", min_hops=1, max_hops=1)
+    monkeypatch.setitem(TASKS, "a5", dataclasses.replace(TASKS["a5"], question_strata=None))
+    with pytest.raises(ValueError, match=r"a5: no (val|test) question with answer '[RGBYC]'.*max_hops=1"):
+        make_dataset("a5", 100, 0, tmp_path / "e", min_hops=1, max_hops=1)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 3000), st.lists(st.integers(0, 2000), min_size=1, max_size=4))
-def test_shares_cut_questions_in_the_splits_shares(m: int, sizes_list: list[int]) -> None:
-    """Every question goes to one split; a split without records gets none; each split with records gets one
-    while there are enough, and within one of its exact share when every share is at least one."""
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 3000), st.lists(st.integers(0, 2000), min_size=1, max_size=4), st.integers(0, 50))
+def test_shares_cut_questions_in_the_splits_shares(m: int, sizes_list: list[int], turn: int) -> None:
+    """Every question goes to one split; a split without records gets none; the largest keeps at least half
+    (or its own share, when that is less); a split with records goes without only where the largest could
+    give no more, and then the turn moves on; each is within one of its exact share when every share is at
+    least one."""
     sizes = {f"s{i}": size for i, size in enumerate(sizes_list)}
     if not sum(sizes.values()):
         return
-    shares = writer._shares(m, sizes)
-    live = [s for s in sizes if sizes[s]]
+    shares, next_turn = writer._shares(m, sizes, turn)
+    live = sorted((s for s in sizes if sizes[s]), key=lambda s: -sizes[s])
+    exact = {s: m * sizes[s] / sum(sizes.values()) for s in live}
+    half = -(-m // 2)
     assert set(shares) == set(sizes) and sum(shares.values()) == m
     assert all(shares[s] == 0 for s in sizes if not sizes[s])
-    if m >= len(live):
-        assert all(shares[s] >= 1 for s in live)
-    exact = {s: m * sizes[s] / sum(sizes.values()) for s in live}
+    assert shares[live[0]] >= min(half, max(1, int(exact[live[0]])))
+    assert next_turn in (turn, turn + 1)
+    if any(shares[s] == 0 for s in live):
+        assert shares[live[0]] <= half and next_turn == turn + 1
     if all(e >= 1 for e in exact.values()):
         assert all(abs(shares[s] - exact[s]) < 1 for s in live)
+
+
+def test_shares_of_small_strata_take_turns() -> None:
+    """Three questions and splits of 80/10/10: train keeps two and the third goes to val and test in turns."""
+    sizes, turn, got = {"train": 1920, "val": 240, "test": 240}, 0, []
+    for _ in range(4):
+        shares, turn = writer._shares(3, sizes, turn)
+        assert shares["train"] == 2
+        got.append("val" if shares["val"] else "test")
+    assert got in (["test", "val", "test", "val"], ["val", "test", "val", "test"])
+    assert writer._shares(9, sizes)[0] == {"train": 7, "val": 1, "test": 1}
+    assert writer._shares(27, sizes)[0] == {"train": 21, "val": 3, "test": 3}
 
 
 def test_a5_question_strata_list_every_question_a_sample_can_ask() -> None:
@@ -651,15 +674,19 @@ def test_tasks_without_a_question_key_draw_once_per_record(tmp_path: Path) -> No
     assert meta["split_rule"] == "records drawn independently for each split"
 
 
-@pytest.mark.parametrize("seed", [55, 56, 66])
+@pytest.mark.parametrize("seed", [55, 56, 66, 71])
 def test_a5_held_out_splits_carry_every_k_and_answer(tmp_path: Path, seed: int) -> None:
-    """A held-out split owns its share of the questions of each k and answer (one of three at k = 1), so its
-    records keep about the generator's even share per k and every answer at every k (seed 55 once drew 88 of
-    240 at k = 1; seeds 56 and 66 once had no k = 1 record in a held-out split)."""
+    """A held-out split owns its share of the questions of each k and answer (one of nine at k = 2, three of
+    27 at k = 3), and at k = 1 val and test take turns over the answers' third questions, so its records keep
+    about the generator's even share per k from k = 2 and every answer at every k from k = 2 (seed 55 once drew
+    88 of 240 at k = 1; seeds 56 and 66 once had no k = 1 record in a held-out split)."""
     meta = make_dataset("a5", 2400, seed, tmp_path / "d", min_hops=1, max_hops=5)
+    short: Counter = Counter()
     for split in ("val", "test"):
         counts = meta["splits"][split]["difficulty_counts"]
-        assert set(counts) == {"1", "2", "3", "4", "5"}, (split, counts)
-        assert all(0.5 * 48 <= c <= 1.5 * 48 for c in counts.values()), (split, counts)  # even: 48
+        assert set(counts) == {"1", "2", "3", "4", "5"} and counts["1"] >= 8, (split, counts)
+        assert all(0.7 * 48 <= counts[k] <= 1.5 * 48 for k in "2345"), (split, counts)  # even: 48
         cells = Counter((r["difficulty"], r["answer"]) for r in _rows(tmp_path / "d", f"{split}.jsonl"))
-        assert len(cells) == 25, (split, cells)
+        assert {cell for cell in cells if cell[0] >= 2} == {(k, c) for k in range(2, 6) for c in "RGBYC"}, split
+        short.update(c for k, c in cells if k == 1)
+    assert set(short) == set("RGBYC")  # between them, val and test hold every answer at k = 1

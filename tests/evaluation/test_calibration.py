@@ -36,27 +36,29 @@ def _rows(*triples):
 # ------------------------------------------------------------------------------------ the rule
 def test_cheapest_threshold_within_tolerance_of_the_best():
     rows = _rows((0.3, 0.80, 0.40), (0.5, 0.95, 0.55), (0.7, 0.96, 0.70), (0.9, 0.96, 1.0))
-    got = choose_threshold(rows, tolerance=0.01)
+    got = choose_threshold(rows, tolerance=0.01, used_slack=0.0)
     assert got == {"threshold": 0.5, "accuracy": 0.95, "used_ratio": 0.55, "best_accuracy": 0.96,
                    "within_tolerance": True}
-    assert choose_threshold(rows, tolerance=0.0)["threshold"] == 0.7  # 0.9 is as accurate but dearer
-    assert choose_threshold(rows, tolerance=0.2)["threshold"] == 0.3
+    assert choose_threshold(rows, tolerance=0.0, used_slack=0.0)["threshold"] == 0.7  # 0.9 is as accurate, dearer
+    assert choose_threshold(rows, tolerance=0.2, used_slack=0.0)["threshold"] == 0.3
 
 
 def test_ties_go_to_the_more_accurate_then_the_higher_threshold():
     rows = _rows((0.3, 0.90, 0.5), (0.4, 0.91, 0.5), (0.6, 0.91, 0.5), (0.8, 0.91, 0.9))
-    assert choose_threshold(rows, tolerance=0.05)["threshold"] == 0.6
+    assert choose_threshold(rows, tolerance=0.05, used_slack=0.0)["threshold"] == 0.6
     rows = _rows((0.3, 0.5, 1.0), (0.6, 0.5, 1.0))  # a head that never halts: the higher threshold
-    assert choose_threshold(rows)["threshold"] == 0.6
+    assert choose_threshold(rows, used_slack=0.0)["threshold"] == 0.6
 
 
-def test_full_budget_sets_the_best_but_is_never_chosen():
-    rows = _rows((0.5, 0.90, 0.5), (0.7, 0.95, 0.7))
-    got = choose_threshold(rows, tolerance=0.01, reference=0.955)
-    assert got["threshold"] == 0.7 and got["best_accuracy"] == 0.955 and got["within_tolerance"]
-    got = choose_threshold(rows, tolerance=0.01, reference=1.0)  # no threshold comes close: the most accurate
-    assert got["threshold"] == 0.7 and not got["within_tolerance"]
-    assert choose_threshold(rows, tolerance=0.01, reference=0.5)["threshold"] == 0.7  # a worse full budget
+def test_a_used_ratio_within_the_slack_is_a_tie():
+    """A validation curve flat from 0.6 to 0.9 (one held-out demo seed's): the lowest used/budget alone sits at
+    the edge where accuracy starts to fall; within a slack of 0.05 the most accurate, then the highest, wins."""
+    rows = _rows((0.55, 0.921, 0.581), (0.6, 0.954, 0.594), (0.7, 0.954, 0.606), (0.75, 0.958, 0.617),
+                 (0.9, 0.958, 0.628), (0.95, 0.954, 0.651))
+    assert choose_threshold(rows, 0.01, reference=0.954, used_slack=0.0)["threshold"] == 0.6
+    assert choose_threshold(rows, 0.01, reference=0.954)["threshold"] == 0.9  # the default slack, 0.05
+    assert choose_threshold(rows, 0.01, reference=0.954, used_slack=0.015)["threshold"] == 0.7
+    assert choose_threshold(rows, 0.01, reference=0.954, used_slack=1.0)["threshold"] == 0.9  # more accurate
 
 
 def test_rule_refuses_bad_input():
@@ -64,6 +66,10 @@ def test_rule_refuses_bad_input():
         choose_threshold([])
     with pytest.raises(ValueError, match="tolerance"):
         choose_threshold(_rows((0.5, 1.0, 0.5)), tolerance=-0.1)
+    with pytest.raises(ValueError, match="used_slack"):
+        choose_threshold(_rows((0.5, 1.0, 0.5)), used_slack=-0.1)
+    with pytest.raises(ValueError, match="used_slack"):
+        choose_threshold(_rows((0.5, 1.0, 0.5)), used_slack=float("nan"))
 
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
@@ -71,18 +77,23 @@ unit = st.floats(0.0, 1.0, allow_nan=False)
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(unit, unit, unit), min_size=1, max_size=12, unique_by=lambda r: r[0]),
-       st.floats(0.0, 0.3), st.none() | unit)
-def test_choice_is_the_cheapest_row_within_tolerance(triples, tolerance, reference):
+       st.floats(0.0, 0.3), st.none() | unit, st.sampled_from([0.0, 0.01, 0.05, 0.2]))
+def test_choice_is_the_cheapest_row_within_tolerance(triples, tolerance, reference, used_slack):
     rows = _rows(*triples)
-    got = choose_threshold(rows, tolerance, reference)
+    got = choose_threshold(rows, tolerance, reference, used_slack=used_slack)
     best = max([r["accuracy"] for r in rows] + ([reference] if reference is not None else []))
     eligible = [r for r in rows if r["accuracy"] >= best - tolerance - TOLERANCE_SLACK]
     assert got["best_accuracy"] == best
     assert got["within_tolerance"] == bool(eligible)
     assert any(r["threshold"] == got["threshold"] and r["accuracy"] == got["accuracy"] for r in rows)
     if eligible:
-        assert got["used_ratio"] == min(r["used_ratio"] for r in eligible)
+        lowest = min(r["used_ratio"] for r in eligible)
+        tied = [r for r in eligible if r["used_ratio"] <= lowest + used_slack + TOLERANCE_SLACK]
         assert got["accuracy"] >= best - tolerance - TOLERANCE_SLACK
+        assert any(r["threshold"] == got["threshold"] for r in tied)  # within the slack of the cheapest
+        assert not any((r["accuracy"], r["threshold"]) > (got["accuracy"], got["threshold"]) for r in tied)
+        if used_slack == 0.0:
+            assert got["used_ratio"] == lowest
     else:
         assert got["accuracy"] == max(r["accuracy"] for r in rows)
 
@@ -173,6 +184,8 @@ def test_command_line(relay, tmp_path, capsys):
     assert "stage-C model" in capsys.readouterr().err
     assert main([*args, "--tolerance", "-1"]) == 2
     assert "--tolerance" in capsys.readouterr().err
+    assert main([*args, "--used-slack", "-0.1"]) == 2
+    assert "--used-slack" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--grid", "0.5,2"])
     assert "--grid" in capsys.readouterr().err
@@ -207,7 +220,8 @@ def test_trainer_calibrates_at_the_end_and_writes_final(relay, tmp_path):
 
 
 @pytest.mark.parametrize("change, why", [({"stage": "A"}, "stage C"), ({"eval_data": None}, "eval_data"),
-                                         ({"calibration_tolerance": -0.5}, ">= 0")])
+                                         ({"calibration_tolerance": -0.5}, ">= 0"),
+                                         ({"calibration_used_slack": -0.5}, "calibration_used_slack")])
 def test_trainer_option_is_validated(relay, tmp_path, change, why):
     with pytest.raises(TrainConfigError, match=why):
         _train_cfg(relay, tmp_path, **change)

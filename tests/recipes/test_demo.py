@@ -83,6 +83,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert report["stage_c_threshold"] == cal["threshold"] and cal["within_tolerance"] in (True, False)
     shipped = default_settings()
     assert cal["tolerance"] == shipped["demo"]["calibration_tolerance"]
+    assert cal["used_slack"] == shipped["demo"]["calibration_used_slack"] > 0
     final = json.loads((out / "stage_c" / "phase0" / "final" / "config.json").read_text())
     assert final["latent_stop_threshold"] == cal["threshold"]
     # stage C alone trains without alignment (a5's stage_c_latent, design D19); stage A aligns

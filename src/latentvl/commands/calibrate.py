@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import check_threshold
 from ..errors import LatentConfigError
-from ..evaluation.calibration import DEFAULT_GRID, DEFAULT_TOLERANCE
+from ..evaluation.calibration import DEFAULT_GRID, DEFAULT_TOLERANCE, DEFAULT_USED_SLACK
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated thresholds to try (default 0.3,0.35,...,0.95)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="accuracy a threshold may lose against the best one (default %(default)s)")
+    parser.add_argument("--used-slack", type=float, default=DEFAULT_USED_SLACK,
+                        help="used/budget within this of the lowest counts as a tie, settled by accuracy and "
+                             "then the higher threshold (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the result here as JSON")
@@ -57,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from ..fileio import write_atomic
     from ..model.loading import load_latent_model
 
-    if args.tolerance < 0:
-        print(f"calibrate: error: --tolerance {args.tolerance}: must be >= 0", file=sys.stderr)
-        return 2
+    for flag, value in (("--tolerance", args.tolerance), ("--used-slack", args.used_slack)):
+        if not value >= 0:
+            print(f"calibrate: error: {flag} {value}: must be >= 0", file=sys.stderr)
+            return 2
     try:
         records, _ = load_records(args.data)
     except (OSError, ValueError) as err:  # RecordError is a ValueError
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = calibrate_threshold(model, LatentCollator(processor, model.config), records, grid=args.grid,
-                                     tolerance=args.tolerance, batch_size=args.batch_size,
+                                     tolerance=args.tolerance, used_slack=args.used_slack,
+                                     batch_size=args.batch_size,
                                      max_samples=args.max_samples)
     except LatentConfigError as err:
         print(f"calibrate: error: {args.model}: {err}", file=sys.stderr)

@@ -7,8 +7,10 @@ the run. So, as early-exit models do, latentvl picks the threshold on a validati
 1. the stage-C model is evaluated (greedy exact match by teacher forcing, halting as in inference) at every
    threshold of a grid, and once at full budget;
 2. ``best`` is the highest accuracy among them;
-3. the chosen threshold is the one with the lowest used/budget among those within ``tolerance`` of ``best``
-   (ties: the higher accuracy, then the higher threshold).
+3. among the thresholds within ``tolerance`` of ``best``, those whose used/budget is within ``used_slack`` of
+   the lowest count as tied, and the chosen one is the most accurate of them, then the highest: savings
+   smaller than ``used_slack`` are not worth a threshold at the edge where held-out accuracy starts to
+   fall, because new questions sit on either side of that edge (docs/training.md).
 
 If no threshold comes within ``tolerance`` (full budget alone is that good), the threshold with the highest
 accuracy is returned with ``within_tolerance: False``: the stop head costs accuracy at every threshold.
@@ -32,6 +34,7 @@ from .teacher_forced import evaluate_records
 __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_TOLERANCE",
+    "DEFAULT_USED_SLACK",
     "TOLERANCE_SLACK",
     "calibrate_threshold",
     "calibration_markdown",
@@ -41,11 +44,12 @@ __all__ = [
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.3, 0.35, ..., 0.95
 DEFAULT_TOLERANCE = 0.01
+DEFAULT_USED_SLACK = 0.05  # used/budget within this of the lowest counts as a tie (0: the lowest alone)
 TOLERANCE_SLACK = 1e-9  # accuracies are fractions: "within the tolerance" ignores float rounding below this
 
 
 def choose_threshold(rows: Sequence[Mapping[str, Any]], tolerance: float = DEFAULT_TOLERANCE,
-                     reference: float | None = None) -> dict[str, Any]:
+                     reference: float | None = None, used_slack: float = DEFAULT_USED_SLACK) -> dict[str, Any]:
     """Pick a row of ``rows`` (each ``{"threshold", "accuracy", "used_ratio"}``) by the rule of this module.
 
     ``reference``: an accuracy that also sets ``best`` but cannot be chosen (full budget). Returns
@@ -55,10 +59,14 @@ def choose_threshold(rows: Sequence[Mapping[str, Any]], tolerance: float = DEFAU
         raise ValueError("choose_threshold: no thresholds to choose from")
     if not tolerance >= 0:
         raise ValueError(f"choose_threshold: tolerance must be >= 0, got {tolerance}")
+    if not used_slack >= 0:
+        raise ValueError(f"choose_threshold: used_slack must be >= 0, got {used_slack}")
     best = max([float(r["accuracy"]) for r in rows] + ([float(reference)] if reference is not None else []))
     eligible = [r for r in rows if float(r["accuracy"]) >= best - tolerance - TOLERANCE_SLACK]
     if eligible:
-        pick = min(eligible, key=lambda r: (_used(r), -float(r["accuracy"]), -float(r["threshold"])))
+        lowest = min(_used(r) for r in eligible)
+        tied = [r for r in eligible if _used(r) <= lowest + used_slack + TOLERANCE_SLACK]
+        pick = max(tied, key=lambda r: (float(r["accuracy"]), float(r["threshold"])))
     else:
         pick = max(rows, key=lambda r: (float(r["accuracy"]), -_used(r), float(r["threshold"])))
     return {"threshold": float(pick["threshold"]), "accuracy": float(pick["accuracy"]),
@@ -71,15 +79,15 @@ def _used(row: Mapping[str, Any]) -> float:
 
 def calibrate_threshold(
     model: Any, collator: Any, records: Sequence[Any], *, grid: Sequence[float] = DEFAULT_GRID,
-    tolerance: float = DEFAULT_TOLERANCE, batch_size: int = 16, max_samples: int | None = None,
-    rank: int = 0, world_size: int = 1,
+    tolerance: float = DEFAULT_TOLERANCE, used_slack: float = DEFAULT_USED_SLACK, batch_size: int = 16,
+    max_samples: int | None = None, rank: int = 0, world_size: int = 1,
 ) -> dict[str, Any]:
     """Evaluate a stage-C ``model`` on ``records`` at every threshold of ``grid`` and at full budget, and
     choose a threshold (:func:`choose_threshold`). In a distributed run every process must call it with the
     same grid (the calls are the same whatever the samples).
 
-    Returns ``{"n", "grid", "tolerance", "rows": [{"threshold", "accuracy", "used_ratio"}], "full_budget":
-    {"accuracy", "used_ratio"}, **choice}``. The model's config is left as it was.
+    Returns ``{"n", "grid", "tolerance", "used_slack", "rows": [{"threshold", "accuracy", "used_ratio"}],
+    "full_budget": {"accuracy", "used_ratio"}, **choice}``. The model's config is left as it was.
     """
     if getattr(model.config, "latent_mode_stage", None) != "C":
         raise LatentConfigError(
@@ -95,8 +103,8 @@ def calibrate_threshold(
         rows.append({"threshold": thr, "accuracy": res["accuracy"], "used_ratio": res["used_ratio"]})
     with full_budget(model):
         full = evaluate_records(model, collator, list(records), **common)
-    choice = choose_threshold(rows, tolerance, reference=full["accuracy"])
-    return {"n": full["n"], "grid": grid, "tolerance": tolerance, "rows": rows,
+    choice = choose_threshold(rows, tolerance, reference=full["accuracy"], used_slack=used_slack)
+    return {"n": full["n"], "grid": grid, "tolerance": tolerance, "used_slack": used_slack, "rows": rows,
             "full_budget": {"accuracy": full["accuracy"], "used_ratio": full["used_ratio"]}, **choice}
 
 
@@ -114,8 +122,10 @@ def write_model_threshold(model_dir: str | Path, threshold: float) -> None:
 def calibration_markdown(result: Mapping[str, Any]) -> str:
     """A table of the grid, the full-budget row and the choice."""
     lines = [
-        f"Stop threshold chosen on {result['n']} held-out records: the lowest used/budget within "
-        f"{result['tolerance']:.3f} of the best accuracy ({result['best_accuracy']:.3f}).",
+        f"Stop threshold chosen on {result['n']} held-out records: within {result['tolerance']:.3f} of the best "
+        f"accuracy ({result['best_accuracy']:.3f}), the lowest used/budget, a used/budget within "
+        f"{result.get('used_slack', 0.0):.3f} of it counting as a tie (then the more accurate, then the higher "
+        "threshold).",
         "",
         "| threshold | accuracy | used/budget |",
         "|---|---|---|",

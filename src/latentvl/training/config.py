@@ -115,6 +115,7 @@ class TrainConfig:
     # at the end of a stage-C run: choose latent_stop_threshold on eval_data and write it into final/
     calibrate_stop_threshold: bool = False
     calibration_tolerance: float = 0.01  # ... the lowest used/budget within this of the best accuracy
+    calibration_used_slack: float = 0.05  # ... a used/budget within this of the lowest counting as a tie
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept (older ones are deleted); 0 = keep all
     save_final_model: bool = True  # also write output_dir/final (a loadable model directory)
@@ -212,8 +213,10 @@ class TrainConfig:
             raise self._bad("teacher_forcing_decay_steps", "needs latent.latent_teacher_forcing > 0 to decay")
         if self.calibrate_stop_threshold and (self.stage == "A" or self.eval_data is None):
             raise self._bad("calibrate_stop_threshold", "needs a run that ends in stage C (C or AC) and eval_data")
-        if self.calibration_tolerance < 0:
+        if not self.calibration_tolerance >= 0:
             raise self._bad("calibration_tolerance", "must be >= 0")
+        if not self.calibration_used_slack >= 0:
+            raise self._bad("calibration_used_slack", "must be >= 0")
         if self.vision_cache_mb and not (self.freeze_vision and self.freeze_vision_merger):
             raise self._bad("vision_cache_mb", "caches a frozen tower's features: needs freeze_vision and "
                                                "freeze_vision_merger")

@@ -167,6 +167,7 @@ RESUME_FREE = frozenset(
         "eval_batch_size",
         "calibrate_stop_threshold",
         "calibration_tolerance",
+        "calibration_used_slack",
         "save_every",
         "keep_last",
         "save_final_model",

@@ -610,6 +610,7 @@ def _calibrate(run: _Run) -> None:
         run.fsdp,
         lambda m: calibrate_threshold(
             m, run.collator, run.eval_records, tolerance=cfg.calibration_tolerance,
+            used_slack=cfg.calibration_used_slack,
             batch_size=cfg.eval_batch_size or cfg.batch_size, max_samples=cfg.eval_max_samples,
             rank=run.rank, world_size=run.world,
         ),

@@ -65,32 +65,43 @@ def _split_of_question(task: str, seed: int, key: str, sizes: dict[str, int]) ->
     return next(s for s in reversed(sizes) if sizes[s])
 
 
-def _shares(m: int, sizes: dict[str, int]) -> dict[str, int]:
-    """``m`` questions cut in the splits' shares of the records (largest remainder), at least one for each split
-    with records while ``m`` allows (then the largest splits first); a split without records gets none."""
+def _shares(m: int, sizes: dict[str, int], turn: int = 0) -> tuple[dict[str, int], int]:
+    """``m`` questions of one stratum cut in the splits' shares of the records (largest remainder), each split
+    with records getting at least one while the largest split keeps at least half of the stratum; where both
+    cannot hold, the smaller splits give up their one in turns (``turn`` counts the strata so cut, so
+    consecutive ones favour different splits). A split without records gets none. Returns the shares and the
+    next ``turn``."""
     live = sorted((s for s in sizes if sizes[s]), key=lambda s: -sizes[s])
-    if m < len(live):
-        return {s: int(s in live[:m]) for s in sizes}
     total = sum(sizes.values())
     exact = {s: m * sizes[s] / total for s in live}
     share = {s: max(1, int(exact[s])) for s in live}
-    while sum(share.values()) > m:  # the minimum of one took more than m: the largest shares give way
-        share[max(live, key=lambda s: share[s])] -= 1
+    largest, keep, smaller = live[0], -(-m // 2), live[1:]
+    cut = False
+    while sum(share.values()) > m:
+        if share[largest] > keep or not smaller:
+            share[largest] -= 1
+            continue
+        held = [s for s in smaller if share[s]]
+        share[held[turn % len(held)]] -= 1
+        cut = True
     for s in sorted(live, key=lambda s: share[s] - exact[s])[: m - sum(share.values())]:
         share[s] += 1
-    return {s: share.get(s, 0) for s in sizes}
+    return {s: share.get(s, 0) for s in sizes}, turn + int(cut)
 
 
 def _question_owners(task: str, seed: int, k: dict[str, Any], sizes: dict[str, int]) -> dict[str, str]:
     """The split that owns each question its task lists by stratum (``Task.question_strata``): each stratum's
     questions, ordered by the seeded hash, cut in the splits' shares (:func:`_shares`), so every split owns
-    questions of every (difficulty, answer) however few there are. Empty for a task that lists none."""
+    questions of every (difficulty, answer) that has enough of them, and the training split at least half of
+    each. Empty for a task that lists none."""
     strata = TASKS[task].question_strata
     owners: dict[str, str] = {}
-    for keys in (strata(k) if strata is not None else {}).values():
+    turn = int(_question_hash(task, seed, "turn") * 1024)  # which small stratum favours which split
+    for _stratum, keys in sorted((strata(k) if strata is not None else {}).items(), key=lambda kv: str(kv[0])):
         ranked = sorted(keys, key=lambda key: _question_hash(task, seed, key))
         start = 0
-        for split, count in _shares(len(ranked), sizes).items():
+        shares, turn = _shares(len(ranked), sizes, turn)
+        for split, count in shares.items():
             owners.update(dict.fromkeys(ranked[start:start + count], split))
             start += count
     return owners

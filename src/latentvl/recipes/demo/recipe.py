@@ -398,7 +398,12 @@ def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: 
     difficulties). Returns ``(calibration or None, threshold, halting or None)``; the seconds of each part go
     into ``timings`` as ``calibrate`` and ``evaluate_stage_c_halting``."""
     from ...data.collator import LatentCollator
-    from ...evaluation.calibration import DEFAULT_TOLERANCE, calibrate_threshold, write_model_threshold
+    from ...evaluation.calibration import (
+        DEFAULT_TOLERANCE,
+        DEFAULT_USED_SLACK,
+        calibrate_threshold,
+        write_model_threshold,
+    )
     from ...evaluation.halting import evaluate_halting
     from ...model.loading import load_latent_model
     from ...training.checkpoint import quiet_hf_progress
@@ -415,8 +420,10 @@ def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: 
     collator, batch_size = LatentCollator(processor, model.config), int(demo["eval_batch_size"])
     calibration, threshold = None, final_thr
     if calibrate:
-        calibration = calibrate_threshold(model, collator, data.val_records, batch_size=batch_size,
-                                          tolerance=float(demo.get("calibration_tolerance", DEFAULT_TOLERANCE)))
+        calibration = calibrate_threshold(
+            model, collator, data.val_records, batch_size=batch_size,
+            tolerance=float(demo.get("calibration_tolerance", DEFAULT_TOLERANCE)),
+            used_slack=float(demo.get("calibration_used_slack", DEFAULT_USED_SLACK)))
         threshold = calibration["threshold"]
         if getattr(runs["stage_c"], "final_model", None) is not None:
             write_model_threshold(runs["stage_c"].final_model, threshold)
