@@ -10,8 +10,8 @@ image is a strip of ``max_hops + 1`` cells of one merged token each, ``s0, s1, .
 state after j ops) and then ``sk`` held to the end, so with a budget of one latent per cell (alpha 1,
 gamma 1) latent j aligns to state j and reads op j at a constant distance in the sequence. The answer
 is the letter of ``sk``. A question (ops and start colour) belongs to one split only: no val or test
-question is a train question (:func:`question_key`), and every split owns questions of each k and answer
-while there are few (:func:`question_strata`). Records carry ``difficulty`` (k), ``ops`` and
+question is a train question (:func:`question_key`), and each split owns its share of the questions of
+each k and answer while they are few (:func:`question_strata`). Records carry ``difficulty`` (k), ``ops`` and
 ``latent_states``, one list per CoT image with one state per cell (``[[s0, ..., sk, ..., sk]]``), so the
 instruments of ``latentvl eval`` work per latent (:func:`a5_implied_answer`).
 """

@@ -11,7 +11,8 @@ overwriting), so a folder without it holds an incomplete dataset.
 
 :func:`make_dataset` writes the tasks of :data:`latentvl.data.tasks.registry.TASKS` (answers balanced per
 split; a task with a ``question_key``, such as a5, keeps each question in one split, so no val or test
-question is a train question, and each split owns its share of every difficulty and answer);
+question is a train question, and each split owns its share of every difficulty and answer that has
+questions enough);
 :func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops and answers balanced).
 """
 
@@ -280,7 +281,8 @@ def _dataset_meta(task: str, n: int, seed: int, k: dict[str, Any], rows: dict[st
         "split_rule": (
             "each question is owned by one split (a seeded hash of the question): no val or test question is a "
             "train question; where the questions of one difficulty and answer are few, each split owns its share "
-            "of them, at least one" if spec.question_key is not None else "records drawn independently for each split"
+            "of them, at least one while the training split keeps at least half"
+            if spec.question_key is not None else "records drawn independently for each split"
         ),
         "cot_images_per_record": {str(m): cot_counts[m] for m in sorted(cot_counts)},
         **_difficulty_counts(rows),
