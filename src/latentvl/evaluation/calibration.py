@@ -45,7 +45,7 @@ __all__ = [
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.3, 0.35, ..., 0.95
 DEFAULT_TOLERANCE = 0.01
 DEFAULT_USED_SLACK = 0.05  # used/budget within this of the lowest counts as a tie (0: the lowest alone)
-TOLERANCE_SLACK = 1e-9  # accuracies are fractions: "within the tolerance" ignores float rounding below this
+TOLERANCE_SLACK = 1e-9  # accuracies and used/budget are fractions: comparisons ignore float rounding below this
 
 
 def choose_threshold(rows: Sequence[Mapping[str, Any]], tolerance: float = DEFAULT_TOLERANCE,

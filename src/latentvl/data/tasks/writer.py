@@ -12,8 +12,7 @@ overwriting), so a folder without it holds an incomplete dataset.
 :func:`make_dataset` writes the tasks of :data:`latentvl.data.tasks.registry.TASKS` (answers balanced per
 split; a task with a ``question_key``, such as a5, keeps each question in one split, so no val or test
 question is a train question, and each split owns its share of every difficulty and answer that has
-questions enough);
-:func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops and answers balanced).
+questions enough); :func:`make_relay_bands` writes :mod:`latentvl.data.tasks.relay_bands` (hops and answers balanced).
 """
 
 from __future__ import annotations
