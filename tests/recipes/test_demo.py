@@ -8,9 +8,11 @@ import yaml
 from PIL import Image
 
 from latentvl.cli import main
+from latentvl.config import LatentSettings
 from latentvl.evaluation.calibration import DEFAULT_GRID
 from latentvl.recipes.demo.recipe import default_settings, load_demo_settings
 from latentvl.recipes.demo.report import ARMS, alignment_table, difficulty_table, results_table
+from latentvl.training.checkpoint import LORA_FILE
 from latentvl.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,12 +97,22 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     # ... and keeps the answer CE at full budget (D18), which stage A never computes
     assert final["latent_full_budget_ce_weight"] == 1.0 and stage_a_final["latent_full_budget_ce_weight"] == 0.0
     assert all(r["ce_full"] > 0.0 for r in steps_c) and all(r["ce_full"] == 0.0 for r in steps_a)
-    # the shared rate reaches stage A and every control; stage C alone has its own rates (stage_c_train)
+    # ... and settles a segment's answer within its own tolerance, where stage A keeps the library's default
+    stage_c_latent = shipped["per_task"]["a5"]["stage_c_latent"]
+    assert final["latent_stop_target_tolerance"] == stage_c_latent["latent_stop_target_tolerance"]
+    assert stage_a_final["latent_stop_target_tolerance"] == LatentSettings().latent_stop_target_tolerance
+    # the shared rate reaches stage A and every control; stage C alone has its own rates (stage_c_train) and
+    # trains LoRA adapters (its checkpoint holds them), where stage A and every control train the whole model
     for arm in ARMS:
         run_cfg = yaml.safe_load((out / arm / "phase0" / "config.yaml").read_text())
         want = shipped["per_task"]["a5"]["stage_c_train"] if arm == "stage_c" else shipped["train"]
         assert run_cfg["lr"] == want["lr"], arm
         assert run_cfg["stop_head_lr_scale"] == want.get("stop_head_lr_scale", 1.0), arm
+        assert run_cfg["lora"] is (arm == "stage_c"), arm
+        if arm == "stage_c":
+            assert run_cfg["lora_r"] == want["lora_r"]
+        lora_files = list((out / arm / "phase0" / "checkpoints").glob(f"step-*/{LORA_FILE}"))
+        assert bool(lora_files) is (arm == "stage_c"), arm
     assert md.index("## Stage C's stop threshold") < md.index("## Do the answers depend on the latents?")
     assert f"threshold {cal['threshold']:g})" in results_table(report)
     # and its halting against difficulty on the test split, at that threshold and at full budget
