@@ -57,6 +57,14 @@ class LatentSettings:
     pass 1 + pass 2 at full budget (every slot active), so that fine-tuning the stop head does not
     unlearn what stage A's full budget computes; 0 is the design note's loss (docs/model.md, D18).
 
+    ``latent_min_used`` (1): stage C's fewest latents per segment: the stop head's decision counts only from
+    a segment's ``latent_min_used``-th slot on (a segment with a smaller budget uses all of it), and the
+    stop targets are at least that long. 1 is the design note's rule (a stop may follow the first slot).
+
+    ``latent_full_budget_align_weight`` (0.0): in stage-C training the loss adds this times the alignment loss
+    of that full-budget pass 1 (every slot against its own share of the CoT image, as stage A aligns), so
+    that the latents keep showing the CoT image's states while the stop head learns (D19); needs CoT images.
+
     ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile``, and so does
     pass 2's forward in :meth:`latent_loss` (True: the inductor backend; a string names the backend, one of
     :data:`COMPILE_BACKENDS`); False runs them eagerly.
@@ -86,6 +94,7 @@ class LatentSettings:
     latent_stop_target_mode: str = "ratio"
     latent_stop_target_tolerance: float = 0.1
     latent_stop_target_points: int = 8
+    latent_min_used: int = 1
     latent_cost_mode: str = "count"
     latent_detach_step_inputs: bool = False
     latent_prefix_grad: bool = True
@@ -95,6 +104,7 @@ class LatentSettings:
     latent_teacher_forcing: float = 0.0
     latent_tail_dropout: float = 0.0
     latent_full_budget_ce_weight: float = 0.0
+    latent_full_budget_align_weight: float = 0.0
 
     def validate(self) -> LatentSettings:
         """Raise :class:`LatentConfigError` naming the first invalid field; return self."""
@@ -105,7 +115,7 @@ class LatentSettings:
         if self.latent_mode_stage not in STAGES:
             raise bad("latent_mode_stage", f"must be one of {STAGES}")
         for name in ("latent_stop_loss_weight", "latent_cost_weight", "latent_align_weight",
-                     "latent_full_budget_ce_weight"):
+                     "latent_full_budget_ce_weight", "latent_full_budget_align_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise bad(name, "must be a number >= 0")
@@ -130,6 +140,9 @@ class LatentSettings:
         points = self.latent_stop_target_points
         if isinstance(points, bool) or not isinstance(points, int) or points < 1:
             raise bad("latent_stop_target_points", "must be an integer >= 1")
+        least = self.latent_min_used
+        if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+            raise bad("latent_min_used", "must be an integer >= 1")
         drop = self.latent_tail_dropout
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
             raise bad("latent_tail_dropout", "must be a probability in [0, 1]")

@@ -3,6 +3,8 @@ stage switch, mixed precision, and overfitting a few samples."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +158,41 @@ def test_expected_cost_is_differentiable(tiny):
         set_stage(model, "A", latent_cost_mode="count")
 
 
+@pytest.mark.parametrize("min_used", [1, 2, 4])
+def test_min_used_raises_stop_labels_and_drops_early_decisions_from_the_expected_cost(min_used):
+    """Stop labels start at ``max(target, m)`` (at most the budget), for the ratio target and given targets
+    alike; the expected cost treats the first ``m - 1`` decisions as never stopping (no gradient there)."""
+    from latentvl.model.losses import expected_length
+    from latentvl.model.objective import _expected_cost, _stop_label_tensors
+
+    settings = LatentSettings(latent_min_used=min_used, latent_stop_target_ratio=0.2)
+    model = types.SimpleNamespace(latent_settings=settings)
+    segs = [[(0, 5, 0), (6, 9, 1)]]  # budgets 5 and 3
+    batch = {"input_ids": torch.zeros(1, 10, dtype=torch.long), "latent_segments": segs}
+    logits = torch.linspace(-1.0, 1.0, 10)[None].requires_grad_(True)
+    p1 = types.SimpleNamespace(stop_logits=logits)
+    for targets in (None, [[1, 2]]):
+        labels, weights = _stop_label_tensors(model, batch, p1, targets)
+        first = [1, 1] if targets is None else targets[0]  # ratio 0.2: round(0.2 * 5) = 1, max(1, 0.6) = 1
+        for (start, end, _i), t in zip(segs[0], first):
+            t = min(end - start, max(t, min_used))
+            assert labels[0, start:end].tolist() == [0.0] * (t - 1) + [1.0] * (end - start - t + 1)
+            assert weights[0, start:end].tolist() == [1.0] * (end - start)
+    cost = _expected_cost(model, batch, p1)
+    probs = torch.sigmoid(logits[0].detach())
+    want = 0.0
+    for start, end, _i in segs[0]:
+        seg = probs[start:end].clone()
+        seg[: min_used - 1] = 0.0
+        want += float(expected_length(seg))
+    assert cost.item() == pytest.approx(want, rel=1e-6)
+    grad = torch.autograd.grad(cost, logits)[0][0]
+    for start, end, _i in segs[0]:
+        early = grad[start:start + min(min_used - 1, end - start)]
+        assert early.abs().sum() == 0
+        assert grad[start:end].abs().sum() > 0 or min_used > end - start
+
+
 def test_overfit_four_samples():
     model, processor = build_tiny_model(seed=1)
     set_latent_fields(model.config, latent_budget_alpha=0.5, latent_budget_gamma=0.5, latent_budget_max=4)
@@ -211,11 +248,12 @@ def test_bf16_weights_give_the_float32_gradients_to_bf16_precision(one_thread):
 
 
 # ---------------------------------------------------------------- latent_full_budget_ce_weight (D18)
+@pytest.mark.parametrize("name", ["latent_full_budget_ce_weight", "latent_full_budget_align_weight"])
 @pytest.mark.parametrize("value", [-0.5, True, "1", None])
-def test_full_budget_ce_weight_is_a_number_at_least_zero(value):
-    assert LatentSettings().latent_full_budget_ce_weight == 0.0
-    with pytest.raises(LatentConfigError, match="latent_full_budget_ce_weight"):
-        LatentSettings(latent_full_budget_ce_weight=value).validate()
+def test_full_budget_weights_are_numbers_at_least_zero(name, value):
+    assert getattr(LatentSettings(), name) == 0.0
+    with pytest.raises(LatentConfigError, match=name):
+        LatentSettings(**{name: value}).validate()
 
 
 HALT_EARLY = {0: [0], 2: [1]}  # stop-head calls where rows fire: sample 0 after its first slot, 1 after its third
@@ -233,7 +271,8 @@ def _stage_c(model, batch, weight: float, training: bool = True, **extra):
     finally:
         model.train(was_training)
         handle.remove()
-        set_stage(model, "A", latent_full_budget_ce_weight=0.0, latent_stop_target_mode="ratio")
+        set_stage(model, "A", latent_full_budget_ce_weight=0.0, latent_full_budget_align_weight=0.0,
+                  latent_stop_target_mode="ratio")
 
 
 def test_full_budget_ce_is_stage_a_ce_and_adds_to_the_stage_c_loss(tiny):
@@ -299,3 +338,54 @@ def test_answer_stop_targets_reuse_the_full_budget_pass(tiny):
     assert on.stop_targets == off.stop_targets and on.stop_targets is not None
     assert on.stop.item() == pytest.approx(off.stop.item(), abs=1e-6)
     assert off.target_model_calls - on.target_model_calls == on.latent.num_model_calls > 0
+
+
+# ---------------------------------------------------------------- latent_full_budget_align_weight (D19)
+def test_full_budget_alignment_is_stage_a_alignment_and_adds_to_the_stage_c_loss(tiny):
+    """In stage-C training ``align_full`` is the alignment loss with every slot active against the CoT image
+    pooled into the full budget (stage A's alignment on the same batch), nothing else changes, and the total
+    grows by exactly ``w * align_full``; stage A and evaluation ignore the weight."""
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in [(1, 3), (2, 2), (3, 1)]])
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            set_stage(model, "A", latent_full_budget_align_weight=2.0)
+            a = model.latent_loss(batch)
+            set_stage(model, "A", latent_full_budget_align_weight=0.0)
+            a0 = model.latent_loss(batch)
+            off = _stage_c(model, batch, 0.0)
+            on = _stage_c(model, batch, 0.0, latent_full_budget_align_weight=1.5)
+            evaluated = _stage_c(model, batch, 0.0, training=False, latent_full_budget_align_weight=1.5)
+    finally:
+        model.train(was_training)
+    assert a.align_full == 0 and a.loss == a0.loss and a.align > 0
+    assert evaluated.align_full == 0 and evaluated.loss == off.loss  # a training signal only
+    assert off.align_full == 0 and on.ce_full == 0
+    assert any(u < b for us, bs in zip(on.latent.latent_used_lens, batch["latent_budgets"]) for u, b in zip(us, bs))
+    assert on.align_full.item() == pytest.approx(a.align.item(), rel=1e-5)
+    assert on.ce == off.ce and on.align == off.align and on.stop == off.stop
+    assert on.loss.item() == pytest.approx((off.loss + 1.5 * on.align_full).item(), abs=1e-5)
+
+
+def test_full_budget_alignment_gradient_reaches_the_model_not_the_stop_head(tiny):
+    """grad(L_w) - grad(L_0) is linear in w, nonzero on the language model, zero on the stop head."""
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in [(1, 3), (2, 2)]])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _n, p in named]
+    grads = {}
+    for w in (0.0, 1.0, 3.0):
+        out = _stage_c(model, batch, 0.0, latent_full_budget_align_weight=w)
+        grads[w] = [g if g is not None else torch.zeros_like(p)
+                    for g, p in zip(torch.autograd.grad(out.loss, params, allow_unused=True), params)]
+    moved = 0.0
+    for (name, _p), g0, g1, g3 in zip(named, grads[0.0], grads[1.0], grads[3.0]):
+        d1, d3 = g1 - g0, g3 - g0
+        torch.testing.assert_close(d3, 3 * d1, atol=1e-5, rtol=1e-3, msg=name)
+        if "latent_stop_head" in name:
+            assert d1.abs().max() < 1e-7, name
+        elif "language_model" in name:
+            moved += float(d1.abs().sum())
+    assert moved > 0

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import MIXED, collate_samples, fire_at, hidden_before_slots, make_sample, run_pass1, set_stage
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from latentvl import (
     LatentInputError,
@@ -16,6 +18,7 @@ from latentvl import (
     build_tiny_model,
     set_latent_fields,
 )
+from latentvl.errors import LatentConfigError
 
 TINY_LATENT = {"latent_budget_alpha": 0.5, "latent_budget_gamma": 0.5, "latent_budget_max": 6}  # the `tiny` fixture
 
@@ -95,6 +98,47 @@ def test_stage_c_halts_exactly_and_masks_the_tail(tiny):
     assert patched and not patched & inactive
     assert len(patched) == sum(map(sum, p1.latent_used_lens))
     assert [len(p) for p in p1.latent_stop_probs[0]] == [3, 1]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(min_used=st.integers(1, 7), fires=st.lists(st.integers(0, 5), min_size=3, max_size=3))
+@torch.no_grad()
+def test_min_used_delays_every_stop_to_its_slot(tiny, min_used, fires):
+    """With ``latent_min_used = m``, a head that fires from slot ``f`` of segment 0 on stops it after
+    ``min(B0, max(f + 1, m))`` latents; one firing from segment 1's first slot stops it after ``min(B1, m)``;
+    the K/V mask and the stop probabilities follow the used lengths."""
+    model, processor = tiny
+    set_stage(model, "C", latent_min_used=min_used)
+    same = [(224, 224), (280, 224)]
+    samples = [dict(make_sample(0, 2, cot_sizes=same), id=f"r{r}", answer="AB") for r in range(3)]
+    batch = collate_samples(model, processor, samples)
+    b0, b1 = batch["latent_budgets"][0]
+    seg1_first = b0 + 2  # slots of segment 0, then <|latent_end|><|latent_start|>
+    schedule: dict[int, list[int]] = {}
+    for row, f in enumerate(fires):
+        for step in range(min(f, b0 - 1), b0):
+            schedule.setdefault(step, []).append(row)
+    for step in range(seg1_first, seg1_first + b1):
+        schedule.setdefault(step, []).extend(range(3))
+    handle = fire_at(model, schedule)
+    try:
+        p1 = run_pass1(model, batch)
+    finally:
+        handle.remove()
+        set_stage(model, "A", latent_min_used=1)
+    want = [[min(b0, max(min(f, b0 - 1) + 1, min_used)), min(b1, min_used)] for f in fires]
+    assert p1.latent_used_lens == want
+    for b, segs in enumerate(batch["latent_segments"]):
+        assert [len(q) for q in p1.latent_stop_probs[b]] == want[b]
+        for (start, end, _img), used in zip(segs, want[b]):
+            assert p1.latent_kv_mask[b, start:end].tolist() == [True] * used + [False] * (end - start - used)
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "2", None])
+def test_min_used_is_an_integer_at_least_one(value):
+    assert LatentSettings().latent_min_used == 1
+    with pytest.raises(LatentConfigError, match="latent_min_used"):
+        LatentSettings(latent_min_used=value).validate()
 
 
 @torch.no_grad()

@@ -101,6 +101,15 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     stage_c_latent = shipped["per_task"]["a5"]["stage_c_latent"]
     assert final["latent_stop_target_tolerance"] == stage_c_latent["latent_stop_target_tolerance"]
     assert stage_a_final["latent_stop_target_tolerance"] == LatentSettings().latent_stop_target_tolerance
+    # ... aligns its full-budget latents (D20), which stage A never computes apart from its own alignment
+    assert final["latent_full_budget_align_weight"] == stage_c_latent["latent_full_budget_align_weight"] > 0
+    assert stage_a_final["latent_full_budget_align_weight"] == 0.0
+    assert all(r["align_full"] > 0.0 for r in steps_c) and all(r["align_full"] == 0.0 for r in steps_a)
+    # ... and never stops a segment before its own fewest latents (D21), where stage A keeps the library's 1
+    assert final["latent_min_used"] == stage_c_latent["latent_min_used"] > 1
+    assert stage_a_final["latent_min_used"] == LatentSettings().latent_min_used == 1
+    stage_c_used = [u for row in report["per_sample"]["stage_c"] for u in row["used_lens"]]
+    assert stage_c_used and min(stage_c_used) >= stage_c_latent["latent_min_used"]
     # the shared rate reaches stage A and every control; stage C alone has its own rates (stage_c_train) and
     # trains LoRA adapters (its checkpoint holds them), where stage A and every control train the whole model
     for arm in ARMS:

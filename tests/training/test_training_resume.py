@@ -146,19 +146,20 @@ def test_stage_a_checkpoint_starts_stage_c(data_dir, tmp_path, capsys):
             init_from=str(ckpt_a),
             tensorboard=True,
             progress_bar=True,
-            latent={**LATENT, "latent_full_budget_ce_weight": 0.5},
+            latent={**LATENT, "latent_full_budget_ce_weight": 0.5, "latent_full_budget_align_weight": 0.25},
         ),
         callbacks=[Grab()],
     )
     assert seen == {"config_stage": "C", "equal": True}
     assert [r["stage"] for r in res_c.history] == ["C", "C"]
-    assert all(r["stop"] > 0 and r["threshold"] is not None and r["ce_full"] > 0 for r in res_c.history)
-    assert all(r["loss"] == pytest.approx(r["ce"] + 0.5 * r["ce_full"] + r["align"] + r["stop"] + 1e-3 * r["cost"],
-                                          rel=1e-5) for r in res_c.history)
+    assert all(r["stop"] > 0 and r["threshold"] is not None and r["ce_full"] > 0 and r["align_full"] > 0
+               for r in res_c.history)
+    assert all(r["loss"] == pytest.approx(r["ce"] + 0.5 * r["ce_full"] + r["align"] + 0.25 * r["align_full"]
+                                          + r["stop"] + 1e-3 * r["cost"], rel=1e-5) for r in res_c.history)
     assert res_c.checks[0].stage == "C" and res_c.checks[0].ok
     # logs: the progress bar shows the loss parts, used/budget, threshold and step time; JSONL; TensorBoard
     bar = capsys.readouterr().err
-    for part in ("ce=", "ce_full=", "align=", "stop=", "cost=", "used/budget=", "thr=", "s/step="):
+    for part in ("ce=", "ce_full=", "align=", "align_full=", "stop=", "cost=", "used/budget=", "thr=", "s/step="):
         assert part in bar, part
     rows = read_metrics(tmp_path / "c", kind="train")
     assert [r["step"] for r in rows] == [1, 2] and all(r["stage"] == "C" for r in rows)
@@ -167,7 +168,8 @@ def test_stage_a_checkpoint_starts_stage_c(data_dir, tmp_path, capsys):
     events = EventAccumulator(str(tmp_path / "c" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/ce", "train/ce_full", "train/stop", "train/used_ratio", "train/threshold"} <= tags
+    assert {"train/ce", "train/ce_full", "train/align_full", "train/stop", "train/used_ratio",
+            "train/threshold"} <= tags
     assert [e.value for e in events.Scalars("train/threshold")] == pytest.approx(
         [r["threshold"] for r in rows]
     )

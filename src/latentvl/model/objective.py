@@ -25,9 +25,9 @@ from .losses import (
     answer_target_candidates,
     expected_length,
     pool_visual_tokens,
-    stop_labels,
     stop_labels_for_length,
     stop_loss,
+    stop_target_length,
 )
 from .pass1 import LatentPassOutput
 from .visual import VisualStack
@@ -52,18 +52,20 @@ def compiled_pass2(backend: str = "inductor"):
     return torch.compile(_pass2_forward, backend=backend, dynamic=None)
 
 
-LOSS_PARTS = ("loss", "ce", "ce_full", "align", "stop", "cost")  # what training and evaluation log
+LOSS_PARTS = ("loss", "ce", "ce_full", "align", "align_full", "stop", "cost")  # what training and evaluation log
 
 
 @dataclass
 class LatentLossOutput:
     """The training unit's result: the total loss, each part (:data:`LOSS_PARTS`, for logging) and latent
-    statistics. ``ce_full`` is the full-budget answer CE of ``latent_full_budget_ce_weight`` (0 when off)."""
+    statistics. ``ce_full`` is the full-budget answer CE of ``latent_full_budget_ce_weight`` and ``align_full``
+    the full-budget alignment loss of ``latent_full_budget_align_weight`` (each 0 when off)."""
 
     loss: torch.FloatTensor | None = None
     ce: torch.FloatTensor | None = None
     ce_full: torch.FloatTensor | None = None
     align: torch.FloatTensor | None = None
+    align_full: torch.FloatTensor | None = None
     stop: torch.FloatTensor | None = None
     cost: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -79,6 +81,8 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     only in stage C (:meth:`latentvl.config.LatentSettings.loss_weights`). In stage-C training with
     ``latent_full_budget_ce_weight = w_full > 0`` the loss adds ``w_full * ce_full``: the answer CE after
     a second pass 1 + pass 2 with every slot active (D18); its pass 1 also serves the answer stop targets.
+    With ``latent_full_budget_align_weight = w_fa > 0`` it adds ``w_fa * align_full``: the alignment loss of
+    that full-budget pass 1, each slot against its own share of the CoT image (D19).
 
     ``batch`` holds the collator's keys. Visual features of the question images are computed
     once and shared by both passes; CoT images are encoded without gradient (alignment targets).
@@ -108,16 +112,23 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     ce = out.loss
     zero = ce.new_zeros(())
 
-    ce_full, full = zero, None
-    w_full = float(s.latent_full_budget_ce_weight) if stage_c and model.training else 0.0
-    if w_full > 0:  # D18: the full budget keeps answering while the stop head learns
+    ce_full, align_full, full = zero, zero, None
+    train_c = stage_c and model.training
+    w_full = float(s.latent_full_budget_ce_weight) if train_c else 0.0
+    w_full_align = float(s.latent_full_budget_align_weight) if train_c else 0.0
+    if w_full > 0 or w_full_align > 0:  # D18, D19: what the full budget computes is kept while the head learns
         full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
                                  batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True,
                                  visual=visual)
+    if w_full > 0:
         embeds_full = embeds.index_put((full.ce_patch_pos[:, 0], full.ce_patch_pos[:, 1]),
                                        full.ce_patch_vec.to(embeds.dtype))
         ce_full = pass2(model, embeds_full, attention_mask, position_ids, batch["labels"],
                         model._gating_kwargs(None), visual).loss
+    if w_full_align > 0:
+        cot_feats = _cot_features(model, batch) if cot_feats is None else cot_feats
+        if full.ce_patch_pos.shape[0] > 0:
+            align_full = alignment_loss(full.align_vec, _alignment_targets(model, batch, full, cot_feats))
 
     align = zero
     if s.latent_align_weight > 0:  # on every process (the CoT features are a vision call)
@@ -140,9 +151,10 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         else:
             cost = _expected_cost(model, batch, p1)
     w_stop, w_cost = s.loss_weights()  # (0, 0) in stage A
-    loss = ce + w_full * ce_full + s.latent_align_weight * align + w_stop * stop + w_cost * cost
+    loss = (ce + w_full * ce_full + s.latent_align_weight * align + w_full_align * align_full
+            + w_stop * stop + w_cost * cost)
     return LatentLossOutput(loss=loss, ce=ce.detach(), ce_full=ce_full.detach(), align=align.detach(),
-                            stop=stop.detach(),
+                            align_full=align_full.detach(), stop=stop.detach(),
                             cost=cost.detach(), logits=out.logits, latent=p1, stop_targets=targets,
                             target_model_calls=target_calls)
 
@@ -218,18 +230,18 @@ def _stop_label_tensors(model, batch, p1: LatentPassOutput, targets: list[list[i
     Pass 1 steps every slot of a segment, the slots after a stop as well (their logits are
     computed), so the design note's per-step labels apply to all of them, not only to the steps up
     to ``used_len``. The target length of segment ``i`` of sample ``b`` is ``targets[b][i]`` (in
-    ``latent_segments`` order) when given, else the ratio target ``max(1, round(rho * B))``.
+    ``latent_segments`` order) when given, else the ratio target ``max(1, round(rho * B))``; either is
+    raised to ``latent_min_used`` (at most ``B``), as the halting rule never stops a segment sooner.
     """
     B, S = batch["input_ids"].shape
     labels = torch.zeros(B, S)
     weights = torch.zeros(B, S)
-    ratio = model.config.latent_stop_target_ratio
+    s = model.latent_settings
     for b, segs in enumerate(batch["latent_segments"]):
         for i, (start, end, _img) in enumerate(segs):
-            if targets is None:
-                row = stop_labels(end - start, ratio)
-            else:
-                row = stop_labels_for_length(end - start, targets[b][i])
+            budget = end - start
+            target = stop_target_length(budget, s.latent_stop_target_ratio) if targets is None else targets[b][i]
+            row = stop_labels_for_length(budget, min(budget, max(target, s.latent_min_used)))
             labels[b, start:end] = torch.tensor(row)
             weights[b, start:end] = 1.0
     device = p1.stop_logits.device
@@ -326,10 +338,14 @@ def _answer_stop_targets(model, batch: dict[str, Any], embeds: torch.Tensor, pos
 
 def _expected_cost(model, batch, p1: LatentPassOutput) -> torch.Tensor:
     probs = torch.sigmoid(p1.stop_logits)
+    skip = model.latent_settings.latent_min_used - 1  # slots whose decision the halting rule ignores
     per_sample = []
     for b, segs in enumerate(batch["latent_segments"]):
         total = probs.new_zeros(())
         for start, end, _img in segs:
-            total = total + expected_length(probs[b, start:end])
+            seg = probs[b, start:end]
+            if skip > 0:
+                seg = torch.cat([seg.new_zeros(min(skip, seg.shape[0])), seg[skip:]])
+            total = total + expected_length(seg)
         per_sample.append(total)
     return torch.stack(per_sample).mean()

@@ -221,15 +221,16 @@ class Halting:
     """Which slots a step takes, and (stage C) the stop head's decisions so far.
 
     Stage A (``stop_head=None``): every latent slot is active. Stage C: a segment stops at the first
-    active slot where ``sigmoid(logit) >= threshold``; its later slots are inactive: with
-    ``null_scale == 0`` their column gets -inf in ``key_bias`` (removed from attention), otherwise their
-    key/value are written scaled by ``null_scale`` (the store's ``write_scale``). A new segment starts
-    unhalted. All state is ``[R]`` tensors: no host synchronisation.
+    active slot where ``sigmoid(logit) >= threshold``, from its ``min_used``-th slot on; its later slots are
+    inactive: with ``null_scale == 0`` their column gets -inf in ``key_bias`` (removed from attention),
+    otherwise their key/value are written scaled by ``null_scale`` (the store's ``write_scale``). A new
+    segment starts unhalted. All state is ``[R]`` tensors: no host synchronisation.
     """
 
     def __init__(self, frame: ShiftedFrame, stop_head: nn.Module | None, threshold: float, null_scale: float,
-                 key_bias: torch.Tensor, store: LatentKVStore | None) -> None:
+                 key_bias: torch.Tensor, store: LatentKVStore | None, min_used: int = 1) -> None:
         self.frame, self.stop_head, self.threshold = frame, stop_head, threshold
+        self.min_used = min_used
         self.key_bias, self.store = key_bias, store
         self.soft = null_scale > 0
         self.null_scale = frame.attend.new_full((frame.num_rows,), null_scale, dtype=torch.float32)
@@ -257,6 +258,8 @@ class Halting:
         logit = self.stop_head(h).squeeze(-1)
         logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
         fire = active & (torch.sigmoid(logit) >= self.threshold)
+        if self.min_used > 1:  # latent_min_used: no stop before a segment's min_used-th slot
+            fire = fire & (self.frame.slot_index[:, j] + 1 >= self.min_used)
         done = active & (fire | self.frame.is_last_slot[:, j])
         self.done_lens.append(torch.where(done, self.frame.slot_index[:, j] + 1, 0))
         self.logits.append(logit)
@@ -301,7 +304,7 @@ def run_steps(model, frame: ShiftedFrame, settings: LatentSettings, threshold: f
     key_bias = torch.zeros(frame.attend.shape, dtype=frame.embeds.dtype, device=frame.embeds.device)
     key_bias.masked_fill_(frame.attend == 0, float("-inf"))
     halting = Halting(frame, model.latent_stop_head if stage_c else None, threshold,
-                      float(settings.latent_null_scale), key_bias, store)
+                      float(settings.latent_null_scale), key_bias, store, int(settings.latent_min_used))
     layer_types = tuple(sorted(set(getattr(text, "layer_types", None) or ())))
     run_step = step_runner(lm, store, key_bias, layer_types, settings.latent_compile)
     inputs, owns, actives = [], [], []

@@ -104,7 +104,7 @@ class MetricsWriter:
         if self.bar is not None:
             post = {"stage": record.get("stage")}
             for key in LOSS_PARTS:
-                if key != "ce_full" or record.get(key):  # shown where stage C trains it
+                if key not in ("ce_full", "align_full") or record.get(key):  # shown where stage C trains it
                     post[key] = _fmt(record.get(key))
             if record.get("budget"):
                 post["used/budget"] = _fmt(record.get("used_ratio"))
