@@ -16,6 +16,7 @@ from .errors import LatentConfigError
 STAGES = ("A", "C")  # the model's latent stages (a training run's schedules: training.config.RUN_STAGES)
 COST_MODES = ("count", "expected")
 STOP_TARGET_MODES = ("ratio", "answer")
+TAIL_DROPOUT_MODES = ("any", "repeat")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -53,17 +54,23 @@ class LatentSettings:
     C; pass 1 and the alignment loss are unchanged. The answer then learns to read whatever latents a
     halted segment leaves, which stage C's answer-driven stop target relies on.
 
+    ``latent_tail_dropout_mode`` ("any"): which lengths tail dropout keeps. "any": ``L`` uniform in ``1..B``.
+    "repeat": ``L`` uniform among the lengths whose dropped latents' alignment targets all repeat the last
+    kept one's (D22): the answer is then asked only of latents that hold everything the CoT image shows,
+    never guessed from the question where the latents have not reached it. Needs CoT images (a segment
+    without one keeps every latent).
+
     ``latent_full_budget_ce_weight`` (0.0): in stage-C training the loss adds this times the answer CE of a second
     pass 1 + pass 2 at full budget (every slot active), so that fine-tuning the stop head does not
     unlearn what stage A's full budget computes; 0 is the design note's loss (docs/model.md, D18).
 
     ``latent_min_used`` (1): stage C's fewest latents per segment: the stop head's decision counts only from
     a segment's ``latent_min_used``-th slot on (a segment with a smaller budget uses all of it), and the
-    stop targets are at least that long. 1 is the design note's rule (a stop may follow the first slot).
+    stop targets are at least that long. 1 is the design note's rule (a stop may follow the first slot; D21).
 
     ``latent_full_budget_align_weight`` (0.0): in stage-C training the loss adds this times the alignment loss
     of that full-budget pass 1 (every slot against its own share of the CoT image, as stage A aligns), so
-    that the latents keep showing the CoT image's states while the stop head learns (D19); needs CoT images.
+    that the latents keep showing the CoT image's states while the stop head learns (D20); needs CoT images.
 
     ``latent_compile`` (False): pass 1's steps run static-shape and through ``torch.compile``, and so does
     pass 2's forward in :meth:`latent_loss` (True: the inductor backend; a string names the backend, one of
@@ -103,6 +110,7 @@ class LatentSettings:
     latent_feedback_norm: bool = False
     latent_teacher_forcing: float = 0.0
     latent_tail_dropout: float = 0.0
+    latent_tail_dropout_mode: str = "any"
     latent_full_budget_ce_weight: float = 0.0
     latent_full_budget_align_weight: float = 0.0
 
@@ -146,6 +154,8 @@ class LatentSettings:
         drop = self.latent_tail_dropout
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
             raise bad("latent_tail_dropout", "must be a probability in [0, 1]")
+        if self.latent_tail_dropout_mode not in TAIL_DROPOUT_MODES:
+            raise bad("latent_tail_dropout_mode", f"must be one of {TAIL_DROPOUT_MODES}")
         tf = self.latent_teacher_forcing
         if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0.0 <= tf <= 1.0:
             raise bad("latent_teacher_forcing", "must be a probability in [0, 1]")

@@ -11,7 +11,7 @@ from latentvl.model.losses import (
     alignment_loss,
     expected_length,
     pool_visual_tokens,
-    stop_labels,
+    stop_labels_for_length,
     stop_loss,
     stop_target_length,
 )
@@ -32,7 +32,7 @@ from latentvl.model.losses import (
 )
 def test_stop_labels(budget, ratio, t, labels):
     assert stop_target_length(budget, ratio) == t
-    assert stop_labels(budget, ratio) == labels
+    assert stop_labels_for_length(budget, t) == labels
 
 
 def test_pool_divisible():

@@ -151,3 +151,106 @@ def test_tail_dropout_gates_pass_two_in_stage_a_training_only(tiny):
     finally:
         model.train()
         set_stage(model, "A", latent_tail_dropout=0.0)
+
+
+# ------------------------------------------------------------------------------------ latent_tail_dropout_mode
+def test_tail_dropout_mode_is_named():
+    assert LatentSettings().latent_tail_dropout_mode == "any"
+    with pytest.raises(LatentConfigError, match="latent_tail_dropout_mode"):
+        LatentSettings(latent_tail_dropout_mode="tail").validate()
+
+
+@pytest.mark.parametrize("rows, lengths", [
+    ("abbb", [2, 3, 4]),
+    ("abab", [4]),
+    ("aaa", [1, 2, 3]),
+    ("a", [1]),
+    ("abcc", [3, 4]),
+])
+def test_repeating_lengths_by_hand(rows, lengths):
+    from latentvl.model.objective import _repeating_lengths
+
+    basis = {c: torch.eye(4)[i] * (i + 1) for i, c in enumerate("abc")}
+    assert _repeating_lengths(torch.stack([basis[c] for c in rows])) == lengths
+
+
+def test_repeating_lengths_tolerance_is_relative_to_the_kept_target():
+    from latentvl.model.objective import REPEAT_TOLERANCE, _repeating_lengths
+
+    kept = torch.tensor([3.0, 4.0])  # norm 5
+    near = kept + torch.tensor([0.0, 5 * REPEAT_TOLERANCE * 0.9])
+    far = kept + torch.tensor([0.0, 5 * REPEAT_TOLERANCE * 1.1])
+    other = torch.tensor([-4.0, 3.0])
+    assert _repeating_lengths(torch.stack([other, kept, near])) == [2, 3]
+    assert _repeating_lengths(torch.stack([other, kept, far])) == [3]
+
+
+def test_repeat_tail_dropout_keeps_only_lengths_whose_dropped_targets_repeat(tiny):
+    """q = 1, mode "repeat": with CoT features whose pooled targets repeat from slot r on, each segment keeps
+    a prefix of r + 1 .. B latents, every such length occurs, and nothing else is masked; without CoT
+    features nothing is masked; the same RNG draws as mode "any"."""
+    model, processor = tiny
+    set_stage(model, "A", latent_tail_dropout=1.0, latent_tail_dropout_mode="repeat")
+    try:
+        batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
+        slots = batch["input_ids"] == model.config.latent_token_id
+        hidden = model.config.text_config.hidden_size
+        feats, first_repeat, k = [], {}, 0
+        for b, (segs, budgets) in enumerate(zip(batch["latent_segments"], batch["latent_budgets"])):
+            by_img = {img: (start, end) for start, end, img in segs}
+            for img in range(len(budgets)):
+                start, end = by_img[img]
+                n = end - start
+                r = (b + img) % n  # targets r, r+1, ... equal target r
+                rows = torch.randn(n, hidden, generator=torch.Generator().manual_seed(10 * b + img)) * 3
+                rows[r:] = rows[r]
+                feats.append(rows)
+                first_repeat[(b, start)] = r
+            k += len(budgets)
+        seen: dict[tuple[int, int], set[int]] = {}
+        for seed in range(60):
+            torch.manual_seed(seed)
+            keep = _tail_dropout(model, batch, batch["input_ids"], feats)
+            assert keep[~slots].all()
+            for b, segs in enumerate(batch["latent_segments"]):
+                for start, end, _img in segs:
+                    row = keep[b, start:end].tolist()
+                    kept = sum(row)
+                    assert row == [True] * kept + [False] * (end - start - kept)
+                    assert kept >= first_repeat[(b, start)] + 1
+                    seen.setdefault((b, start), set()).add(kept)
+            torch.manual_seed(seed)
+            assert _tail_dropout(model, batch, batch["input_ids"], []).all()
+        for (b, start), lengths in seen.items():
+            end = next(e for s, e, _i in batch["latent_segments"][b] if s == start)
+            assert lengths == set(range(first_repeat[(b, start)] + 1, end - start + 1))
+    finally:
+        set_stage(model, "A", latent_tail_dropout=0.0, latent_tail_dropout_mode="any")
+
+
+@pytest.mark.parametrize("mode", ["any", "repeat"])
+def test_latent_loss_hands_tail_dropout_the_cot_features_in_repeat_mode_only(tiny, monkeypatch, mode):
+    import latentvl.model.objective as objective
+
+    model, processor = tiny
+    batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
+    seen = []
+    real = objective._tail_dropout
+
+    def spy(model, batch, input_ids, feats=None):
+        seen.append(feats)
+        return real(model, batch, input_ids, feats)
+
+    monkeypatch.setattr(objective, "_tail_dropout", spy)
+    set_stage(model, "A", latent_tail_dropout=1.0, latent_tail_dropout_mode=mode)
+    model.train()
+    try:
+        with torch.no_grad():
+            model.latent_loss(batch)
+    finally:
+        set_stage(model, "A", latent_tail_dropout=0.0, latent_tail_dropout_mode="any")
+    assert len(seen) == 1
+    if mode == "any":
+        assert seen[0] is None
+    else:
+        assert len(seen[0]) == sum(len(x) for x in batch["latent_budgets"]) > 0

@@ -105,6 +105,11 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert final["latent_full_budget_align_weight"] == stage_c_latent["latent_full_budget_align_weight"] > 0
     assert stage_a_final["latent_full_budget_align_weight"] == 0.0
     assert all(r["align_full"] > 0.0 for r in steps_c) and all(r["align_full"] == 0.0 for r in steps_a)
+    # stage A alone cuts its tails only where the dropped cells repeat the kept one (D22)
+    assert stage_a_final["latent_tail_dropout_mode"] == "repeat"
+    for arm in ("baseline_no_latents", "pause", "latents_no_align"):
+        arm_cfg = json.loads((out / arm / "phase0" / "final" / "config.json").read_text())
+        assert arm_cfg.get("latent_tail_dropout", 0.0) == 0.0, arm
     # ... and never stops a segment before its own fewest latents (D21), where stage A keeps the library's 1
     assert final["latent_min_used"] == stage_c_latent["latent_min_used"] > 1
     assert stage_a_final["latent_min_used"] == LatentSettings().latent_min_used == 1

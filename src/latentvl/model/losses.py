@@ -13,11 +13,6 @@ def stop_target_length(budget: int, ratio: float) -> int:
     return max(1, int(math.floor(ratio * budget + 0.5)))
 
 
-def stop_labels(budget: int, ratio: float) -> list[float]:
-    """Per-step stop labels of a segment: 0 for steps ``k < t-1``, 1 for steps ``k >= t-1``."""
-    return stop_labels_for_length(budget, stop_target_length(budget, ratio))
-
-
 def stop_labels_for_length(budget: int, target: int) -> list[float]:
     """Per-step stop labels of a segment of ``budget`` slots whose target length is ``target`` (1..budget)."""
     if not 1 <= target <= budget:

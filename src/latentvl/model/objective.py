@@ -82,7 +82,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     ``latent_full_budget_ce_weight = w_full > 0`` the loss adds ``w_full * ce_full``: the answer CE after
     a second pass 1 + pass 2 with every slot active (D18); its pass 1 also serves the answer stop targets.
     With ``latent_full_budget_align_weight = w_fa > 0`` it adds ``w_fa * align_full``: the alignment loss of
-    that full-budget pass 1, each slot against its own share of the CoT image (D19).
+    that full-budget pass 1, each slot against its own share of the CoT image (D20).
 
     ``batch`` holds the collator's keys. Visual features of the question images are computed
     once and shared by both passes; CoT images are encoded without gradient (alignment targets).
@@ -107,7 +107,9 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         "inductor" if s.latent_compile is True else s.latent_compile)
     kv_mask = p1.latent_kv_mask if stage_c else None
     if model.training and not stage_c and s.latent_tail_dropout > 0:
-        kv_mask = _tail_dropout(model, batch, input_ids)
+        if s.latent_tail_dropout_mode == "repeat" and cot_feats is None:
+            cot_feats = _cot_features(model, batch)
+        kv_mask = _tail_dropout(model, batch, input_ids, cot_feats if s.latent_tail_dropout_mode == "repeat" else None)
     out = pass2(model, embeds2, attention_mask, position_ids, batch["labels"], model._gating_kwargs(kv_mask), visual)
     ce = out.loss
     zero = ce.new_zeros(())
@@ -116,7 +118,7 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
     train_c = stage_c and model.training
     w_full = float(s.latent_full_budget_ce_weight) if train_c else 0.0
     w_full_align = float(s.latent_full_budget_align_weight) if train_c else 0.0
-    if w_full > 0 or w_full_align > 0:  # D18, D19: what the full budget computes is kept while the head learns
+    if w_full > 0 or w_full_align > 0:  # D18, D20: what the full budget computes is kept while the head learns
         full = model.latent_pass(input_ids, attention_mask, embeds, position_ids, batch["latent_segments"],
                                  batch["latent_budgets"], sample_ids=batch.get("ids"), full_budget=True,
                                  visual=visual)
@@ -172,18 +174,42 @@ def _cot_features(model, batch: dict[str, Any]) -> list[torch.Tensor]:
         return []
     return model.visual_features(pix, grid)[0]
 
-def _tail_dropout(model, batch: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
+REPEAT_TOLERANCE = 0.1  # "repeat" tail dropout: a dropped target repeats the kept one within this relative L2
+
+
+def _tail_dropout(model, batch: dict[str, Any], input_ids: torch.Tensor,
+                  feats: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``[B, S]`` bool ``latent_kv_mask`` for stage-A pass 2 with ``latent_tail_dropout = q``: each segment,
-    with probability ``q``, keeps its first ``L`` latents (``L`` uniform in ``1..B``), the rest False.
-    Draws from the global torch RNG, one pair per segment in ``latent_segments`` order."""
+    with probability ``q``, keeps its first ``L`` latents, the rest False. ``L`` is uniform in ``1..B``, or,
+    given ``feats`` (the CoT features: ``latent_tail_dropout_mode="repeat"``), uniform among the lengths
+    whose dropped slots' alignment targets (D4, pooled into ``B``) are all within :data:`REPEAT_TOLERANCE`
+    of the last kept slot's, relative to its norm (``B`` itself always qualifies). Draws from the global
+    torch RNG, one pair per segment in ``latent_segments`` order, whatever the mode."""
     keep = torch.ones_like(input_ids, dtype=torch.bool)
     q = model.latent_settings.latent_tail_dropout
+    k = 0
     for b, segs in enumerate(batch["latent_segments"]):
-        for start, end, _img in sorted(segs):
+        for start, end, img in sorted(segs):
             hit, draw = torch.rand(()).item() < q, torch.rand(()).item()
-            if hit:
-                keep[b, start + 1 + int(draw * (end - start)):end] = False
+            if not hit:
+                continue
+            lengths = list(range(1, end - start + 1))
+            if feats is not None:
+                lengths = _repeating_lengths(pool_visual_tokens(feats[k + img], end - start).float()) if feats else []
+            if lengths:
+                keep[b, start + lengths[int(draw * len(lengths))]:end] = False
+        k += len(batch["latent_budgets"][b])
     return keep
+
+
+def _repeating_lengths(targets: torch.Tensor) -> list[int]:
+    """The lengths ``L`` in ``1..B`` whose dropped targets ``targets[L:]`` (``[B, H]``) are each within
+    :data:`REPEAT_TOLERANCE` (relative to its norm) of ``targets[L - 1]``."""
+    n = targets.shape[0]
+    dist_to = torch.cdist(targets, targets)  # [B, B]
+    scale = targets.norm(dim=-1).clamp_min(1e-6)
+    return [n_keep for n_keep in range(1, n + 1)
+            if bool((dist_to[n_keep - 1, n_keep:] <= REPEAT_TOLERANCE * scale[n_keep - 1]).all())]
 
 def _teacher_forcing(model, batch: dict[str, Any], embeds: torch.Tensor, feats: list[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
