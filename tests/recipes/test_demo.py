@@ -101,10 +101,6 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     stage_c_latent = shipped["per_task"]["a5"]["stage_c_latent"]
     assert final["latent_stop_target_tolerance"] == stage_c_latent["latent_stop_target_tolerance"]
     assert stage_a_final["latent_stop_target_tolerance"] == LatentSettings().latent_stop_target_tolerance
-    # ... aligns its full-budget latents (D20), which stage A never computes apart from its own alignment
-    assert final["latent_full_budget_align_weight"] == stage_c_latent["latent_full_budget_align_weight"] > 0
-    assert stage_a_final["latent_full_budget_align_weight"] == 0.0
-    assert all(r["align_full"] > 0.0 for r in steps_c) and all(r["align_full"] == 0.0 for r in steps_a)
     # stage A alone cuts its tails only where the dropped cells repeat the kept one (D22)
     assert stage_a_final["latent_tail_dropout_mode"] == "repeat"
     for arm in ("baseline_no_latents", "pause", "latents_no_align"):
