@@ -92,7 +92,10 @@ def test_every_latent_field_can_be_set():
         "latent_feedback_norm": True,
         "latent_teacher_forcing": 0.0,  # > 0 needs latent_feedback (set below)
         "latent_tail_dropout": 0.25,
+        "latent_tail_dropout_mode": "repeat",
         "latent_full_budget_ce_weight": 0.5,
+        "latent_full_budget_align_weight": 0.4,
+        "latent_min_used": 3,
     }
     assert set(values) == set(settable)
     cfg = load_config(None, ["train_data=x.jsonl", *[f"latent.{k}={v}" for k, v in values.items()]])
