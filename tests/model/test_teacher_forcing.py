@@ -195,7 +195,7 @@ def test_repeat_tail_dropout_keeps_only_lengths_whose_dropped_targets_repeat(tin
         batch = collate_samples(model, processor, [make_sample(i, m) for i, m in MIXED])
         slots = batch["input_ids"] == model.config.latent_token_id
         hidden = model.config.text_config.hidden_size
-        feats, first_repeat, k = [], {}, 0
+        feats, first_repeat = [], {}
         for b, (segs, budgets) in enumerate(zip(batch["latent_segments"], batch["latent_budgets"])):
             by_img = {img: (start, end) for start, end, img in segs}
             for img in range(len(budgets)):
@@ -206,7 +206,6 @@ def test_repeat_tail_dropout_keeps_only_lengths_whose_dropped_targets_repeat(tin
                 rows[r:] = rows[r]
                 feats.append(rows)
                 first_repeat[(b, start)] = r
-            k += len(budgets)
         seen: dict[tuple[int, int], set[int]] = {}
         for seed in range(60):
             torch.manual_seed(seed)

@@ -107,9 +107,10 @@ def latent_loss(model, batch: dict[str, Any], threshold: float | None = None) ->
         "inductor" if s.latent_compile is True else s.latent_compile)
     kv_mask = p1.latent_kv_mask if stage_c else None
     if model.training and not stage_c and s.latent_tail_dropout > 0:
-        if s.latent_tail_dropout_mode == "repeat" and cot_feats is None:
+        repeat = s.latent_tail_dropout_mode == "repeat"  # D22: cut only where the CoT image repeats its tail
+        if repeat and cot_feats is None:
             cot_feats = _cot_features(model, batch)
-        kv_mask = _tail_dropout(model, batch, input_ids, cot_feats if s.latent_tail_dropout_mode == "repeat" else None)
+        kv_mask = _tail_dropout(model, batch, input_ids, cot_feats if repeat else None)
     out = pass2(model, embeds2, attention_mask, position_ids, batch["labels"], model._gating_kwargs(kv_mask), visual)
     ce = out.loss
     zero = ce.new_zeros(())
@@ -193,9 +194,12 @@ def _tail_dropout(model, batch: dict[str, Any], input_ids: torch.Tensor,
             hit, draw = torch.rand(()).item() < q, torch.rand(()).item()
             if not hit:
                 continue
-            lengths = list(range(1, end - start + 1))
-            if feats is not None:
-                lengths = _repeating_lengths(pool_visual_tokens(feats[k + img], end - start).float()) if feats else []
+            if feats is None:
+                lengths = list(range(1, end - start + 1))
+            elif feats:
+                lengths = _repeating_lengths(pool_visual_tokens(feats[k + img], end - start).float())
+            else:  # "repeat" on a batch without CoT images: nothing is known to keep the answer
+                lengths = []
             if lengths:
                 keep[b, start + lengths[int(draw * len(lengths))]:end] = False
         k += len(batch["latent_budgets"][b])
