@@ -145,6 +145,7 @@ def test_token_ids_must_match_the_tokenizer():
         ("latent.latent_nonsense=1", "latent.latent_nonsense: unknown latent field"),
         ("latent.latent_budget_min=1.5", "latent.latent_budget_min="),
         ("stop_head_lr_scale=0", "stop_head_lr_scale="),
+        ("stop_head_first_steps=-1", "stop_head_first_steps="),
     ],
 )
 def test_validation_errors_name_the_field(override, field):

@@ -353,3 +353,37 @@ def test_image_cache_run_equals_the_uncached_run_and_may_change_on_resume(data_d
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in plain.history][2:]
     with pytest.raises(TrainConfigError, match="image_cache_mb"):
         _cfg(data_dir, tmp_path, image_cache_mb=-1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stop_head_first_steps_move_the_stop_head_alone(data_dir, tmp_path, lora):
+    """stop_head_first_steps = 2: stage C's first two steps change the stop head and nothing else; the third
+    changes the model (or its adapters) too."""
+    snapshots = []
+
+    class Snapshot:
+        def on_step_begin(self, step, lm):
+            snapshots.append({n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad})
+
+    cfg = _cfg(data_dir, tmp_path / "run", stage="C", max_steps=4, save_every=0, stop_head_first_steps=2,
+               lora=lora, warmup_steps=0, lr=1e-2)
+    train(cfg, callbacks=[Snapshot()])
+    assert len(snapshots) == 4
+
+    def moved(i):
+        return {n for n in snapshots[i] if not torch.equal(snapshots[i][n], snapshots[i + 1][n])}
+
+    head = {n for n in snapshots[0] if "latent_stop_head" in n}
+    assert head and len(head) < len(snapshots[0])
+    assert moved(0) == head and moved(1) == head
+    assert moved(2) > head  # from the third step on, the rest trains as well
+
+
+def test_head_only_steps_are_the_first_of_stage_c():
+    ac = TrainConfig(train_data="x.jsonl", stage="AC", switch_step=5, max_steps=10, stop_head_first_steps=2).validate()
+    assert [s for s in range(10) if ac.head_only_at(s)] == [5, 6]
+    c = TrainConfig(train_data="x.jsonl", stage="C", max_steps=10, stop_head_first_steps=3).validate()
+    assert [s for s in range(10) if c.head_only_at(s)] == [0, 1, 2]
+    a = TrainConfig(train_data="x.jsonl", stage="A", max_steps=10, stop_head_first_steps=3).validate()
+    assert not any(a.head_only_at(s) for s in range(10))  # stage A has no stop head to train
+    assert not any(TrainConfig(train_data="x.jsonl", stage="C").validate().head_only_at(s) for s in range(5))

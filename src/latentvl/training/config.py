@@ -95,6 +95,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     stop_head_lr_scale: float = 1.0  # the stop head learns at lr * this (its own group, no weight decay)
+    stop_head_first_steps: int = 0  # stage C's first N steps update the stop head alone (0 = off)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -162,6 +163,12 @@ class TrainConfig:
 
     def stage_c_start(self) -> int | None:
         return {"A": None, "C": 0, "AC": self.switch_step}[self.stage]
+
+    def head_only_at(self, step: int) -> bool:
+        """Whether training step ``step`` (0-based) updates the stop head alone: the first
+        ``stop_head_first_steps`` steps of stage C."""
+        start = self.stage_c_start()
+        return start is not None and int(start) <= step < int(start) + self.stop_head_first_steps
 
     @property
     def final_threshold(self) -> float:
@@ -267,6 +274,8 @@ class TrainConfig:
             raise self._bad("weight_decay", "must be >= 0")
         if not self.stop_head_lr_scale > 0:
             raise self._bad("stop_head_lr_scale", "must be > 0")
+        if self.stop_head_first_steps < 0:
+            raise self._bad("stop_head_first_steps", "must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise self._bad(name, "must be in [0, 1)")

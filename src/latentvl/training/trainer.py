@@ -74,6 +74,7 @@ from .metrics import MetricsWriter
 from .resume import check_resume_config, lock_output_dir, release_run_lock, resume_checkpoint
 from .schedules import lr_factor, teacher_forcing_at, threshold_at
 from .setup import (
+    STOP_HEAD,
     LatentLossModule,
     build_model,
     export_copy,
@@ -515,6 +516,10 @@ def _update(run: _Run, step_no: int, step_ids: list[str]) -> tuple[float | None,
     """Clip (stopping on a non-finite norm), step the optimiser and the schedule, advance the state.
     Returns the gradient norm and the learning rate the step used."""
     run.where.phase = f"step {step_no}: gradient clipping and the optimiser step"
+    if run.cfg.head_only_at(step_no - 1):  # stop_head_first_steps: only the stop head moves
+        for name, p in run.module.named_parameters():
+            if STOP_HEAD not in name:
+                p.grad = None
     grad_norm = None
     if run.cfg.grad_clip is not None:
         norm = run.accelerator.clip_grad_norm_(run.module.parameters(), run.cfg.grad_clip)
