@@ -285,6 +285,16 @@ def test_stop_head_learning_rate_scale(scale):
             assert head_groups[0]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
 
 
+def test_head_only_steps_are_the_first_of_stage_c():
+    ac = TrainConfig(train_data="x.jsonl", stage="AC", switch_step=5, max_steps=10, stop_head_first_steps=2).validate()
+    assert [s for s in range(10) if ac.head_only_at(s)] == [5, 6]
+    c = TrainConfig(train_data="x.jsonl", stage="C", max_steps=10, stop_head_first_steps=3).validate()
+    assert [s for s in range(10) if c.head_only_at(s)] == [0, 1, 2]
+    a = TrainConfig(train_data="x.jsonl", stage="A", max_steps=10, stop_head_first_steps=3).validate()
+    assert not any(a.head_only_at(s) for s in range(10))  # stage A has no stop head to train
+    assert not any(TrainConfig(train_data="x.jsonl", stage="C").validate().head_only_at(s) for s in range(5))
+
+
 def test_backbone_is_checked_and_must_match_a_model_directory(tmp_path):
     from latentvl import build_tiny_model, save_latent_checkpoint
     from latentvl.training.setup import build_model
