@@ -66,14 +66,18 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert "Spearman(latents used, difficulty) >= 0.6" in md and "used/budget <= 0.8 on the test split" in md
     # the wall time by phase, and each arm's training speed from the trainer's per-step metrics
     t = report["timings_s"]
-    phases = ["data", *(f"train_{arm}" for arm in ARMS), "calibrate", "evaluate_stage_c_halting", "evaluate",
-              "report"]
+    phases = ["data", "train", "calibrate", "evaluate_stage_c_halting", "evaluate", "report"]
     assert set(t) == {*phases, "total"}
     assert all(t[k] >= 0 for k in phases) and sum(t[k] for k in phases) <= t["total"] + 0.5
     assert set(report["train_speed"]) == set(ARMS)
     for arm, speed in report["train_speed"].items():
         assert speed["steps"] == report["steps"][arm] and speed["steps_per_s"] > 0 and speed["wall_steps_per_s"] > 0
-    assert "| phase | seconds | share of the total |" in md and "| arm | steps | steps/s | steps/s, wall |" in md
+        assert 0 < speed["wall_s"] <= t["train"] + 0.5
+    # the shipped settings train two lanes at once, one thread each
+    assert report["arm_workers"] == {"workers": 2, "threads": 1}
+    assert "| phase | seconds | share of the total |" in md
+    assert "| arm | steps | seconds | steps/s | steps/s, wall |" in md
+    assert "The arms trained 2 at a time, 1 thread(s) each" in md
     for key in ("stage_a", "stage_c"):  # every test record lists its CoT images: each segment is measured
         al = report["results"][key]["alignment"]
         used = sum(sum(x["used_lens"]) for x in report["per_sample"][key])
@@ -232,6 +236,52 @@ def test_stage_c_calibration_can_be_switched_off():
     assert _stage_c_threshold_and_halting({}, no_val, runs, 0.6, print) == (None, 0.6, None)
 
 
+@pytest.mark.slow
+def test_arms_trained_at_once_match_arms_trained_in_turn(tmp_path):
+    """Two lanes at once, each in its own process with one thread (the shipped arm_workers), train every arm
+    exactly as one process does one arm after another with one thread: the same per-step losses and
+    gradient norms, bit for bit, and stage C from the stage-A checkpoint of its own run."""
+    import copy
+
+    from latentvl.recipes.demo import recipe
+
+    settings = load_demo_settings(None, quick=True)
+    settings["train"]["progress_bar"] = False
+    data, demo = recipe._make_data(tmp_path, settings["demo"], log=lambda *a: None)
+    in_turn, at_once = copy.deepcopy(settings), copy.deepcopy(settings)
+    in_turn["train"]["num_threads"], at_once["train"]["num_threads"] = 1, 2
+    assert recipe.arm_workers(in_turn) == (1, 1) and recipe.arm_workers(at_once) == (2, 1)
+    lines: list[str] = []
+    a = recipe._train_arms(in_turn, demo, data, tmp_path / "in_turn", log=lambda *a: None)
+    b = recipe._train_arms(at_once, demo, data, tmp_path / "at_once", log=lambda *p: lines.append(" ".join(p)))
+    assert set(a.histories) == set(b.histories) == set(ARMS) == {arm for lane in recipe.LANES for arm in lane}
+    measured = ("loss", "ce", "align", "stop", "grad_norm", "used", "lr")
+    for arm in ARMS:
+        assert len(a.histories[arm]) == len(b.histories[arm]) > 0, arm
+        for ra, rb in zip(a.histories[arm], b.histories[arm], strict=True):
+            assert {k: ra.get(k) for k in measured} == {k: rb.get(k) for k in measured}, (arm, ra["step"])
+        assert b.seconds[arm] > 0 and Path(b.runs[arm].checkpoint).is_relative_to(tmp_path / "at_once" / arm)
+    assert b.final_threshold == a.final_threshold is not None
+    init = yaml.safe_load((tmp_path / "at_once" / "stage_c" / "phase0" / "config.yaml").read_text())["init_from"]
+    assert Path(init).is_relative_to(tmp_path / "at_once" / "stage_a")
+    assert lines[0].startswith("training the arms 2 at a time, 1 thread(s) each")
+
+
+@pytest.mark.slow
+def test_a_lane_that_fails_stops_the_demo_with_its_error(tmp_path):
+    """An error inside a lane's process comes back as itself, and the log names the lane."""
+    from latentvl.recipes.demo import recipe
+
+    settings = load_demo_settings(None, quick=True)
+    settings["train"]["progress_bar"] = False
+    settings["demo"]["stage_c_train"] = {"stop_head_first_steps": -1}
+    data, demo = recipe._make_data(tmp_path, settings["demo"], log=lambda *a: None)
+    lines: list[str] = []
+    with pytest.raises(ValueError, match="stop_head_first_steps"):
+        recipe._train_arms(settings, demo, data, tmp_path / "arms", log=lambda *p: lines.append(" ".join(p)))
+    assert any(line.startswith("stage_a then stage_c: training failed") for line in lines)
+
+
 def test_no_control_trains_less_than_stage_a_and_c(tmp_path, monkeypatch):
     """Every control trains as many steps as stage A + stage C, on the same files in the same order, with the
     same model, seed and batch (the recipe's arms; the trainer itself is replaced by a recorder)."""
@@ -249,10 +299,11 @@ def test_no_control_trains_less_than_stage_a_and_c(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train", fake_train)
     settings = load_demo_settings(None)
+    settings["demo"]["arm_workers"] = 1  # in this process, where the recorder stands in for the trainer
     files = [tmp_path / name for name in ("train_difficulty_le_1.jsonl", "train_difficulty_le_2.jsonl", "train.jsonl")]
     data = recipe._DemoData("a5", {}, files[-1], [], [], [], {}, {}, 0.2, [(files[0], 6), (files[1], 7)])
     demo = {**settings["demo"], "steps_a": 13, "steps_c": 5}
-    runs, histories, _ = recipe._train_arms(settings, demo, data, tmp_path, {}, log=lambda *a: None)
+    histories = recipe._train_arms(settings, demo, data, tmp_path, log=lambda *a: None).histories
     by_arm: dict[str, list] = {}
     for cfg in seen:
         by_arm.setdefault(Path(cfg.output_dir).parent.name, []).append(cfg)

@@ -77,8 +77,8 @@ def test_a_config_file_can_move_a_halting_bar(tmp_path):
 def test_train_speed_reads_the_trainers_step_times():
     rows = [{"step": i + 1, "step_time": 0.25} for i in range(8)]
     speed = train_speed({"stage_a": rows, "pause": [{"step": 1}]}, {"stage_a": 4.0, "pause": 0.0})
-    assert speed["stage_a"] == {"steps": 8, "steps_per_s": 4.0, "wall_steps_per_s": 2.0}
-    assert speed["pause"] == {"steps": 1, "steps_per_s": None, "wall_steps_per_s": None}
+    assert speed["stage_a"] == {"steps": 8, "steps_per_s": 4.0, "wall_s": 4.0, "wall_steps_per_s": 2.0}
+    assert speed["pause"] == {"steps": 1, "steps_per_s": None, "wall_s": 0.0, "wall_steps_per_s": None}
 
 
 # ----------------------------------------------------------------------------------------------- seeds

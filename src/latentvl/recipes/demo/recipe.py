@@ -40,6 +40,8 @@ from .report import ARMS, DemoReport, write_demo_plots, write_demo_report
 
 __all__ = [
     "ARM_LATENT",
+    "LANES",
+    "arm_workers",
     "default_settings",
     "demo_tasks",
     "load_demo_settings",
@@ -293,7 +295,10 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> DemoReport
     t_start = time.perf_counter()
     data, demo = _make_data(out, settings["demo"], log)  # 1. data
     timings["data"] = time.perf_counter() - t_start
-    runs, histories, final_thr = _train_arms(settings, demo, data, out, timings, log)  # 2. and 3. the five arms
+    t0 = time.perf_counter()
+    trained = _train_arms(settings, demo, data, out, log)  # 2. and 3. the five arms
+    timings["train"] = time.perf_counter() - t0
+    runs, histories, final_thr = trained.runs, trained.histories, trained.final_threshold
     # 4. stage C's stop threshold, chosen on the val split, and its halting against difficulty
     calibration, eval_thr, halting = _stage_c_threshold_and_halting(demo, data, runs, final_thr, log, timings)
     t0 = time.perf_counter()
@@ -302,7 +307,9 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> DemoReport
     t0 = time.perf_counter()  # 6. report
     report = _assemble_report(settings, demo, data, runs, evals, final_thr, out,
                               stage_c_threshold=eval_thr, calibration=calibration, stage_c_halting=halting)
-    report["train_speed"] = train_speed(histories, {arm: timings[f"train_{arm}"] for arm in ARMS})
+    report["train_speed"] = train_speed(histories, trained.seconds)
+    workers, threads = arm_workers(settings)
+    report["arm_workers"] = {"workers": workers, "threads": threads}
     write_demo_plots(out, report, histories, evals["stage_c"]["samples"])
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -313,8 +320,8 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> DemoReport
 
 def train_speed(histories: dict[str, list[dict[str, Any]]], wall_s: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Per arm: ``steps``, ``steps_per_s`` (steps over the summed ``step_time`` of the trainer's per-step
-    metrics; None without them) and ``wall_steps_per_s`` (steps over the arm's whole training time ``wall_s``,
-    model building and checkpoints included)."""
+    metrics; None without them), ``wall_s`` (the arm's whole training time, model building and checkpoints
+    included) and ``wall_steps_per_s`` (steps over it)."""
     out = {}
     for arm, rows in histories.items():
         times = [float(r["step_time"]) for r in rows if r.get("step_time") is not None]
@@ -322,6 +329,7 @@ def train_speed(histories: dict[str, list[dict[str, Any]]], wall_s: dict[str, fl
         out[arm] = {
             "steps": len(rows),
             "steps_per_s": len(times) / sum(times) if times and sum(times) > 0 else None,
+            "wall_s": None if wall is None else round(wall, 1),
             "wall_steps_per_s": len(rows) / wall if wall else None,
         }
     return out
@@ -353,39 +361,108 @@ def _make_data(out: Path, demo: dict[str, Any], log) -> tuple[_DemoData, dict[st
     return data, demo
 
 
-def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, out: Path,
-                timings: dict[str, float], log) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], float]:
-    """Stage A through the curriculum phases, stage C from its checkpoint on all records, then each
-    control through the same phases and the stage-C steps. Returns each arm's last training result, each
-    arm's history, and stage C's final stop threshold."""
-    steps_a, steps_c = int(demo["steps_a"]), int(demo["steps_c"])
-    c_phase = [(data.train_file, steps_c)]
-    runs: dict[str, Any] = {}
-    histories: dict[str, list[dict[str, Any]]] = {}
-    t0 = time.perf_counter()
-    log(f"stage A: {steps_a} steps in {len(data.phases)} phase(s)")
-    recipe = demo.get("stage_a") or {}  # stage A's own training signals from the CoT images (none by default)
-    res, histories["stage_a"], _ = _train_phases(
-        settings, data.phases, out / "stage_a", decay_fraction=float(recipe.get("teacher_forcing_decay", 0.0)),
-        **({"latent": recipe["latent"]} if recipe.get("latent") else {}))
-    runs["stage_a"] = res[-1]
-    timings["train_stage_a"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log(f"stage C: {steps_c} steps from {runs['stage_a'].checkpoint}")
-    res, histories["stage_c"], cfg_c = _train_phases(settings, c_phase, out / "stage_c", stage="C",
-                                                     init_from=str(runs["stage_a"].checkpoint),
-                                                     latent=dict(demo.get("stage_c_latent") or {}),
-                                                     **dict(demo.get("stage_c_train") or {}))
-    runs["stage_c"] = res[-1]
-    timings["train_stage_c"] = time.perf_counter() - t0
-    for arm in ("baseline_no_latents", "pause", "latents_no_align"):
+# The arms in the lanes they train in: stage C starts from stage A's checkpoint, every control on its own.
+# Longest first, so that with two workers the controls share one worker while the stage A -> C chain has the other.
+LANES: tuple[tuple[str, ...], ...] = (("stage_a", "stage_c"), ("latents_no_align",), ("pause",),
+                                      ("baseline_no_latents",))
+
+
+@dataclass
+class _TrainedArms:
+    """Each arm's last training result and whole history, its training seconds (wall, its own lane), and
+    stage C's final stop threshold."""
+
+    runs: dict[str, Any]
+    histories: dict[str, list[dict[str, Any]]]
+    seconds: dict[str, float]
+    final_threshold: float | None
+
+
+def arm_workers(settings: dict[str, Any]) -> tuple[int, int]:
+    """``(workers, threads)``: how many lanes train at once and the threads of each. ``demo.arm_workers``
+    (default 1) capped at ``train.num_threads``, which the workers share (at least 1 thread each); one worker
+    trains in this process with all the threads."""
+    threads = int(settings["train"].get("num_threads") or 1)
+    workers = max(1, min(int(settings["demo"].get("arm_workers") or 1), threads))
+    return workers, max(1, threads // workers)
+
+
+def _train_arm(settings: dict[str, Any], demo: dict[str, Any], phases: list[tuple[Path, int]], train_file: Path,
+               out: Path, arm: str, init_from: str | None = None):
+    """One arm through its phases: stage A through ``phases``; stage C ``steps_c`` steps on all records
+    from ``init_from`` (stage A's checkpoint); a control through ``phases`` and then the stage-C steps."""
+    c_phase = [(train_file, int(demo["steps_c"]))]
+    if arm == "stage_a":
+        recipe = demo.get("stage_a") or {}  # stage A's own training signals from the CoT images
+        decay = float(recipe.get("teacher_forcing_decay", 0.0))
+        return _train_phases(settings, phases, out / arm, decay_fraction=decay,
+                             **({"latent": recipe["latent"]} if recipe.get("latent") else {}))
+    if arm == "stage_c":
+        return _train_phases(settings, c_phase, out / arm, stage="C", init_from=init_from,
+                             latent=dict(demo.get("stage_c_latent") or {}), **dict(demo.get("stage_c_train") or {}))
+    extra = {"use_latents": False} if arm == "baseline_no_latents" else {"latent": ARM_LATENT[arm]}
+    return _train_phases(settings, phases + c_phase, out / arm, **extra)
+
+
+def _train_lane(settings: dict[str, Any], demo: dict[str, Any], phases: list[tuple[Path, int]], train_file: Path,
+                out: Path, lane: tuple[str, ...], log=print) -> _TrainedArms:
+    """The arms of ``lane`` one after another (stage C from the stage-A checkpoint of the same lane)."""
+    done = _TrainedArms({}, {}, {}, None)
+    steps = {"stage_a": int(demo["steps_a"]), "stage_c": int(demo["steps_c"])}
+    for arm in lane:
         t0 = time.perf_counter()
-        log(f"{arm}: {steps_a + steps_c} steps")
-        extra = {"use_latents": False} if arm == "baseline_no_latents" else {"latent": ARM_LATENT[arm]}
-        res, histories[arm], _ = _train_phases(settings, data.phases + c_phase, out / arm, **extra)
-        runs[arm] = res[-1]
-        timings[f"train_{arm}"] = time.perf_counter() - t0
-    return runs, histories, cfg_c.final_threshold
+        init_from = str(done.runs["stage_a"].checkpoint) if arm == "stage_c" else None
+        log(f"{arm}: {steps.get(arm, steps['stage_a'] + steps['stage_c'])} steps"
+            + (f" from {init_from}" if init_from else f" in {len(phases) + (arm not in steps)} phase(s)"))
+        res, done.histories[arm], cfg = _train_arm(settings, demo, phases, train_file, out, arm, init_from)
+        done.runs[arm] = res[-1]
+        done.seconds[arm] = time.perf_counter() - t0
+        if arm == "stage_c":
+            done.final_threshold = cfg.final_threshold
+    return done
+
+
+def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, out: Path, log) -> _TrainedArms:
+    """Every lane of :data:`LANES`: stage A through the curriculum phases and stage C from its checkpoint on all
+    records; each control through the same phases and the stage-C steps. With ``arm_workers`` above 1 the lanes
+    train that many at a time, each in a fresh process with its share of the threads (the same steps, data,
+    model and seed as one after another; only stage A's lane keeps a progress bar)."""
+    workers, threads = arm_workers(settings)
+    merged = _TrainedArms({}, {}, {}, None)
+
+    def take(part: _TrainedArms) -> None:
+        merged.runs.update(part.runs)
+        merged.histories.update(part.histories)
+        merged.seconds.update(part.seconds)
+        merged.final_threshold = part.final_threshold if part.final_threshold is not None else merged.final_threshold
+
+    if workers == 1:
+        for lane in (LANES[0], *reversed(LANES[1:])):  # stage A and C, then no latents, pause, no alignment
+            take(_train_lane(settings, demo, data.phases, data.train_file, out, lane, log))
+        return merged
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    log(f"training the arms {workers} at a time, {threads} thread(s) each: "
+        + "; ".join(" then ".join(lane) for lane in LANES))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {}
+        for i, lane in enumerate(LANES):
+            lane_settings = copy.deepcopy(settings)
+            lane_settings["train"]["num_threads"] = threads
+            lane_settings["train"]["progress_bar"] = bool(settings["train"].get("progress_bar")) and i == 0
+            futures[pool.submit(_train_lane, lane_settings, demo, data.phases, data.train_file, out, lane)] = lane
+        for fut in as_completed(futures):
+            lane = futures[fut]
+            try:
+                part = fut.result()
+            except BaseException:
+                log(f"{' then '.join(lane)}: training failed; the lanes not started are cancelled")
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            take(part)
+            log(", ".join(f"{arm} trained in {part.seconds[arm]:.0f} s" for arm in lane))
+    return merged
 
 
 def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], final_thr: float,

@@ -86,6 +86,7 @@ class DemoReport(TypedDict, total=False):
     checks: dict[str, bool]
     all_bars_met: bool
     train_speed: dict[str, dict[str, Any]]
+    arm_workers: dict[str, int]
     stage_c_threshold: float
     calibration: dict[str, Any] | None
     stage_c_halting: dict[str, Any] | None
@@ -417,12 +418,15 @@ def time_section(report: DemoReport) -> list[str]:
         lines.append(f"| {k} | {v} | {share} |")
     speed = report.get("train_speed") or {}
     if speed:
-        lines += ["", "Training speed: steps per second of the trainer's steps (its per-step `step_time`), and "
-                  "over the arm's whole training time (model building and checkpoints included).", "",
-                  "| arm | steps | steps/s | steps/s, wall |", "|---|---|---|---|"]
+        workers = report.get("arm_workers") or {}
+        lines += ["", f"The arms trained {workers.get('workers', 1)} at a time, {workers.get('threads', '-')} "
+                  "thread(s) each (`train` is the wall time of them all). Training speed: each arm's seconds, its "
+                  "steps per second over the trainer's steps (their per-step `step_time`), and over the arm's "
+                  "whole training time (model building and checkpoints included).", "",
+                  "| arm | steps | seconds | steps/s | steps/s, wall |", "|---|---|---|---|---|"]
         for arm, s in speed.items():
-            lines.append(f"| {ARM_LABELS.get(arm, arm).split(' (')[0]} | {s['steps']} | {_rate(s['steps_per_s'])} "
-                         f"| {_rate(s['wall_steps_per_s'])} |")
+            lines.append(f"| {ARM_LABELS.get(arm, arm).split(' (')[0]} | {s['steps']} | {s.get('wall_s', '-')} "
+                         f"| {_rate(s['steps_per_s'])} | {_rate(s['wall_steps_per_s'])} |")
     return lines + [""]
 
 

@@ -60,7 +60,7 @@ def seed_dir(out: str | Path, seed: int) -> Path:
 
 
 # Settings that change how fast a demo runs, not what it measures: a report is reused across them.
-_PACE = (("train", "num_threads"), ("train", "progress_bar"))
+_PACE = (("train", "num_threads"), ("train", "progress_bar"), ("demo", "arm_workers"))
 
 
 def _recipe(settings: Mapping[str, Any]) -> Any:
@@ -73,7 +73,7 @@ def _recipe(settings: Mapping[str, Any]) -> Any:
 
 def completed_report(path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """The demo report at ``path`` (a ``report.json``) if it is complete and was made with ``settings`` (its
-    seed included; the threads and progress bars aside), else None."""
+    seed included; the threads, progress bars and arm workers aside), else None."""
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
