@@ -254,7 +254,8 @@ def test_arms_trained_at_once_match_arms_trained_in_turn(tmp_path):
     lines: list[str] = []
     a = recipe._train_arms(in_turn, demo, data, tmp_path / "in_turn", log=lambda *a: None)
     b = recipe._train_arms(at_once, demo, data, tmp_path / "at_once", log=lambda *p: lines.append(" ".join(p)))
-    assert set(a.histories) == set(b.histories) == set(ARMS) == {arm for lane in recipe.LANES for arm in lane}
+    assert list(a.histories) == list(b.histories) == list(b.runs) == list(b.seconds) == list(ARMS)
+    assert sorted(ARMS) == sorted(arm for lane in recipe.LANES for arm in lane)
     measured = ("loss", "ce", "align", "stop", "grad_norm", "used", "lr")
     for arm in ARMS:
         assert len(a.histories[arm]) == len(b.histories[arm]) > 0, arm

@@ -13,7 +13,8 @@ data with the same model, optimiser, seed and steps:
   the validation split (:mod:`latentvl.evaluation.calibration`, ``calibrate_threshold``).
 
 The controls train for as many steps as stage A and stage C together, on the same data schedule
-(``curriculum``: phases on records of growing difficulty, then the stage-C steps on all records). Every
+(``curriculum``: phases on records of growing difficulty, then the stage-C steps on all records), in lanes
+(stage A then stage C; each control alone) of which ``arm_workers`` train at once, each in its own process. Every
 arm is evaluated on the held-out test split with ``latentvl eval``'s instruments (accuracy by difficulty,
 mask / swap / noise, truncation, implant, linear probe, alignment); ``report.md`` leads with accuracy
 against difficulty for every arm. ``--quick`` runs a few steps on a few records (a smoke test of the
@@ -439,7 +440,7 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
     if workers == 1:
         for lane in (LANES[0], *reversed(LANES[1:])):  # stage A and C, then no latents, pause, no alignment
             take(_train_lane(settings, demo, data.phases, data.train_file, out, lane, log))
-        return merged
+        return _in_arm_order(merged)
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -462,7 +463,16 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
                 raise
             take(part)
             log(", ".join(f"{arm} trained in {part.seconds[arm]:.0f} s" for arm in lane))
-    return merged
+    return _in_arm_order(merged)
+
+
+def _in_arm_order(trained: _TrainedArms) -> _TrainedArms:
+    """The arms in :data:`ARMS` order, whichever lane ended first (the report's tables and plots follow it)."""
+    def order(d: dict[str, Any]) -> dict[str, Any]:
+        return {arm: d[arm] for arm in ARMS if arm in d}
+
+    return _TrainedArms(order(trained.runs), order(trained.histories), order(trained.seconds),
+                        trained.final_threshold)
 
 
 def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], final_thr: float,
