@@ -283,6 +283,77 @@ def test_a_lane_that_fails_stops_the_demo_with_its_error(tmp_path):
     assert any(line.startswith("stage_a then stage_c: training failed") for line in lines)
 
 
+def test_stage_c_is_tried_again_while_it_is_under_stage_a(tmp_path, monkeypatch):
+    """A stage-C try more than stage_c_retry_drop under stage A's val accuracy at full budget is followed by one
+    with the next seed, up to stage_c_attempts; the first try within the drop is kept, else the best."""
+    import types
+
+    from latentvl.recipes.demo import recipe
+    from latentvl.recipes.demo.report import stage_c_tries_section
+
+    seen_seeds, accs = [], {}
+
+    def fake_arm(settings, demo, phases, train_file, out, arm, init_from=None):
+        seen_seeds.append(settings["demo"]["seed"])
+        assert arm == "stage_c" and init_from == "A"
+        res = types.SimpleNamespace(checkpoint=out / arm / "ckpt")
+        return [res], [{"step": 1}], types.SimpleNamespace(final_threshold=0.9)
+
+    monkeypatch.setattr(recipe, "_train_arm", fake_arm)
+    monkeypatch.setattr(recipe, "_val_accuracy_full_budget", lambda ckpt, val, bs: accs[str(ckpt)])
+    (tmp_path / "val.jsonl").write_text("")
+    settings = load_demo_settings(None)
+    settings["demo"]["seed"] = 7
+    demo = {**settings["demo"], "stage_c_attempts": 3, "stage_c_retry_drop": 0.02}
+
+    def run(a, *tries):
+        seen_seeds.clear()
+        accs.clear()
+        accs["A"] = a
+        for i, acc in enumerate(tries):
+            accs[str((tmp_path if i == 0 else tmp_path / f"stage_c_try{i + 1}") / "stage_c" / "ckpt")] = acc
+        res, _, _, att = recipe._train_stage_c(settings, demo, [], tmp_path / "train.jsonl", tmp_path, "A",
+                                               log=lambda *p: None)
+        return res[-1].checkpoint, att
+
+    ckpt, att = run(1.0, 0.99)  # within the drop: one try
+    assert seen_seeds == [7] and att["kept"] == 0 and ckpt == tmp_path / "stage_c" / "ckpt"
+    ckpt, att = run(1.0, 0.80, 0.985)  # the second try is within the drop: kept, no third
+    assert seen_seeds == [7, 1007] and att["kept"] == 1 and ckpt == tmp_path / "stage_c_try2" / "stage_c" / "ckpt"
+    ckpt, att = run(1.0, 0.90, 0.80, 0.85)  # none within: the best is kept
+    assert seen_seeds == [7, 1007, 2007] and att["kept"] == 0 and ckpt == tmp_path / "stage_c" / "ckpt"
+    assert [round(t["drop"], 3) for t in att["tries"]] == [0.1, 0.2, 0.15]
+    md = "\n".join(stage_c_tries_section({"stage_c_attempts": att, "settings": {"demo": demo}}))
+    assert "| 1 | 7 | 0.900 | +0.100 | kept |" in md and "| 3 | 2007 | 0.850 | +0.150 |  |" in md
+    demo["stage_c_attempts"] = 0
+    with pytest.raises(ValueError, match="stage_c_attempts"):
+        run(1.0, 0.9)
+
+
+@pytest.mark.slow
+def test_stage_c_tries_train_from_stage_a_with_their_own_seeds(tmp_path):
+    """The real tries: each from the stage-A checkpoint of its lane, with its own seed and folder, its val
+    accuracy measured; the demo keeps the best (a drop bar of -1 is never met, so every try runs)."""
+    from latentvl.recipes.demo import recipe
+
+    settings = load_demo_settings(None, quick=True)
+    settings["train"]["progress_bar"] = False
+    settings["demo"].update(arm_workers=1, stage_c_attempts=2, stage_c_retry_drop=-1.0)
+    data, demo = recipe._make_data(tmp_path, settings["demo"], log=lambda *a: None)
+    trained = recipe._train_arms(settings, demo, data, tmp_path / "arms", log=lambda *a: None)
+    att = trained.stage_c_attempts
+    seed = settings["demo"]["seed"]
+    assert [t["seed"] for t in att["tries"]] == [seed, seed + 1000]
+    accs = [t["val_full_budget"] for t in att["tries"]]
+    assert all(0.0 <= a <= 1.0 for a in accs) and att["kept"] == accs.index(max(accs))
+    assert 0.0 <= att["stage_a_val_full_budget"] <= 1.0
+    kept_dir = Path(att["tries"][att["kept"]]["output_dir"])
+    assert Path(trained.runs["stage_c"].checkpoint).is_relative_to(kept_dir)
+    for t in att["tries"]:
+        cfg = yaml.safe_load((Path(t["output_dir"]) / "phase0" / "config.yaml").read_text())
+        assert cfg["seed"] == t["seed"] and Path(cfg["init_from"]).is_relative_to(tmp_path / "arms" / "stage_a")
+
+
 def test_no_control_trains_less_than_stage_a_and_c(tmp_path, monkeypatch):
     """Every control trains as many steps as stage A + stage C, on the same files in the same order, with the
     same model, seed and batch (the recipe's arms; the trainer itself is replaced by a recorder)."""

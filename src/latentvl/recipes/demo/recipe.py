@@ -311,6 +311,7 @@ def run_demo(out: str | Path, settings: dict[str, Any], log=print) -> DemoReport
     report["train_speed"] = train_speed(histories, trained.seconds)
     workers, threads = arm_workers(settings)
     report["arm_workers"] = {"workers": workers, "threads": threads}
+    report["stage_c_attempts"] = trained.stage_c_attempts
     write_demo_plots(out, report, histories, evals["stage_c"]["samples"])
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -377,6 +378,7 @@ class _TrainedArms:
     histories: dict[str, list[dict[str, Any]]]
     seconds: dict[str, float]
     final_threshold: float | None
+    stage_c_attempts: dict[str, Any] | None = None  # see _train_stage_c
 
 
 def arm_workers(settings: dict[str, Any]) -> tuple[int, int]:
@@ -415,12 +417,73 @@ def _train_lane(settings: dict[str, Any], demo: dict[str, Any], phases: list[tup
         init_from = str(done.runs["stage_a"].checkpoint) if arm == "stage_c" else None
         log(f"{arm}: {steps.get(arm, steps['stage_a'] + steps['stage_c'])} steps"
             + (f" from {init_from}" if init_from else f" in {len(phases) + (arm not in steps)} phase(s)"))
-        res, done.histories[arm], cfg = _train_arm(settings, demo, phases, train_file, out, arm, init_from)
+        if arm == "stage_c":
+            res, done.histories[arm], cfg, done.stage_c_attempts = _train_stage_c(
+                settings, demo, phases, train_file, out, init_from, log)
+            done.final_threshold = cfg.final_threshold
+        else:
+            res, done.histories[arm], cfg = _train_arm(settings, demo, phases, train_file, out, arm, init_from)
         done.runs[arm] = res[-1]
         done.seconds[arm] = time.perf_counter() - t0
-        if arm == "stage_c":
-            done.final_threshold = cfg.final_threshold
     return done
+
+
+def _val_accuracy_full_budget(checkpoint: Path, val_file: Path, batch_size: int) -> float:
+    """Greedy exact-match accuracy of the model at ``checkpoint`` on the records of ``val_file`` with every
+    latent slot used (no stop head)."""
+    from ...data.collator import LatentCollator
+    from ...data.records import load_records
+    from ...evaluation.halting import full_budget
+    from ...evaluation.teacher_forced import evaluate_records
+    from ...model.loading import load_latent_model
+    from ...training.checkpoint import quiet_hf_progress
+
+    records, _ = load_records(val_file)
+    with quiet_hf_progress():
+        model, processor = load_latent_model(Path(checkpoint) / "model")
+    with full_budget(model):
+        res = evaluate_records(model, LatentCollator(processor, model.config), records, batch_size=batch_size)
+    return float(res["accuracy"])
+
+
+def _train_stage_c(settings: dict[str, Any], demo: dict[str, Any], phases: list[tuple[Path, int]], train_file: Path,
+                   out: Path, init_from: str, log=print):
+    """Stage C from stage A's checkpoint ``init_from``, tried again when it lost what stage A computes.
+
+    After each try, its accuracy at full budget on the val split is compared with stage A's: a try that is more
+    than ``demo.stage_c_retry_drop`` under it is followed by another with the next training seed (``seed +
+    1000 * try``; the same steps, data and settings; stage A untouched), up to ``demo.stage_c_attempts`` tries
+    in all. The try kept is the first within the drop, else the one with the best val accuracy (the first of
+    equals). Returns ``(results, history, config, attempts)``: ``attempts`` holds stage A's val accuracy, each
+    try's seed, folder and val accuracy, and the index kept (``None`` when one try is all that is allowed)."""
+    tries = int(demo.get("stage_c_attempts", 1))
+    val_file = train_file.parent / "val.jsonl"
+    if tries < 1:
+        raise ValueError(f"demo.stage_c_attempts must be >= 1, got {tries}")
+    if tries == 1 or not val_file.exists():
+        res, history, cfg = _train_arm(settings, demo, phases, train_file, out, "stage_c", init_from)
+        return res, history, cfg, None
+    batch_size, max_drop = int(demo["eval_batch_size"]), float(demo.get("stage_c_retry_drop", 0.02))
+    a_acc = _val_accuracy_full_budget(Path(init_from), val_file, batch_size)
+    attempts: dict[str, Any] = {"stage_a_val_full_budget": a_acc, "max_drop": max_drop, "tries": [], "kept": 0}
+    outcomes = []
+    for i in range(tries):
+        seeded = copy.deepcopy(settings)
+        seeded["demo"]["seed"] = int(settings["demo"]["seed"]) + 1000 * i
+        folder = out if i == 0 else out / f"stage_c_try{i + 1}"
+        res, history, cfg = _train_arm(seeded, demo, phases, train_file, folder, "stage_c", init_from)
+        acc = _val_accuracy_full_budget(res[-1].checkpoint, val_file, batch_size)
+        attempts["tries"].append({"seed": seeded["demo"]["seed"], "output_dir": str(folder / "stage_c"),
+                                  "val_full_budget": acc, "drop": a_acc - acc})
+        outcomes.append((res, history, cfg))
+        log(f"stage_c try {i + 1} of {tries} (seed {seeded['demo']['seed']}): val accuracy at full budget "
+            f"{acc:.3f}, stage A {a_acc:.3f}")
+        if a_acc - acc <= max_drop:
+            break
+    accs = [t["val_full_budget"] for t in attempts["tries"]]
+    kept = len(accs) - 1 if a_acc - accs[-1] <= max_drop else accs.index(max(accs))
+    attempts["kept"] = kept
+    return (*outcomes[kept], attempts)
 
 
 def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData, out: Path, log) -> _TrainedArms:
@@ -436,6 +499,7 @@ def _train_arms(settings: dict[str, Any], demo: dict[str, Any], data: _DemoData,
         merged.histories.update(part.histories)
         merged.seconds.update(part.seconds)
         merged.final_threshold = part.final_threshold if part.final_threshold is not None else merged.final_threshold
+        merged.stage_c_attempts = part.stage_c_attempts or merged.stage_c_attempts
 
     if workers == 1:
         for lane in (LANES[0], *reversed(LANES[1:])):  # stage A and C, then no latents, pause, no alignment
@@ -472,7 +536,7 @@ def _in_arm_order(trained: _TrainedArms) -> _TrainedArms:
         return {arm: d[arm] for arm in ARMS if arm in d}
 
     return _TrainedArms(order(trained.runs), order(trained.histories), order(trained.seconds),
-                        trained.final_threshold)
+                        trained.final_threshold, trained.stage_c_attempts)
 
 
 def _stage_c_threshold_and_halting(demo: dict[str, Any], data: _DemoData, runs: dict[str, Any], final_thr: float,

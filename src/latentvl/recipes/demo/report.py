@@ -87,6 +87,7 @@ class DemoReport(TypedDict, total=False):
     all_bars_met: bool
     train_speed: dict[str, dict[str, Any]]
     arm_workers: dict[str, int]
+    stage_c_attempts: dict[str, Any] | None
     stage_c_threshold: float
     calibration: dict[str, Any] | None
     stage_c_halting: dict[str, Any] | None
@@ -152,7 +153,7 @@ def calibration_section(report: DemoReport) -> list[str]:
     from ...reports.halting import halting_markdown
 
     cal, halting = report.get("calibration"), report.get("stage_c_halting")
-    lines = []
+    lines = [*stage_c_tries_section(report)]
     if cal:
         lines += ["## Stage C's stop threshold", "",
                   f"Stage C trains with the threshold falling to {report['final_threshold']:g}; the threshold it "
@@ -164,6 +165,22 @@ def calibration_section(report: DemoReport) -> list[str]:
                   "above and at full budget: does stage C spend its latents where the records need them?", "",
                   halting_markdown(f"stage C, threshold {_stage_c_threshold(report):g}", halting)]
     return lines
+
+
+def stage_c_tries_section(report: DemoReport) -> list[str]:
+    """Stage C's tries (``demo.stage_c_attempts``): each one's val accuracy at full budget against stage A's,
+    and the one kept (nothing when one try was all that was allowed)."""
+    att = report.get("stage_c_attempts")
+    if not att:
+        return []
+    rows = [f"| {i + 1} | {t['seed']} | {t['val_full_budget']:.3f} | {t['drop']:+.3f} | "
+            f"{'kept' if i == att['kept'] else ''} |" for i, t in enumerate(att["tries"])]
+    return ["## Stage C's tries", "",
+            f"Stage C is tried again with the next training seed when its validation accuracy at full budget is more "
+            f"than {att['max_drop']:g} under stage A's ({att['stage_a_val_full_budget']:.3f}), at most "
+            f"{report['settings']['demo'].get('stage_c_attempts')} tries; the first within that is kept, else the "
+            "best (the test split is never looked at).", "",
+            "| try | seed | val accuracy, full budget | under stage A | |", "|---|---|---|---|---|", *rows, ""]
 
 
 def causal_table(report: DemoReport) -> str:
