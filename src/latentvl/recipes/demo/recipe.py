@@ -455,7 +455,8 @@ def _train_stage_c(settings: dict[str, Any], demo: dict[str, Any], phases: list[
     1000 * try``; the same steps, data and settings; stage A untouched), up to ``demo.stage_c_attempts`` tries
     in all. The try kept is the first within the drop, else the one with the best val accuracy (the first of
     equals). Returns ``(results, history, config, attempts)``: ``attempts`` holds stage A's val accuracy, each
-    try's seed, folder and val accuracy, and the index kept (``None`` when one try is all that is allowed)."""
+    try's seed, folder and val accuracy, and the index kept (``None`` when one try is allowed or there is no
+    val split)."""
     tries = int(demo.get("stage_c_attempts", 1))
     val_file = train_file.parent / "val.jsonl"
     if tries < 1:
@@ -481,8 +482,7 @@ def _train_stage_c(settings: dict[str, Any], demo: dict[str, Any], phases: list[
         if a_acc - acc <= max_drop:
             break
     accs = [t["val_full_budget"] for t in attempts["tries"]]
-    kept = len(accs) - 1 if a_acc - accs[-1] <= max_drop else accs.index(max(accs))
-    attempts["kept"] = kept
+    kept = attempts["kept"] = accs.index(max(accs))  # a try within the drop ends the loop and is the best
     return (*outcomes[kept], attempts)
 
 
