@@ -291,10 +291,11 @@ def test_stage_c_is_tried_again_while_it_is_under_stage_a(tmp_path, monkeypatch)
     from latentvl.recipes.demo import recipe
     from latentvl.recipes.demo.report import stage_c_tries_section
 
-    seen_seeds, accs = [], {}
+    seen_seeds, seen_latent, accs = [], [], {}
 
     def fake_arm(settings, demo, phases, train_file, out, arm, init_from=None):
         seen_seeds.append(settings["demo"]["seed"])
+        seen_latent.append(demo["stage_c_latent"])
         assert arm == "stage_c" and init_from == "A"
         res = types.SimpleNamespace(checkpoint=out / arm / "ckpt")
         return [res], [{"step": 1}], types.SimpleNamespace(final_threshold=0.9)
@@ -304,10 +305,13 @@ def test_stage_c_is_tried_again_while_it_is_under_stage_a(tmp_path, monkeypatch)
     (tmp_path / "val.jsonl").write_text("")
     settings = load_demo_settings(None)
     settings["demo"]["seed"] = 7
-    demo = {**settings["demo"], "stage_c_attempts": 3, "stage_c_retry_drop": 0.02}
+    demo = {**settings["demo"], "stage_c_attempts": 3, "stage_c_retry_drop": 0.02,
+            "stage_c_latent": {"latent_min_used": 2, "latent_full_budget_align_weight": 0.0},
+            "stage_c_retry_latent": {"latent_full_budget_align_weight": 0.3}}
 
     def run(a, *tries):
         seen_seeds.clear()
+        seen_latent.clear()
         accs.clear()
         accs["A"] = a
         for i, acc in enumerate(tries):
@@ -323,8 +327,17 @@ def test_stage_c_is_tried_again_while_it_is_under_stage_a(tmp_path, monkeypatch)
     ckpt, att = run(1.0, 0.90, 0.80, 0.85)  # none within: the best is kept
     assert seen_seeds == [7, 1007, 2007] and att["kept"] == 0 and ckpt == tmp_path / "stage_c" / "ckpt"
     assert [round(t["drop"], 3) for t in att["tries"]] == [0.1, 0.2, 0.15]
+    # the first try trains stage C as set; the tries after it with stage_c_retry_latent merged over it
+    assert seen_latent[0] == {"latent_min_used": 2, "latent_full_budget_align_weight": 0.0}
+    assert seen_latent[1:] == [{"latent_min_used": 2, "latent_full_budget_align_weight": 0.3}] * 2
+    assert [t["latent"] for t in att["tries"]] == [{}] + [{"latent_full_budget_align_weight": 0.3}] * 2
     md = "\n".join(stage_c_tries_section({"stage_c_attempts": att, "settings": {"demo": demo}}))
-    assert "| 1 | 7 | 0.900 | +0.100 | kept |" in md and "| 3 | 2007 | 0.850 | +0.150 |  |" in md
+    assert "| 1 | 7 | as set | 0.900 | +0.100 | kept |" in md
+    assert "| 3 | 2007 | latent_full_budget_align_weight 0.3 | 0.850 | +0.150 |  |" in md
+    demo["stage_c_retry_latent"] = {"latent_full_budget_align_weight": -1.0}
+    with pytest.raises(ValueError, match="stage_c_retry_latent.*latent_full_budget_align_weight"):
+        run(1.0, 0.9)
+    assert seen_seeds == []  # refused before the first try
     demo["stage_c_attempts"] = 0
     with pytest.raises(ValueError, match="stage_c_attempts"):
         run(1.0, 0.9)
@@ -349,9 +362,13 @@ def test_stage_c_tries_train_from_stage_a_with_their_own_seeds(tmp_path):
     assert 0.0 <= att["stage_a_val_full_budget"] <= 1.0
     kept_dir = Path(att["tries"][att["kept"]]["output_dir"])
     assert Path(trained.runs["stage_c"].checkpoint).is_relative_to(kept_dir)
+    aligned = []
     for t in att["tries"]:
         cfg = yaml.safe_load((Path(t["output_dir"]) / "phase0" / "config.yaml").read_text())
         assert cfg["seed"] == t["seed"] and Path(cfg["init_from"]).is_relative_to(tmp_path / "arms" / "stage_a")
+        aligned.append(cfg["latent"].get("latent_full_budget_align_weight", 0.0))
+    retry = demo["stage_c_retry_latent"]["latent_full_budget_align_weight"]  # the shipped a5 retry setting
+    assert aligned == [demo["stage_c_latent"].get("latent_full_budget_align_weight", 0.0), retry] and retry > 0
 
 
 def test_no_control_trains_less_than_stage_a_and_c(tmp_path, monkeypatch):

@@ -452,11 +452,11 @@ def _train_stage_c(settings: dict[str, Any], demo: dict[str, Any], phases: list[
 
     After each try, its accuracy at full budget on the val split is compared with stage A's: a try that is more
     than ``demo.stage_c_retry_drop`` under it is followed by another with the next training seed (``seed +
-    1000 * try``; the same steps, data and settings; stage A untouched), up to ``demo.stage_c_attempts`` tries
-    in all. The try kept is the first within the drop, else the one with the best val accuracy (the first of
-    equals). Returns ``(results, history, config, attempts)``: ``attempts`` holds stage A's val accuracy, each
-    try's seed, folder and val accuracy, and the index kept (``None`` when one try is allowed or there is no
-    val split)."""
+    1000 * try``) and ``demo.stage_c_retry_latent`` merged over ``stage_c_latent`` (the same steps and data;
+    stage A untouched), up to ``demo.stage_c_attempts`` tries in all. The try kept is the first within the
+    drop, else the one with the best val accuracy (the first of equals). Returns ``(results, history, config,
+    attempts)``: ``attempts`` holds stage A's val accuracy, each try's seed, latent overrides, folder and val
+    accuracy, and the index kept (``None`` when one try is allowed or there is no val split)."""
     tries = int(demo.get("stage_c_attempts", 1))
     val_file = train_file.parent / "val.jsonl"
     if tries < 1:
@@ -467,15 +467,23 @@ def _train_stage_c(settings: dict[str, Any], demo: dict[str, Any], phases: list[
     batch_size, max_drop = int(demo["eval_batch_size"]), float(demo.get("stage_c_retry_drop", 0.02))
     a_acc = _val_accuracy_full_budget(Path(init_from), val_file, batch_size)
     attempts: dict[str, Any] = {"stage_a_val_full_budget": a_acc, "max_drop": max_drop, "tries": [], "kept": 0}
+    retry_latent = dict(demo.get("stage_c_retry_latent") or {})
+    try:  # a bad retry setting is named now, not after the first try
+        _train_config(settings, latent={**(demo.get("stage_c_latent") or {}), **retry_latent}, stage="C",
+                      train_data=str(train_file), **dict(demo.get("stage_c_train") or {}))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"demo.stage_c_retry_latent: {err}") from err
     outcomes = []
     for i in range(tries):
         seeded = copy.deepcopy(settings)
         seeded["demo"]["seed"] = int(settings["demo"]["seed"]) + 1000 * i
+        overrides = retry_latent if i > 0 else {}
+        demo_i = {**demo, "stage_c_latent": {**(demo.get("stage_c_latent") or {}), **overrides}}
         folder = out if i == 0 else out / f"stage_c_try{i + 1}"
-        res, history, cfg = _train_arm(seeded, demo, phases, train_file, folder, "stage_c", init_from)
+        res, history, cfg = _train_arm(seeded, demo_i, phases, train_file, folder, "stage_c", init_from)
         acc = _val_accuracy_full_budget(res[-1].checkpoint, val_file, batch_size)
-        attempts["tries"].append({"seed": seeded["demo"]["seed"], "output_dir": str(folder / "stage_c"),
-                                  "val_full_budget": acc, "drop": a_acc - acc})
+        attempts["tries"].append({"seed": seeded["demo"]["seed"], "latent": overrides,
+                                  "output_dir": str(folder / "stage_c"), "val_full_budget": acc, "drop": a_acc - acc})
         outcomes.append((res, history, cfg))
         log(f"stage_c try {i + 1} of {tries} (seed {seeded['demo']['seed']}): val accuracy at full budget "
             f"{acc:.3f}, stage A {a_acc:.3f}")

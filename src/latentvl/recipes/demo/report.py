@@ -173,14 +173,20 @@ def stage_c_tries_section(report: DemoReport) -> list[str]:
     att = report.get("stage_c_attempts")
     if not att:
         return []
-    rows = [f"| {i + 1} | {t['seed']} | {t['val_full_budget']:.3f} | {t['drop']:+.3f} | "
-            f"{'kept' if i == att['kept'] else ''} |" for i, t in enumerate(att["tries"])]
+    rows = [f"| {i + 1} | {t['seed']} | {_latent_overrides(t.get('latent'))} | {t['val_full_budget']:.3f} | "
+            f"{t['drop']:+.3f} | {'kept' if i == att['kept'] else ''} |" for i, t in enumerate(att["tries"])]
     return ["## Stage C's tries", "",
-            f"Stage C is tried again with the next training seed when its validation accuracy at full budget is more "
-            f"than {att['max_drop']:g} under stage A's ({att['stage_a_val_full_budget']:.3f}), at most "
-            f"{report['settings']['demo'].get('stage_c_attempts')} tries; the first within that is kept, else the "
-            "best (the test split is never looked at).", "",
-            "| try | seed | val accuracy, full budget | under stage A | |", "|---|---|---|---|---|", *rows, ""]
+            f"Stage C is tried again with the next training seed and `stage_c_retry_latent` when its validation "
+            f"accuracy at full budget is more than {att['max_drop']:g} under stage A's "
+            f"({att['stage_a_val_full_budget']:.3f}), at most {report['settings']['demo'].get('stage_c_attempts')} "
+            "tries; the first within that is kept, else the best (the test split is never looked at).", "",
+            "| try | seed | latent settings over stage C's | val accuracy, full budget | under stage A | |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
+def _latent_overrides(latent: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in latent.items()) if latent \
+        else "as set"
 
 
 def causal_table(report: DemoReport) -> str:
