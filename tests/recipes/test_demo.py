@@ -9,6 +9,7 @@ from PIL import Image
 
 from latentvl.cli import main
 from latentvl.config import LatentSettings
+from latentvl.errors import InputError
 from latentvl.evaluation.calibration import DEFAULT_GRID
 from latentvl.recipes.demo.recipe import default_settings, load_demo_settings
 from latentvl.recipes.demo.report import ARMS, alignment_table, difficulty_table, results_table
@@ -335,7 +336,7 @@ def test_stage_c_is_tried_again_while_it_is_under_stage_a(tmp_path, monkeypatch)
     assert "| 1 | 7 | as set | 0.900 | +0.100 | kept |" in md
     assert "| 3 | 2007 | latent_full_budget_align_weight 0.3 | 0.850 | +0.150 |  |" in md
     demo["stage_c_retry_latent"] = {"latent_full_budget_align_weight": -1.0}
-    with pytest.raises(ValueError, match="stage_c_retry_latent.*latent_full_budget_align_weight"):
+    with pytest.raises(InputError, match="stage_c_retry_latent.*latent_full_budget_align_weight"):
         run(1.0, 0.9)
     assert seen_seeds == []  # refused before the first try
     demo["stage_c_attempts"] = 0

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from ...errors import InputError
 from ...evaluation.metrics import USED_RATIO
 from ...fileio import write_atomic
 from ...reports.format import difficulty_key
@@ -401,10 +402,15 @@ def _train_arm(settings: dict[str, Any], demo: dict[str, Any], phases: list[tupl
         return _train_phases(settings, phases, out / arm, decay_fraction=decay,
                              **({"latent": recipe["latent"]} if recipe.get("latent") else {}))
     if arm == "stage_c":
-        return _train_phases(settings, c_phase, out / arm, stage="C", init_from=init_from,
-                             latent=dict(demo.get("stage_c_latent") or {}), **dict(demo.get("stage_c_train") or {}))
+        return _train_phases(settings, c_phase, out / arm, stage="C", init_from=init_from, **_stage_c_fields(demo))
     extra = {"use_latents": False} if arm == "baseline_no_latents" else {"latent": ARM_LATENT[arm]}
     return _train_phases(settings, phases + c_phase, out / arm, **extra)
+
+
+def _stage_c_fields(demo: dict[str, Any]) -> dict[str, Any]:
+    """Stage C's own TrainConfig fields over ``train``: ``latent`` (``demo.stage_c_latent``) and
+    ``demo.stage_c_train``."""
+    return {"latent": dict(demo.get("stage_c_latent") or {}), **dict(demo.get("stage_c_train") or {})}
 
 
 def _train_lane(settings: dict[str, Any], demo: dict[str, Any], phases: list[tuple[Path, int]], train_file: Path,
@@ -468,19 +474,19 @@ def _train_stage_c(settings: dict[str, Any], demo: dict[str, Any], phases: list[
     a_acc = _val_accuracy_full_budget(Path(init_from), val_file, batch_size)
     attempts: dict[str, Any] = {"stage_a_val_full_budget": a_acc, "max_drop": max_drop, "tries": [], "kept": 0}
     retry_latent = dict(demo.get("stage_c_retry_latent") or {})
+    retry_demo = {**demo, "stage_c_latent": {**(demo.get("stage_c_latent") or {}), **retry_latent}}
     try:  # a bad retry setting is named now, not after the first try
-        _train_config(settings, latent={**(demo.get("stage_c_latent") or {}), **retry_latent}, stage="C",
-                      train_data=str(train_file), **dict(demo.get("stage_c_train") or {}))
+        _train_config(settings, stage="C", train_data=str(train_file), **_stage_c_fields(retry_demo))
     except (ValueError, TypeError) as err:
-        raise ValueError(f"demo.stage_c_retry_latent: {err}") from err
+        raise InputError(f"demo.stage_c_retry_latent: {err}") from err
     outcomes = []
     for i in range(tries):
         seeded = copy.deepcopy(settings)
         seeded["demo"]["seed"] = int(settings["demo"]["seed"]) + 1000 * i
         overrides = retry_latent if i > 0 else {}
-        demo_i = {**demo, "stage_c_latent": {**(demo.get("stage_c_latent") or {}), **overrides}}
         folder = out if i == 0 else out / f"stage_c_try{i + 1}"
-        res, history, cfg = _train_arm(seeded, demo_i, phases, train_file, folder, "stage_c", init_from)
+        res, history, cfg = _train_arm(seeded, demo if i == 0 else retry_demo, phases, train_file, folder,
+                                       "stage_c", init_from)
         acc = _val_accuracy_full_budget(res[-1].checkpoint, val_file, batch_size)
         attempts["tries"].append({"seed": seeded["demo"]["seed"], "latent": overrides,
                                   "output_dir": str(folder / "stage_c"), "val_full_budget": acc, "drop": a_acc - acc})
